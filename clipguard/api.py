@@ -1,0 +1,496 @@
+"""The Python API: :func:`scan`, :func:`purify` and :func:`evaluate`.
+
+The CLI is a thin layer over these functions, and so is any governance pipeline that embeds
+clipguard: each returns a pydantic report object and, when ``out_dir`` is given, writes
+``report.json`` and the plugin's artefacts there atomically. User errors raise
+:class:`~clipguard.errors.ClipguardError` subclasses with a one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomllib
+import torch
+from pydantic import BaseModel, ValidationError
+
+from clipguard.components import RunContext, ShotSet
+from clipguard.data import ImageFolder, load_pixels, open_image_folder, split_shots, subsample
+from clipguard.errors import InputError
+from clipguard.io import atomic_write_bytes
+from clipguard.metrics import Evaluation, evaluate_pixels, evaluate_samples
+from clipguard.model import ModelBundle, load_model
+from clipguard.plugins import Registry, get_registry
+from clipguard.progress import Progress
+from clipguard.prompts import PromptClassifier, load_prompt_file, save_prompt_file
+from clipguard.report import (
+    AttackSpec,
+    DataInfo,
+    EvaluationReport,
+    Finding,
+    Metrics,
+    ModelInfo,
+    Purification,
+    Report,
+    RunInfo,
+    tool_info,
+    utc_now,
+    write_report,
+)
+from clipguard.triggers import Trigger, TriggerFile, load_trigger_file, save_trigger_file
+
+DEFAULT_SHOTS = 16
+#: held-out images used for before/after metrics of ``purify`` unless told otherwise
+DEFAULT_EVAL_LIMIT = 2000
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch, and ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def parse_options(options: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` strings to a dict; values are parsed as JSON when they can be."""
+    parsed: dict[str, Any] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--option {option!r} is not of the form key=value")
+        try:
+            parsed[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key.strip()] = value
+    return parsed
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Options from a JSON or TOML file (a single table / object)."""
+    if not path.is_file():
+        raise InputError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
+        raise InputError(
+            f"{path}: config file is not valid {path.suffix[1:] or 'JSON'}: {error}"
+        ) from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: config file must hold an object of options")
+    return data
+
+
+def build_config(
+    config_model: type[BaseModel],
+    options: Mapping[str, Any] | None = None,
+    config_file: Path | None = None,
+    what: str = "plugin",
+) -> BaseModel:
+    """Validate options (``config_file`` first, ``options`` on top) into ``config_model``."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(read_config_file(Path(config_file)))
+    values.update(options or {})
+    try:
+        return config_model.model_validate(values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        location = ".".join(str(part) for part in first["loc"]) or "options"
+        raise InputError(f"invalid {what} option {location}: {first['msg']}") from None
+
+
+def _model_info(bundle: ModelBundle) -> ModelInfo:
+    return ModelInfo(
+        path=str(bundle.path) if bundle.path else None,
+        sha256=bundle.sha256,
+        architecture=bundle.arch,
+        parameters=bundle.n_parameters,
+        image_size=bundle.image_size,
+    )
+
+
+def resolve_attack(
+    registry: Registry,
+    attack: str | None,
+    target: str | None,
+    classnames: Sequence[str],
+    image_size: int,
+    attack_options: Mapping[str, Any] | None = None,
+) -> tuple[Trigger | None, int | None, AttackSpec | None]:
+    """Build the trigger of a registered attack, and the index of its target class."""
+    if attack is None and target is None:
+        return None, None, None
+    if attack is None or target is None:
+        raise InputError("--attack and --target go together")
+    if target not in classnames:
+        raise InputError(
+            f"target class {target!r} is not one of the classes: {', '.join(classnames)}"
+        )
+    family = registry.trigger_family(attack)
+    config = build_config(family.Config, attack_options, what=f"attack {attack}")
+    trigger = family.build(config, image_size)
+    spec = AttackSpec(name=attack, target_class=target, options=config.model_dump(mode="json"))
+    return trigger, list(classnames).index(target), spec
+
+
+def _metrics(evaluation: Evaluation) -> Metrics:
+    return Metrics(**evaluation.as_dict())
+
+
+class _Run:
+    """Common set-up of a scan or purify run: seed, model, data, shots, context."""
+
+    def __init__(
+        self,
+        command: str,
+        model_path: Path,
+        data_dir: Path,
+        shots: int,
+        seed: int,
+        device: str,
+        classnames_file: Path | None,
+        arch: str | None,
+        allow_torchscript: bool,
+        quiet: bool,
+    ) -> None:
+        self.started_at = utc_now()
+        self.clock = time.perf_counter()
+        self.command = command
+        self.seed = seed
+        seed_everything(seed)
+        self.registry = get_registry()
+        self.progress = Progress(quiet=quiet)
+        self.context = RunContext(seed=seed, device=torch.device(device), progress=self.progress)
+        with self.context.stage("load model"):
+            self.bundle = load_model(
+                model_path, arch=arch, allow_torchscript=allow_torchscript, device=device
+            )
+        with self.context.stage("load data"):
+            self.folder: ImageFolder = open_image_folder(data_dir, classnames_file)
+            self.shot_samples, self.rest_samples = split_shots(self.folder, shots, seed)
+            pixels, labels = load_pixels(
+                self.shot_samples, self.bundle.pixel_transform, self.progress, "loading shots"
+            )
+        self.shots = ShotSet(pixels=pixels, labels=labels, classnames=self.folder.classnames)
+        self.n_shots = shots
+
+    def data_info(self) -> DataInfo:
+        return DataInfo(
+            path=str(self.folder.root),
+            classes=self.folder.classnames,
+            shots=self.n_shots,
+            n_images=len(self.shot_samples),
+            files_sha256=self.folder.files_sha256(self.shot_samples),
+        )
+
+    def run_info(self) -> RunInfo:
+        return RunInfo(
+            command=self.command,
+            seed=self.seed,
+            device=str(self.context.device),
+            started_at=self.started_at,
+            finished_at=utc_now(),
+            seconds=time.perf_counter() - self.clock,
+            stage_seconds={k: round(v, 4) for k, v in self.context.stage_seconds.items()},
+            image_encoder_images=self.bundle.image_encoder_images,
+            text_encoder_prompts=self.bundle.text_encoder_prompts,
+        )
+
+    def plugin_versions(self) -> dict[str, str]:
+        versions = {f"scanner:{r.name}": r.version for r in self.registry.scanners.values()}
+        versions.update({f"purifier:{r.name}": r.version for r in self.registry.purifiers.values()})
+        return versions
+
+
+def _write_artifacts(out_dir: Path | None, artifacts: Mapping[str, bytes]) -> dict[str, str]:
+    if out_dir is None:
+        return {}
+    written = {}
+    for name, data in artifacts.items():
+        if Path(name).name != name:
+            raise InputError(f"plugin artefact name {name!r} must be a plain file name")
+        path = Path(out_dir) / name
+        atomic_write_bytes(path, data)
+        written[name] = str(path)
+    return written
+
+
+# --------------------------------------------------------------------------- scan
+
+
+def scan(
+    model_path: Path | str,
+    data_dir: Path | str,
+    scanner: str = "cbpt",
+    shots: int = DEFAULT_SHOTS,
+    seed: int = 0,
+    device: str = "cpu",
+    options: Mapping[str, Any] | None = None,
+    config_file: Path | None = None,
+    classnames_file: Path | None = None,
+    arch: str | None = None,
+    allow_torchscript: bool = False,
+    out_dir: Path | str | None = None,
+    quiet: bool = True,
+) -> Report:
+    """Scan a checkpoint for a backdoor with a registered scanner.
+
+    Loads the model safely, draws ``shots`` clean images per class from ``data_dir`` with
+    ``seed``, runs the scanner and returns the report. With ``out_dir`` it writes the
+    scanner's artefacts and ``report.json`` there, each atomically (the report last).
+    """
+    run = _Run(
+        f"scan {model_path}",
+        Path(model_path),
+        Path(data_dir),
+        shots,
+        seed,
+        device,
+        classnames_file,
+        arch,
+        allow_torchscript,
+        quiet,
+    )
+    component = run.registry.scanner(scanner)
+    config = build_config(component.Config, options, config_file, what=f"scanner {scanner}")
+    with run.context.stage("scan"):
+        outcome = component.scan(run.bundle, run.shots, config, run.context)
+    out = Path(out_dir) if out_dir is not None else None
+    artifacts = _write_artifacts(out, outcome.artifacts)
+    finding = Finding(
+        scanner=component.name,
+        scanner_version=component.version,
+        verdict=outcome.verdict,
+        score=float(outcome.score),
+        target_class=outcome.target_class,
+        explanation=outcome.explanation,
+        config=config.model_dump(mode="json"),
+        statistics=outcome.statistics,
+        artifacts=artifacts,
+    )
+    report = Report(
+        kind="scan",
+        tool=tool_info(run.plugin_versions()),
+        run=run.run_info(),
+        model=_model_info(run.bundle),
+        data=run.data_info(),
+        findings=[finding],
+        errors=run.registry.errors,
+    )
+    if out is not None:
+        write_report(out / "report.json", report)
+    return report
+
+
+# --------------------------------------------------------------------------- purify
+
+
+def purify(
+    model_path: Path | str,
+    data_dir: Path | str,
+    purifier: str = "cbpt",
+    shots: int = DEFAULT_SHOTS,
+    seed: int = 0,
+    device: str = "cpu",
+    options: Mapping[str, Any] | None = None,
+    config_file: Path | None = None,
+    trigger_path: Path | str | None = None,
+    eval_data: Path | str | None = None,
+    eval_limit: int | None = DEFAULT_EVAL_LIMIT,
+    attack: str | None = None,
+    attack_options: Mapping[str, Any] | None = None,
+    target: str | None = None,
+    classnames_file: Path | None = None,
+    arch: str | None = None,
+    allow_torchscript: bool = False,
+    out_dir: Path | str | None = None,
+    quiet: bool = True,
+) -> Report:
+    """Purify a checkpoint with a registered purifier and measure CA/ASR before and after.
+
+    The purifier sees only ``shots`` images per class of ``data_dir``. Metrics are measured on
+    ``eval_data`` or, by default, on the images of ``data_dir`` it did not see (at most
+    ``eval_limit``). ASR uses the registered ``attack`` aimed at ``target`` when given, and the
+    purifier's own (inverted) trigger when it reports one. With ``out_dir``, writes the prompt
+    file (or the purifier's model file), other artefacts and ``report.json`` atomically.
+    """
+    run = _Run(
+        f"purify {model_path}",
+        Path(model_path),
+        Path(data_dir),
+        shots,
+        seed,
+        device,
+        classnames_file,
+        arch,
+        allow_torchscript,
+        quiet,
+    )
+    component = run.registry.purifier(purifier)
+    config = build_config(component.Config, options, config_file, what=f"purifier {purifier}")
+    classnames = run.folder.classnames
+    trigger_file: TriggerFile | None = None
+    if trigger_path is not None:
+        trigger_file = load_trigger_file(Path(trigger_path))
+        trigger_file.check_fits(run.bundle.sha256, classnames, run.bundle.image_size)
+
+    with run.context.stage("load evaluation data"):
+        if eval_data is not None:
+            eval_folder = open_image_folder(eval_data, classnames_file)
+            if eval_folder.classnames != classnames:
+                raise InputError(f"{eval_data}: evaluation classes differ from those of {data_dir}")
+            eval_samples = eval_folder.samples
+        else:
+            eval_samples = run.rest_samples
+            if not eval_samples:
+                raise InputError(
+                    f"{data_dir}: no images left for evaluation after the shots; pass --eval-data"
+                )
+        eval_samples = subsample(eval_samples, eval_limit, seed)
+        eval_pixels, eval_labels = load_pixels(
+            eval_samples, run.bundle.pixel_transform, run.progress, "loading evaluation images"
+        )
+    real_trigger, real_target, attack_spec = resolve_attack(
+        run.registry, attack, target, classnames, run.bundle.image_size, attack_options
+    )
+
+    baseline = PromptClassifier(run.bundle, classnames)
+    with run.context.stage("evaluate before"):
+        before = evaluate_pixels(
+            baseline.predict, eval_pixels, eval_labels, real_trigger, real_target
+        )
+    with run.context.stage("purify"):
+        outcome = component.purify(run.bundle, run.shots, config, run.context, trigger=trigger_file)
+    with run.context.stage("evaluate after"):
+        after = evaluate_pixels(
+            outcome.classifier.predict, eval_pixels, eval_labels, real_trigger, real_target
+        )
+        inverted = _inverted_trigger_metrics(
+            outcome, baseline, classnames, eval_pixels, eval_labels
+        )
+
+    out = Path(out_dir) if out_dir is not None else None
+    artifacts = _write_artifacts(out, outcome.artifacts)
+    if out is not None and outcome.prompts is not None:
+        save_prompt_file(out / "prompts.safetensors", outcome.prompts)
+        artifacts["prompts"] = str(out / "prompts.safetensors")
+    if out is not None and outcome.trigger is not None and "trigger.safetensors" not in artifacts:
+        save_trigger_file(out / "trigger.safetensors", outcome.trigger)
+        artifacts["trigger"] = str(out / "trigger.safetensors")
+
+    purification = Purification(
+        purifier=component.name,
+        purifier_version=component.version,
+        config=config.model_dump(mode="json"),
+        evaluation_data=str(eval_data) if eval_data is not None else f"{data_dir} (held out)",
+        attack=attack_spec,
+        before=_metrics(before),
+        after=_metrics(after),
+        statistics=outcome.statistics,
+        artifacts=artifacts,
+        **inverted,
+    )
+    report = Report(
+        kind="purify",
+        tool=tool_info(run.plugin_versions()),
+        run=run.run_info(),
+        model=_model_info(run.bundle),
+        data=run.data_info(),
+        purification=purification,
+        errors=run.registry.errors,
+    )
+    if out is not None:
+        write_report(out / "report.json", report)
+    return report
+
+
+def _inverted_trigger_metrics(
+    outcome: Any,
+    baseline: PromptClassifier,
+    classnames: list[str],
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+) -> dict[str, Any]:
+    if outcome.trigger is None or outcome.trigger_target not in classnames:
+        return {}
+    target_index = classnames.index(outcome.trigger_target)
+    trigger = outcome.trigger.trigger
+    before = evaluate_pixels(baseline.predict, pixels, labels, trigger, target_index)
+    after = evaluate_pixels(outcome.classifier.predict, pixels, labels, trigger, target_index)
+    return {
+        "inverted_trigger_attack": AttackSpec(name="inverted", target_class=outcome.trigger_target),
+        "inverted_trigger_before": _metrics(before),
+        "inverted_trigger_after": _metrics(after),
+    }
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def evaluate(
+    model_path: Path | str,
+    data_dir: Path | str,
+    prompts_path: Path | str | None = None,
+    attack: str | None = None,
+    attack_options: Mapping[str, Any] | None = None,
+    target: str | None = None,
+    classnames_file: Path | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    arch: str | None = None,
+    allow_torchscript: bool = False,
+    device: str = "cpu",
+    quiet: bool = True,
+) -> EvaluationReport:
+    """CA of a model (hand-crafted prompts, or a prompt file) on all images of ``data_dir``.
+
+    With ``attack`` and ``target``, also the ASR: among images whose class is not the target,
+    the fraction classified as the target once the trigger is applied. ``limit`` evaluates a
+    seeded random subset.
+    """
+    start = time.perf_counter()
+    seed_everything(seed)
+    bundle = load_model(model_path, arch=arch, allow_torchscript=allow_torchscript, device=device)
+    folder = open_image_folder(data_dir, classnames_file)
+    prompts = load_prompt_file(Path(prompts_path)) if prompts_path is not None else None
+    classifier = PromptClassifier(bundle, folder.classnames, prompts)
+    trigger, target_index, spec = resolve_attack(
+        get_registry(), attack, target, folder.classnames, bundle.image_size, attack_options
+    )
+    samples = subsample(folder.samples, limit, seed)
+    result = evaluate_samples(
+        classifier.predict,
+        samples,
+        bundle.pixel_transform,
+        trigger,
+        target_index,
+        progress=Progress(quiet=quiet),
+    )
+    return EvaluationReport(
+        model=_model_info(bundle),
+        data=DataInfo(
+            path=str(folder.root),
+            classes=folder.classnames,
+            shots=None,
+            n_images=len(samples),
+            files_sha256=folder.files_sha256(samples),
+        ),
+        prompts=str(prompts_path) if prompts_path is not None else None,
+        attack=spec,
+        clean_accuracy=result.clean_accuracy,
+        attack_success_rate=result.attack_success_rate,
+        n_images=result.n_images,
+        n_attacked=result.n_attacked,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,348 @@
+"""The ``clipguard`` command line: a thin typer layer over :mod:`clipguard.api`.
+
+Exit codes: 0 success (``scan``: no backdoor evidence), 1 (``scan``: backdoor found),
+2 error (bad input, refused or corrupt checkpoint, plugin problem), 130 interrupted.
+Errors are one line on stderr; ``CLIPGUARD_DEBUG=1`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from clipguard import api
+from clipguard.cli_errors import EXIT_BACKDOOR, EXIT_CLEAN, handle_errors, run_app
+from clipguard.report import EvaluationReport, Report, write_schemas
+
+DEFAULT_SCHEMA_DIR = Path("schemas")
+
+app = typer.Typer(
+    name="clipguard",
+    help="Audit CLIP models for backdoors and purify them with class-wise prompts.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stdout = Console()
+stderr = Console(stderr=True)
+
+# Shared options ------------------------------------------------------------------------
+
+ModelArg = Annotated[Path, typer.Argument(help="CLIP checkpoint (.safetensors, .pt/.pth/.bin)")]
+DataOpt = Annotated[
+    Path, typer.Option("--data", help="clean ImageFolder: one sub-folder per class")
+]
+ShotsOpt = Annotated[int, typer.Option("--shots", help="clean images per class the plugin may use")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="random seed (same seed, same result on CPU)")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="torch device, e.g. cpu or cuda")]
+OptionOpt = Annotated[
+    list[str] | None, typer.Option("--option", "-o", help="plugin option key=value (repeatable)")
+]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="plugin options file (JSON/TOML)")]
+ClassnamesOpt = Annotated[
+    Path | None, typer.Option("--classnames", help="class names, one per line, in folder order")
+]
+ArchOpt = Annotated[
+    str | None, typer.Option("--arch", help="open_clip architecture name, if the file has none")
+]
+TorchScriptOpt = Annotated[
+    bool,
+    typer.Option("--allow-torchscript", help="load TorchScript archives (they can carry code)"),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or summary")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout")]
+AttackOpt = Annotated[
+    str | None, typer.Option("--attack", help="registered trigger family to measure ASR with")
+]
+AttackOptionOpt = Annotated[
+    list[str] | None, typer.Option("--attack-option", help="trigger option key=value (repeatable)")
+]
+TargetOpt = Annotated[str | None, typer.Option("--target", help="target class name of the attack")]
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f} %"
+
+
+def _print_scan_summary(report: Report, out: Path | None) -> None:
+    table = Table(title=f"clipguard scan: {report.model.path}", show_header=True)
+    for column in ("scanner", "verdict", "score", "target class", "explanation"):
+        table.add_column(column)
+    colours = {"backdoor": "bold red", "clean": "green", "inconclusive": "yellow"}
+    for finding in report.findings:
+        table.add_row(
+            finding.scanner,
+            f"[{colours[finding.verdict]}]{finding.verdict}[/]",
+            f"{finding.score:.3f}",
+            finding.target_class or "-",
+            finding.explanation,
+        )
+    stderr.print(table)
+    if out is not None:
+        stderr.print(f"report: {out / 'report.json'}", highlight=False)
+        for finding in report.findings:
+            for name, path in finding.artifacts.items():
+                stderr.print(f"{name}: {path}", highlight=False)
+
+
+def _print_purify_summary(report: Report, out: Path | None) -> None:
+    purification = report.purification
+    assert purification is not None
+    table = Table(title=f"clipguard purify ({purification.purifier}): {report.model.path}")
+    for column in (
+        "",
+        "CA",
+        "ASR" + (f" ({purification.attack.name})" if purification.attack else ""),
+    ):
+        table.add_column(column)
+    table.add_row(
+        "before",
+        _percent(purification.before.clean_accuracy),
+        _percent(purification.before.attack_success_rate),
+    )
+    table.add_row(
+        "after",
+        _percent(purification.after.clean_accuracy),
+        _percent(purification.after.attack_success_rate),
+    )
+    stderr.print(table)
+    if purification.inverted_trigger_after is not None and purification.inverted_trigger_before:
+        stderr.print(
+            "inverted-trigger ASR: "
+            f"{_percent(purification.inverted_trigger_before.attack_success_rate)} -> "
+            f"{_percent(purification.inverted_trigger_after.attack_success_rate)}",
+            highlight=False,
+        )
+    if out is not None:
+        stderr.print(f"report: {out / 'report.json'}", highlight=False)
+        for name, path in purification.artifacts.items():
+            stderr.print(f"{name}: {path}", highlight=False)
+
+
+# Commands ------------------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def scan(
+    model: ModelArg,
+    data: DataOpt,
+    plugin: Annotated[
+        str, typer.Option("--plugin", help="scanner name (see `clipguard plugins`)")
+    ] = "cbpt",
+    shots: ShotsOpt = api.DEFAULT_SHOTS,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="folder for report.json and artefacts")
+    ] = None,
+    option: OptionOpt = None,
+    config: ConfigOpt = None,
+    classnames: ClassnamesOpt = None,
+    arch: ArchOpt = None,
+    allow_torchscript: TorchScriptOpt = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Scan MODEL for a backdoor. Exit 0: no evidence, 1: backdoor found, 2: error."""
+    report = api.scan(
+        model,
+        data,
+        scanner=plugin,
+        shots=shots,
+        seed=seed,
+        device=device,
+        options=api.parse_options(option or []),
+        config_file=config,
+        classnames_file=classnames,
+        arch=arch,
+        allow_torchscript=allow_torchscript,
+        out_dir=out,
+        quiet=quiet or json_output,
+    )
+    if json_output:
+        typer.echo(report.model_dump_json(indent=2))
+    elif not quiet:
+        _print_scan_summary(report, out)
+    raise typer.Exit(EXIT_BACKDOOR if report.verdict == "backdoor" else EXIT_CLEAN)
+
+
+@app.command()
+@handle_errors
+def purify(
+    model: ModelArg,
+    data: DataOpt,
+    plugin: Annotated[
+        str, typer.Option("--plugin", help="purifier name (see `clipguard plugins`)")
+    ] = "cbpt",
+    trigger: Annotated[
+        Path | None, typer.Option("--trigger", help="trigger.safetensors from an earlier scan")
+    ] = None,
+    eval_data: Annotated[
+        Path | None, typer.Option("--eval-data", help="ImageFolder for before/after metrics")
+    ] = None,
+    eval_limit: Annotated[
+        int, typer.Option("--eval-limit", help="at most this many evaluation images (0: all)")
+    ] = api.DEFAULT_EVAL_LIMIT,
+    attack: AttackOpt = None,
+    attack_option: AttackOptionOpt = None,
+    target: TargetOpt = None,
+    shots: ShotsOpt = api.DEFAULT_SHOTS,
+    out: Annotated[Path | None, typer.Option("--out", help="folder for prompts and report")] = None,
+    option: OptionOpt = None,
+    config: ConfigOpt = None,
+    classnames: ClassnamesOpt = None,
+    arch: ArchOpt = None,
+    allow_torchscript: TorchScriptOpt = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Purify MODEL: learn class-wise prompts (or a model) that neutralise the backdoor."""
+    report = api.purify(
+        model,
+        data,
+        purifier=plugin,
+        shots=shots,
+        seed=seed,
+        device=device,
+        options=api.parse_options(option or []),
+        config_file=config,
+        trigger_path=trigger,
+        eval_data=eval_data,
+        eval_limit=eval_limit or None,
+        attack=attack,
+        attack_options=api.parse_options(attack_option or []),
+        target=target,
+        classnames_file=classnames,
+        arch=arch,
+        allow_torchscript=allow_torchscript,
+        out_dir=out,
+        quiet=quiet or json_output,
+    )
+    if json_output:
+        typer.echo(report.model_dump_json(indent=2))
+    elif not quiet:
+        _print_purify_summary(report, out)
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    model: ModelArg,
+    data: DataOpt,
+    prompts: Annotated[
+        Path | None, typer.Option("--prompts", help="prompt file from purify")
+    ] = None,
+    attack: AttackOpt = None,
+    attack_option: AttackOptionOpt = None,
+    target: TargetOpt = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="evaluate a random subset")] = None,
+    classnames: ClassnamesOpt = None,
+    arch: ArchOpt = None,
+    allow_torchscript: TorchScriptOpt = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Clean accuracy (CA) of MODEL on DATA, and attack success rate (ASR) with --attack."""
+    report: EvaluationReport = api.evaluate(
+        model,
+        data,
+        prompts_path=prompts,
+        attack=attack,
+        attack_options=api.parse_options(attack_option or []),
+        target=target,
+        classnames_file=classnames,
+        limit=limit,
+        seed=seed,
+        arch=arch,
+        allow_torchscript=allow_torchscript,
+        device=device,
+        quiet=quiet or json_output,
+    )
+    if json_output:
+        typer.echo(report.model_dump_json(indent=2))
+        return
+    stdout.print(
+        f"clean accuracy (CA): {_percent(report.clean_accuracy)} on {report.n_images} images"
+    )
+    if report.attack is not None:
+        stdout.print(
+            f"attack success rate (ASR, {report.attack.name} -> {report.attack.target_class}): "
+            f"{_percent(report.attack_success_rate)} on {report.n_attacked} images"
+        )
+
+
+@app.command()
+@handle_errors
+def plugins(json_output: JsonOpt = False) -> None:
+    """List the registered scanners, purifiers and trigger families, and plugin errors."""
+    from clipguard.plugins import get_registry
+
+    registry = get_registry()
+    listing = registry.describe()
+    if json_output:
+        typer.echo(json.dumps({**listing, "errors": registry.errors}, indent=2))
+        return
+    for kind, entries in listing.items():
+        table = Table(title=kind)
+        for column in ("name", "version", "package", "description"):
+            table.add_column(column)
+        for entry in entries:
+            table.add_row(entry["name"], entry["version"], entry["package"], entry["description"])
+        stdout.print(table)
+    for error in registry.errors:
+        stderr.print(f"plugin error: {error}", style="red", highlight=False)
+
+
+@app.command()
+@handle_errors
+def schema(
+    write: Annotated[bool, typer.Option("--write", help="write the schemas into --dir")] = False,
+    directory: Annotated[Path, typer.Option("--dir", help="schema folder")] = DEFAULT_SCHEMA_DIR,
+) -> None:
+    """Print (or --write) the JSON Schema of every report and file format."""
+    from clipguard.report import schema_texts
+
+    if write:
+        for path in write_schemas(directory):
+            stdout.print(f"wrote {path}", highlight=False)
+        return
+    typer.echo(
+        json.dumps({name: json.loads(text) for name, text in schema_texts().items()}, indent=2)
+    )
+
+
+def _mount_lab() -> None:
+    try:
+        from clipguard.lab.cli import app as lab_app
+    except ImportError:  # the lab is part of the package; this guards partial source trees
+        return
+    _wrap_commands(lab_app)
+    app.add_typer(lab_app, name="lab", help="Build small clean and backdoored CLIP models.")
+
+
+def _wrap_commands(typer_app: typer.Typer) -> None:
+    """Give every command of a sub-app (and its sub-apps) the CLI's error handling."""
+    for command in typer_app.registered_commands:
+        if command.callback is not None:
+            command.callback = handle_errors(command.callback)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _wrap_commands(group.typer_instance)
+
+
+_mount_lab()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    run_app(app)

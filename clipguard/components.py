@@ -1,0 +1,143 @@
+"""What plugins implement: scanners, purifiers, and the objects passed to and from them.
+
+A plugin registers instances of :class:`Scanner` or :class:`Purifier` subclasses (see
+:mod:`clipguard.hookspecs`). Each has a ``name``, a ``version``, a one-line ``description``
+and a pydantic ``Config`` model holding its options; the CLI fills the config from
+``--option key=value`` and ``--config FILE``, and the report records it.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel
+
+from clipguard.model import ModelBundle
+from clipguard.progress import Progress
+from clipguard.prompts import PromptClassifier, PromptSet
+from clipguard.triggers import TriggerFile
+
+Verdict = Literal["backdoor", "clean", "inconclusive"]
+
+
+@dataclass
+class ShotSet:
+    """The defender's clean labelled few-shot images, in pixel space ``[0, 1]``."""
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    classnames: list[str]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classnames)
+
+
+@dataclass
+class RunContext:
+    """Per-run settings and recorders handed to a plugin.
+
+    ``seed`` must make the plugin's result reproducible on CPU; ``progress`` shows bars for
+    long loops; ``stage(name)`` times a stage into ``stage_seconds`` for the report.
+    """
+
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    progress: Progress = field(default_factory=lambda: Progress(quiet=True))
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the enclosed block as stage ``name`` (accumulates when repeated)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + (
+                time.perf_counter() - start
+            )
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A CPU random generator seeded with ``seed + offset``."""
+        return torch.Generator().manual_seed(self.seed + offset)
+
+
+@dataclass
+class ScanOutcome:
+    """What a scanner returns.
+
+    ``artifacts`` maps file names to bytes; the core writes them atomically into the output
+    folder and lists their paths in the report. ``trigger`` (when the scanner inverts one)
+    lets a purifier reuse it in the same process.
+    """
+
+    verdict: Verdict
+    score: float
+    target_class: str | None
+    explanation: str
+    statistics: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, bytes] = field(default_factory=dict)
+    trigger: TriggerFile | None = None
+
+
+@dataclass
+class PurifyOutcome:
+    """What a purifier returns: the purified classifier and the file that deploys it.
+
+    ``prompts`` is set by prompt-tuning purifiers (written as ``prompts.safetensors``);
+    fine-tuning purifiers put a model file in ``artifacts`` instead. ``trigger`` is the
+    trigger the purifier used, if any (the report measures its ASR before and after).
+    """
+
+    classifier: PromptClassifier
+    prompts: PromptSet | None = None
+    statistics: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, bytes] = field(default_factory=dict)
+    trigger: TriggerFile | None = None
+    trigger_target: str | None = None
+
+
+class Scanner(ABC):
+    """A backdoor scanner: looks at a model and clean shots, returns a verdict."""
+
+    name: ClassVar[str]
+    version: ClassVar[str]
+    description: ClassVar[str] = ""
+    Config: ClassVar[type[BaseModel]]
+
+    @abstractmethod
+    def scan(
+        self, bundle: ModelBundle, shots: ShotSet, config: BaseModel, context: RunContext
+    ) -> ScanOutcome:
+        """Scan ``bundle`` using the clean ``shots``; ``config`` is an instance of ``Config``."""
+
+
+class Purifier(ABC):
+    """A purifier: returns a classifier for ``shots.classnames`` without the backdoor.
+
+    ``trigger`` is a trigger file from an earlier scan when the user passed one (already
+    checked to fit the model and classes); a purifier that needs a trigger and gets none
+    inverts its own.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str]
+    description: ClassVar[str] = ""
+    Config: ClassVar[type[BaseModel]]
+
+    @abstractmethod
+    def purify(
+        self,
+        bundle: ModelBundle,
+        shots: ShotSet,
+        config: BaseModel,
+        context: RunContext,
+        trigger: TriggerFile | None = None,
+    ) -> PurifyOutcome:
+        """Purify ``bundle`` for the classes of ``shots``."""

@@ -1,0 +1,170 @@
+"""Clean labelled image sets: ImageFolder reading, K-shot sampling, checks and loading.
+
+A data folder holds one sub-folder per class (the ImageFolder layout). Class names come from
+the folder names, underscores read as spaces, or from a class-names file (one name per line,
+in the sorted order of the folders). Images are loaded in *pixel space* with the model's own
+transform (``ModelBundle.pixel_transform``): ``3 x H x W`` tensors in ``[0, 1]``.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from clipguard.errors import InputError
+from clipguard.io import sha256_files
+from clipguard.progress import Progress
+
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+)
+#: images with more pixels than this are refused (decompression bombs)
+MAX_IMAGE_PIXELS = 50_000_000
+
+Sample = tuple[Path, int]
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """An indexed image folder: class names in folder order and ``(path, label)`` samples."""
+
+    root: Path
+    folders: list[str]
+    classnames: list[str]
+    samples: list[Sample]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classnames)
+
+    def files_sha256(self, samples: Iterable[Sample] | None = None) -> str:
+        """A sha256 over the relative names and contents of ``samples`` (default: all)."""
+        chosen = sorted(path for path, _ in (samples if samples is not None else self.samples))
+        return sha256_files(chosen)
+
+
+def read_classnames_file(path: Path) -> list[str]:
+    """Class names from a text file, one per line; blank lines are ignored."""
+    if not path.is_file():
+        raise InputError(f"{path}: class-names file not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: class-names file is not UTF-8 text") from None
+    names = [line.strip() for line in lines if line.strip()]
+    if len(set(names)) != len(names):
+        raise InputError(f"{path}: class-names file repeats a name")
+    return names
+
+
+def open_image_folder(root: Path | str, classnames_file: Path | None = None) -> ImageFolder:
+    """Index an ImageFolder; :class:`InputError` for every way it can be unusable.
+
+    Errors: missing or non-directory ``root``, fewer than 2 class folders, a class folder
+    without images, a class-names file whose length does not match the folders.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise InputError(f"{root}: data folder not found")
+    if not root.is_dir():
+        raise InputError(f"{root}: data path is not a folder")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(folders) < 2:
+        raise InputError(
+            f"{root}: needs at least 2 class sub-folders (ImageFolder layout), found {len(folders)}"
+        )
+    if classnames_file is not None:
+        classnames = read_classnames_file(Path(classnames_file))
+        if len(classnames) != len(folders):
+            raise InputError(
+                f"{classnames_file}: lists {len(classnames)} class names but {root} has "
+                f"{len(folders)} class folders"
+            )
+    else:
+        classnames = [folder.replace("_", " ") for folder in folders]
+    samples: list[Sample] = []
+    for label, folder in enumerate(folders):
+        files = sorted(
+            p
+            for p in (root / folder).iterdir()
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not files:
+            raise InputError(f"{root / folder}: class folder holds no images")
+        samples.extend((path, label) for path in files)
+    return ImageFolder(root=root, folders=folders, classnames=classnames, samples=samples)
+
+
+def split_shots(folder: ImageFolder, shots: int, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Draw ``shots`` images per class with ``seed``; return ``(shots, the rest)``.
+
+    Raises :class:`InputError` when a class has fewer than ``shots`` images.
+    """
+    if shots < 1:
+        raise InputError(f"--shots must be at least 1, got {shots}")
+    by_class: dict[int, list[Path]] = {}
+    for path, label in folder.samples:
+        by_class.setdefault(label, []).append(path)
+    rng = random.Random(seed)
+    chosen: list[Sample] = []
+    rest: list[Sample] = []
+    for label in range(folder.n_classes):
+        paths = list(by_class.get(label, []))
+        if len(paths) < shots:
+            raise InputError(
+                f"class {folder.classnames[label]!r} has {len(paths)} images, fewer than "
+                f"--shots {shots}"
+            )
+        rng.shuffle(paths)
+        chosen.extend((p, label) for p in sorted(paths[:shots]))
+        rest.extend((p, label) for p in sorted(paths[shots:]))
+    return chosen, rest
+
+
+def subsample(samples: Sequence[Sample], limit: int | None, seed: int) -> list[Sample]:
+    """At most ``limit`` samples drawn with ``seed`` (all of them when ``limit`` is None)."""
+    if limit is None or len(samples) <= limit:
+        return list(samples)
+    rng = random.Random(seed)
+    return sorted(rng.sample(list(samples), limit))
+
+
+def read_image(path: Path) -> Image.Image:
+    """Open an image file as RGB; :class:`InputError` naming the file if it cannot be read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise InputError(
+                        f"{path}: image of {image.width}x{image.height} pixels is too large"
+                    )
+                image.load()
+                return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise InputError(f"{path}: unreadable image ({type(error).__name__})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"{path}: image is too large (decompression bomb guard)") from None
+
+
+def load_pixels(
+    samples: Sequence[Sample],
+    transform: Callable[[Image.Image], torch.Tensor],
+    progress: Progress | None = None,
+    description: str = "loading images",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load ``samples`` as a pixel tensor ``N x 3 x H x W`` in ``[0, 1]`` and labels ``N``."""
+    if not samples:
+        raise InputError("no images to load")
+    images = []
+    progress = progress or Progress(quiet=True)
+    for path, _ in progress.track(samples, description=description):
+        images.append(transform(read_image(path)))
+    labels = torch.tensor([label for _, label in samples], dtype=torch.long)
+    return torch.stack(images), labels

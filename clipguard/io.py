@@ -1,0 +1,115 @@
+"""Small file helpers: atomic writes, hashing and safe safetensors reading.
+
+Every file clipguard writes goes through :func:`atomic_write_bytes`: the bytes are written to
+a temporary file in the destination folder, flushed to disk, then renamed over the
+destination, so an interrupted run never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from clipguard.errors import InputError
+
+#: a safetensors header larger than this is refused before it is parsed
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, payload: object) -> None:
+    """Write ``payload`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_files(paths: Iterable[Path]) -> str:
+    """One hex sha256 over several files: each file's relative name and content hash, in order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(str(path).encode("utf-8"))
+        digest.update(sha256_file(path).encode("ascii"))
+    return digest.hexdigest()
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """Serialise ``tensors`` with string ``metadata`` in the safetensors format."""
+    return safetensors_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def read_safetensors_header(data: bytes, what: str, path: Path) -> dict:
+    """Parse and check the JSON header of safetensors ``data``; :class:`InputError` if malformed."""
+    if len(data) < 8:
+        raise InputError(f"{path}: {what} is truncated (only {len(data)} bytes)")
+    header_length = int.from_bytes(data[:8], "little")
+    if header_length > MAX_SAFETENSORS_HEADER:
+        raise InputError(f"{path}: {what} has a header of {header_length} bytes, too large")
+    if 8 + header_length > len(data):
+        raise InputError(f"{path}: {what} is truncated (header runs past the end of the file)")
+    try:
+        header = json.loads(data[8 : 8 + header_length].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError(f"{path}: {what} has a corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: {what} has a corrupt safetensors header")
+    return header
+
+
+def read_safetensors_file(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file into CPU tensors and its metadata.
+
+    Raises :class:`InputError` with a one-line reason for a missing, truncated or corrupt file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: {what} not found")
+    if path.is_dir():
+        raise InputError(f"{path}: {what} is a directory, expected a file")
+    data = path.read_bytes()
+    header = read_safetensors_header(data, what, path)
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InputError(f"{path}: {what} has malformed metadata")
+    try:
+        tensors = safetensors_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(f"{path}: {what} is corrupt ({reason})") from None
+    return tensors, metadata

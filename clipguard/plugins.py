@@ -1,0 +1,223 @@
+"""The plugin manager: built-in plugins, entry-point plugins, and the registry they fill.
+
+* Built-in plugins (:data:`BUILTIN_PLUGINS`) always load.
+* Installed plugins load from the ``clipguard`` entry-point group. ``CLIPGUARD_PLUGINS``
+  (a comma-separated list of entry-point names) restricts which of them load; set it to an
+  empty string to load none.
+* A plugin that fails to import, or registers a name another plugin already took, becomes an
+  error in :attr:`Registry.errors` naming the plugin and its package; the rest still work.
+* ``CLIPGUARD_TRACE_HOOKS=1`` prints every hook call to stderr (for plugin authors).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+
+from clipguard import hookspecs
+from clipguard.components import Purifier, Scanner
+from clipguard.errors import PluginError
+from clipguard.triggers import TriggerFamily
+
+ENTRY_POINT_GROUP = "clipguard"
+BUILTIN_PLUGINS = ("clipguard.builtin_triggers", "clipguard.lab.attacks")
+ALLOW_LIST_VARIABLE = "CLIPGUARD_PLUGINS"
+TRACE_VARIABLE = "CLIPGUARD_TRACE_HOOKS"
+
+
+@dataclass(frozen=True)
+class Registered:
+    """One registered scanner, purifier or trigger family, and where it came from."""
+
+    name: str
+    version: str
+    description: str
+    plugin: str
+    package: str
+    obj: Any
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "plugin": self.plugin,
+            "package": self.package,
+        }
+
+
+@dataclass
+class Registry:
+    """Everything the loaded plugins registered, and the errors met while loading them."""
+
+    scanners: dict[str, Registered] = field(default_factory=dict)
+    purifiers: dict[str, Registered] = field(default_factory=dict)
+    triggers: dict[str, Registered] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def _get(self, kind: str, table: dict[str, Registered], name: str) -> Any:
+        if name not in table:
+            known = ", ".join(sorted(table)) or "none"
+            raise PluginError(f"unknown {kind} {name!r} (available: {known})")
+        return table[name].obj
+
+    def scanner(self, name: str) -> Scanner:
+        return self._get("scanner", self.scanners, name)
+
+    def purifier(self, name: str) -> Purifier:
+        return self._get("purifier", self.purifiers, name)
+
+    def trigger_family(self, name: str) -> TriggerFamily:
+        return self._get("attack", self.triggers, name)
+
+    def describe(self) -> dict[str, list[dict[str, str]]]:
+        return {
+            "scanners": [r.describe() for r in self.scanners.values()],
+            "purifiers": [r.describe() for r in self.purifiers.values()],
+            "triggers": [r.describe() for r in self.triggers.values()],
+        }
+
+
+def _allow_list() -> set[str] | None:
+    value = os.environ.get(ALLOW_LIST_VARIABLE)
+    if value is None:
+        return None
+    return {name.strip() for name in value.split(",") if name.strip()}
+
+
+def create_plugin_manager(errors: list[str] | None = None) -> pluggy.PluginManager:
+    """A plugin manager with the hook specs, the built-ins and the allowed entry-point plugins.
+
+    Import failures are appended to ``errors`` (when given) instead of raised.
+    """
+    errors = errors if errors is not None else []
+    manager = pluggy.PluginManager(hookspecs.PROJECT)
+    manager.add_hookspecs(hookspecs)
+    for module_name in BUILTIN_PLUGINS:
+        try:
+            manager.register(importlib.import_module(module_name), name=module_name)
+        except Exception as error:
+            errors.append(f"built-in plugin {module_name!r} failed to import: {error}")
+    allowed = _allow_list()
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        if allowed is not None and entry_point.name not in allowed:
+            continue
+        package = entry_point.dist.name if entry_point.dist else entry_point.value
+        if manager.get_plugin(entry_point.name) is not None:
+            continue
+        try:
+            plugin = entry_point.load()
+        except Exception as error:  # a broken third-party plugin must not break clipguard
+            errors.append(
+                f"plugin {entry_point.name!r} (package {package}) failed to import: "
+                f"{type(error).__name__}: {error}"
+            )
+            continue
+        manager.register(plugin, name=entry_point.name)
+        _PACKAGES[entry_point.name] = package
+    if os.environ.get(TRACE_VARIABLE):
+        manager.trace.root.setwriter(lambda message: sys.stderr.write(message))
+        manager.enable_tracing()
+    return manager
+
+
+#: package (distribution) of each entry-point plugin, by plugin name
+_PACKAGES: dict[str, str] = {}
+
+
+def _package_of(plugin_name: str, plugin: object) -> str:
+    if plugin_name in _PACKAGES:
+        return _PACKAGES[plugin_name]
+    module = getattr(plugin, "__name__", None) or type(plugin).__module__
+    return module.split(".")[0]
+
+
+def _fill(
+    hook: pluggy.HookCaller,
+    kind: str,
+    table: dict[str, Registered],
+    base: type,
+    errors: list[str],
+) -> None:
+    for impl in reversed(hook.get_hookimpls()):  # registration order
+        package = _package_of(impl.plugin_name, impl.plugin)
+
+        def register(obj: Any, _plugin: str = impl.plugin_name, _package: str = package) -> None:
+            if not isinstance(obj, base):
+                errors.append(
+                    f"plugin {_plugin!r} (package {_package}) registered a {type(obj).__name__}, "
+                    f"not a {base.__name__}"
+                )
+                return
+            name = obj.name
+            if name in table:
+                first = table[name]
+                errors.append(
+                    f"{kind} name {name!r} registered twice: by plugin {first.plugin!r} (package "
+                    f"{first.package}) and by plugin {_plugin!r} (package {_package}); keeping "
+                    "the first"
+                )
+                return
+            table[name] = Registered(
+                name=name,
+                version=str(getattr(obj, "version", "")),
+                description=str(getattr(obj, "description", "")),
+                plugin=_plugin,
+                package=_package,
+                obj=obj,
+            )
+
+        try:
+            impl.function(register=register)
+        except Exception as error:
+            errors.append(
+                f"plugin {impl.plugin_name!r} (package {package}) failed while registering "
+                f"{kind}s: {type(error).__name__}: {error}"
+            )
+
+
+def build_registry(manager: pluggy.PluginManager | None = None) -> Registry:
+    """Call every plugin's registration hooks and collect the results and errors."""
+    registry = Registry()
+    if manager is None:
+        manager = create_plugin_manager(registry.errors)
+    hooks = manager.hook
+    errors = registry.errors
+    _fill(hooks.clipguard_register_triggers, "trigger", registry.triggers, TriggerFamily, errors)
+    _fill(hooks.clipguard_register_scanners, "scanner", registry.scanners, Scanner, errors)
+    _fill(hooks.clipguard_register_purifiers, "purifier", registry.purifiers, Purifier, errors)
+    return registry
+
+
+_manager: pluggy.PluginManager | None = None
+_manager_errors: list[str] = []
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager (created on first use). Tests may register on it."""
+    global _manager
+    if _manager is None:
+        _manager_errors.clear()
+        _manager = create_plugin_manager(_manager_errors)
+    return _manager
+
+
+def get_registry() -> Registry:
+    """A registry built from the process-wide manager, with its import errors included."""
+    manager = get_plugin_manager()
+    registry = build_registry(manager)
+    registry.errors[:0] = _manager_errors
+    return registry
+
+
+def reset_plugin_manager() -> None:
+    """Forget the process-wide manager (the next call re-reads entry points and the allow-list)."""
+    global _manager
+    _manager = None
+    _PACKAGES.clear()

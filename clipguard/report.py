@@ -1,0 +1,239 @@
+"""Pydantic models of every report clipguard writes, and their JSON Schemas.
+
+Reports carry a ``schema_version``; a change that breaks readers bumps it. ``clipguard schema
+--write`` writes the JSON Schema of each model to ``schemas/``; a test keeps them in sync.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from clipguard.io import atomic_write_text
+
+SCHEMA_VERSION = "1.0"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ToolInfo(_Model):
+    """Versions of clipguard and the libraries that produced the report."""
+
+    clipguard: str
+    python: str
+    torch: str
+    open_clip: str
+    platform: str
+    plugins: dict[str, str] = Field(default_factory=dict, description="plugin name -> version")
+
+
+class RunInfo(_Model):
+    """How the run was made: seed, device, wall-clock times, seconds per stage."""
+
+    command: str
+    seed: int
+    device: str
+    started_at: datetime
+    finished_at: datetime
+    seconds: float
+    stage_seconds: dict[str, float] = Field(default_factory=dict)
+    image_encoder_images: int = Field(0, description="images passed through the image encoder")
+    text_encoder_prompts: int = Field(0, description="prompts passed through the text encoder")
+
+
+class ModelInfo(_Model):
+    """The audited checkpoint."""
+
+    path: str | None
+    sha256: str
+    architecture: str
+    parameters: int
+    image_size: int
+
+
+class DataInfo(_Model):
+    """The clean data used: where, which classes, how many shots, and a hash of the files."""
+
+    path: str
+    classes: list[str]
+    shots: int | None = Field(None, description="images per class used by the plugin")
+    n_images: int
+    files_sha256: str
+
+
+class Finding(_Model):
+    """One scanner's result."""
+
+    scanner: str
+    scanner_version: str
+    verdict: Literal["backdoor", "clean", "inconclusive"]
+    score: float
+    target_class: str | None
+    explanation: str
+    config: dict[str, Any]
+    statistics: dict[str, Any] = Field(default_factory=dict)
+    artifacts: dict[str, str] = Field(default_factory=dict, description="name -> written path")
+
+
+class Metrics(_Model):
+    """CA and ASR (fractions in [0, 1]) on one image set; ASR null without an attack."""
+
+    clean_accuracy: float
+    attack_success_rate: float | None
+    n_images: int
+    n_attacked: int
+
+
+class AttackSpec(_Model):
+    """The attack an ASR was measured with: a registered trigger family or an inverted trigger."""
+
+    name: str
+    target_class: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Purification(_Model):
+    """A purifier's result: metrics before and after, on the same held-out images."""
+
+    purifier: str
+    purifier_version: str
+    config: dict[str, Any]
+    evaluation_data: str
+    attack: AttackSpec | None
+    before: Metrics
+    after: Metrics
+    inverted_trigger_attack: AttackSpec | None = None
+    inverted_trigger_before: Metrics | None = None
+    inverted_trigger_after: Metrics | None = None
+    statistics: dict[str, Any] = Field(default_factory=dict)
+    artifacts: dict[str, str] = Field(default_factory=dict)
+
+
+class Report(_Model):
+    """The report of a ``scan`` or ``purify`` run (report.json)."""
+
+    schema_version: Literal["1.0"] = SCHEMA_VERSION
+    kind: Literal["scan", "purify"]
+    tool: ToolInfo
+    run: RunInfo
+    model: ModelInfo
+    data: DataInfo
+    findings: list[Finding] = Field(default_factory=list)
+    purification: Purification | None = None
+    errors: list[str] = Field(default_factory=list)
+
+    @property
+    def verdict(self) -> Literal["backdoor", "clean", "inconclusive"]:
+        """``backdoor`` if any finding says so; else ``inconclusive`` if any does; else ``clean``."""
+        verdicts = {finding.verdict for finding in self.findings}
+        if "backdoor" in verdicts:
+            return "backdoor"
+        if "inconclusive" in verdicts:
+            return "inconclusive"
+        return "clean"
+
+
+class EvaluationReport(_Model):
+    """What ``clipguard evaluate --json`` prints."""
+
+    schema_version: Literal["1.0"] = SCHEMA_VERSION
+    model: ModelInfo
+    data: DataInfo
+    prompts: str | None
+    attack: AttackSpec | None
+    clean_accuracy: float
+    attack_success_rate: float | None
+    n_images: int
+    n_attacked: int
+    seconds: float
+
+
+class TriggerFileMetadata(_Model):
+    """Metadata of a trigger file (safetensors ``__metadata__``; lists and dicts as JSON text)."""
+
+    format: Literal["clipguard.trigger/1"]
+    model_sha256: str
+    classnames: str = Field(description="JSON list of class names")
+    settings: str = Field(description="JSON object of the settings that made the trigger")
+    producer: str
+
+
+class PromptFileMetadata(_Model):
+    """Metadata of a prompt file (safetensors ``__metadata__``; lists and dicts as JSON text)."""
+
+    format: Literal["clipguard.prompts/1"]
+    classnames: str = Field(description="JSON list of class names, one per context row")
+    model_sha256: str
+    architecture: str
+    plugin: str
+    plugin_version: str
+    settings: str = Field(description="JSON object of the tuning settings")
+
+
+class ModelFileMetadata(_Model):
+    """Metadata of a model file written by clipguard (safetensors ``__metadata__``)."""
+
+    model_config = ConfigDict(extra="allow")
+    format: Literal["clipguard.model/1"]
+    open_clip_config: str = Field(description='JSON {"model_cfg": open_clip model config}')
+
+
+#: file name in schemas/ -> model
+SCHEMAS: dict[str, type[BaseModel]] = {
+    "report.schema.json": Report,
+    "evaluation.schema.json": EvaluationReport,
+    "trigger-file.schema.json": TriggerFileMetadata,
+    "prompt-file.schema.json": PromptFileMetadata,
+    "model-file.schema.json": ModelFileMetadata,
+}
+
+
+def schema_texts() -> dict[str, str]:
+    """The JSON Schema text of every report and file format, by file name."""
+    return {
+        name: json.dumps(model.model_json_schema(), indent=2, sort_keys=True) + "\n"
+        for name, model in SCHEMAS.items()
+    }
+
+
+def write_schemas(folder: Path) -> list[Path]:
+    """Write every schema into ``folder`` (atomically); return the paths written."""
+    written = []
+    for name, text in schema_texts().items():
+        path = Path(folder) / name
+        atomic_write_text(path, text)
+        written.append(path)
+    return written
+
+
+def tool_info(plugins: dict[str, str] | None = None) -> ToolInfo:
+    """Versions of this process's clipguard, Python, torch and open_clip."""
+    import open_clip
+    import torch
+
+    from clipguard import __version__
+
+    return ToolInfo(
+        clipguard=__version__,
+        python=platform.python_version(),
+        torch=torch.__version__,
+        open_clip=open_clip.__version__,
+        platform=platform.platform(),
+        plugins=plugins or {},
+    )
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def write_report(path: Path, report: BaseModel) -> None:
+    """Write a report as indented JSON, atomically."""
+    atomic_write_text(Path(path), report.model_dump_json(indent=2) + "\n")
