@@ -163,13 +163,14 @@ class _Run:
         arch: str | None,
         allow_torchscript: bool,
         quiet: bool,
+        registry: Registry,
     ) -> None:
         self.started_at = utc_now()
         self.clock = time.perf_counter()
         self.command = command
         self.seed = seed
         seed_everything(seed)
-        self.registry = get_registry()
+        self.registry = registry
         self.progress = Progress(quiet=quiet)
         self.context = RunContext(seed=seed, device=torch.device(device), progress=self.progress)
         with self.context.stage("load model"):
@@ -250,6 +251,9 @@ def scan(
     ``seed``, runs the scanner and returns the report. With ``out_dir`` it writes the
     scanner's artefacts and ``report.json`` there, each atomically (the report last).
     """
+    registry = get_registry()
+    component = registry.scanner(scanner)
+    config = build_config(component.Config, options, config_file, what=f"scanner {scanner}")
     run = _Run(
         f"scan {model_path}",
         Path(model_path),
@@ -261,9 +265,8 @@ def scan(
         arch,
         allow_torchscript,
         quiet,
+        registry,
     )
-    component = run.registry.scanner(scanner)
-    config = build_config(component.Config, options, config_file, what=f"scanner {scanner}")
     with run.context.stage("scan"):
         outcome = component.scan(run.bundle, run.shots, config, run.context)
     out = Path(out_dir) if out_dir is not None else None
@@ -325,6 +328,9 @@ def purify(
     purifier's own (inverted) trigger when it reports one. With ``out_dir``, writes the prompt
     file (or the purifier's model file), other artefacts and ``report.json`` atomically.
     """
+    registry = get_registry()
+    component = registry.purifier(purifier)
+    config = build_config(component.Config, options, config_file, what=f"purifier {purifier}")
     run = _Run(
         f"purify {model_path}",
         Path(model_path),
@@ -336,9 +342,8 @@ def purify(
         arch,
         allow_torchscript,
         quiet,
+        registry,
     )
-    component = run.registry.purifier(purifier)
-    config = build_config(component.Config, options, config_file, what=f"purifier {purifier}")
     classnames = run.folder.classnames
     trigger_file: TriggerFile | None = None
     if trigger_path is not None:

@@ -145,7 +145,7 @@ def _fill(
     base: type,
     errors: list[str],
 ) -> None:
-    for impl in reversed(hook.get_hookimpls()):  # registration order
+    for impl in hook.get_hookimpls():  # registration order
         package = _package_of(impl.plugin_name, impl.plugin)
 
         def register(obj: Any, _plugin: str = impl.plugin_name, _package: str = package) -> None:

@@ -1,0 +1,198 @@
+"""The plugin contract: a third-party scanner through the CLI, entry points, errors, allow-list."""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import EntryPoint
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel, ConfigDict
+from typer.testing import CliRunner
+
+from clipguard import plugins
+from clipguard.cli import app
+from clipguard.components import Purifier, RunContext, Scanner, ScanOutcome, ShotSet
+from clipguard.hookspecs import hookimpl
+from clipguard.model import ModelBundle
+
+runner = CliRunner()
+
+
+class VerdictConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    verdict: str = "backdoor"
+    target: int = 0
+
+
+class FixedVerdictScanner(Scanner):
+    """A third-party scanner in a few lines: reports the configured verdict."""
+
+    name = "fixed"
+    version = "9.9"
+    description = "reports the configured verdict"
+    Config = VerdictConfig
+
+    def scan(
+        self, bundle: ModelBundle, shots: ShotSet, config: BaseModel, context: RunContext
+    ) -> ScanOutcome:
+        assert isinstance(config, VerdictConfig)
+        assert shots.pixels.shape[-1] == bundle.image_size
+        return ScanOutcome(
+            verdict=config.verdict,  # type: ignore[arg-type]
+            score=0.5,
+            target_class=shots.classnames[config.target],
+            explanation="configured",
+            statistics={"n_shots": int(shots.labels.numel())},
+            artifacts={"note.txt": b"hello"},
+        )
+
+
+class ThirdPartyPlugin:
+    @hookimpl
+    def clipguard_register_scanners(self, register):
+        register(FixedVerdictScanner())
+
+
+@pytest.fixture
+def third_party():
+    manager = plugins.get_plugin_manager()
+    plugin = ThirdPartyPlugin()
+    manager.register(plugin, name="third-party")
+    yield plugin
+    manager.unregister(plugin)
+
+
+def test_third_party_scanner_runs_through_cli(third_party, tiny_model_path, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app,
+        ["scan", str(tiny_model_path), "--data", str(tiny_data), "--plugin", "fixed",
+         "--shots", "2", "--out", str(out), "--option", "target=1", "--quiet"],
+    )
+    assert result.exit_code == 1, result.output
+    report = json.loads((out / "report.json").read_text())
+    finding = report["findings"][0]
+    assert finding["scanner"] == "fixed" and finding["verdict"] == "backdoor"
+    assert finding["target_class"] == report["data"]["classes"][1]
+    assert finding["statistics"]["n_shots"] == 2 * len(report["data"]["classes"])
+    assert (out / "note.txt").read_bytes() == b"hello"
+    assert report["run"]["seed"] == 0 and report["model"]["sha256"]
+
+
+def test_clean_verdict_exits_zero(third_party, tiny_model_path, tiny_data):
+    result = runner.invoke(
+        app,
+        ["scan", str(tiny_model_path), "--data", str(tiny_data), "--plugin", "fixed",
+         "--shots", "2", "-o", "verdict=clean", "--quiet"],
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_invalid_plugin_option_is_exit_2(third_party, tiny_model_path, tiny_data):
+    result = runner.invoke(
+        app,
+        ["scan", str(tiny_model_path), "--data", str(tiny_data), "--plugin", "fixed",
+         "--shots", "2", "-o", "nonsense=1", "--quiet"],
+    )
+    assert result.exit_code == 2
+    assert "invalid scanner fixed option nonsense" in result.output
+
+
+def test_config_file_options(third_party, tiny_model_path, tiny_data, tmp_path):
+    config = tmp_path / "options.toml"
+    config.write_text('verdict = "clean"\n')
+    result = runner.invoke(
+        app,
+        ["scan", str(tiny_model_path), "--data", str(tiny_data), "--plugin", "fixed",
+         "--shots", "2", "--config", str(config), "--quiet"],
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_unknown_scanner_is_exit_2(tiny_model_path, tiny_data):
+    result = runner.invoke(
+        app, ["scan", str(tiny_model_path), "--data", str(tiny_data), "--plugin", "nope"]
+    )
+    assert result.exit_code == 2
+    assert "unknown scanner 'nope'" in result.output
+
+
+def test_plugins_json_lists_entries_with_package(third_party):
+    result = runner.invoke(app, ["plugins", "--json"])
+    assert result.exit_code == 0
+    listing = json.loads(result.output)
+    assert set(listing) >= {"scanners", "purifiers", "triggers", "errors"}
+    fixed = next(s for s in listing["scanners"] if s["name"] == "fixed")
+    assert fixed["version"] == "9.9" and fixed["package"]
+    assert any(t["name"] == "badnets" for t in listing["triggers"])
+
+
+def test_duplicate_name_is_an_error_naming_both_plugins(third_party):
+    class Again:
+        @hookimpl
+        def clipguard_register_scanners(self, register):
+            register(FixedVerdictScanner())
+
+    manager = plugins.get_plugin_manager()
+    manager.register(Again(), name="copycat")
+    registry = plugins.get_registry()
+    assert registry.scanners["fixed"].plugin == "third-party"
+    assert any("'fixed' registered twice" in e and "copycat" in e for e in registry.errors)
+
+
+def _fake_entry_points(monkeypatch, *points: EntryPoint) -> None:
+    monkeypatch.setattr(plugins, "entry_points", lambda group: list(points))
+
+
+def test_broken_entry_point_is_reported_and_others_still_work(monkeypatch, tmp_path):
+    module = tmp_path / "good_plugin_mod.py"
+    module.write_text(
+        "from clipguard.hookspecs import hookimpl\n"
+        "from tests.test_plugins import FixedVerdictScanner\n"
+        "@hookimpl\n"
+        "def clipguard_register_scanners(register):\n"
+        "    register(FixedVerdictScanner())\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _fake_entry_points(
+        monkeypatch,
+        EntryPoint("broken", "no_such_module_for_clipguard", "clipguard"),
+        EntryPoint("good", "good_plugin_mod", "clipguard"),
+    )
+    registry = plugins.get_registry()
+    assert "fixed" in registry.scanners
+    assert any("'broken'" in e and "failed to import" in e for e in registry.errors)
+    result = runner.invoke(app, ["plugins", "--json"])
+    assert result.exit_code == 0
+
+
+def test_allow_list_restricts_entry_points(monkeypatch):
+    _fake_entry_points(monkeypatch, EntryPoint("broken", "no_such_module_for_clipguard", "clipguard"))
+    monkeypatch.setenv("CLIPGUARD_PLUGINS", "")
+    assert not any("broken" in e for e in plugins.get_registry().errors)
+    monkeypatch.setenv("CLIPGUARD_PLUGINS", "broken")
+    plugins.reset_plugin_manager()
+    assert any("'broken'" in e for e in plugins.get_registry().errors)
+
+
+def test_registering_a_wrong_type_is_an_error():
+    class Wrong:
+        @hookimpl
+        def clipguard_register_purifiers(self, register):
+            register(object())
+
+    plugins.get_plugin_manager().register(Wrong(), name="wrong")
+    registry = plugins.get_registry()
+    assert any("not a Purifier" in e for e in registry.errors)
+    assert all(isinstance(r.obj, Purifier) for r in registry.purifiers.values())
+
+
+def test_schema_files_are_in_sync():
+    from clipguard.report import schema_texts
+
+    folder = Path(__file__).resolve().parents[1] / "schemas"
+    for name, text in schema_texts().items():
+        path = folder / name
+        assert path.exists(), f"{path} missing: run `clipguard schema --write`"
+        assert path.read_text() == text, f"{path} is stale: run `clipguard schema --write`"
