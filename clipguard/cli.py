@@ -17,6 +17,8 @@ from rich.table import Table
 
 from clipguard import api
 from clipguard.cli_errors import EXIT_BACKDOOR, EXIT_CLEAN, handle_errors, run_app
+from clipguard.io import atomic_write_text
+from clipguard.render import SUFFIXES, Format, render
 from clipguard.report import EvaluationReport, Report, write_schemas
 
 DEFAULT_SCHEMA_DIR = Path("schemas")
@@ -56,6 +58,14 @@ TorchScriptOpt = Annotated[
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or summary")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout")]
+FormatOpt = Annotated[
+    Format | None,
+    typer.Option(
+        "--format",
+        help="print the report in this format (json, md, html, sarif); with --out, also write "
+        "it there as report.<format>",
+    ),
+]
 AttackOpt = Annotated[
     str | None, typer.Option("--attack", help="registered trigger family to measure ASR with")
 ]
@@ -124,6 +134,13 @@ def _print_purify_summary(report: Report, out: Path | None) -> None:
             stderr.print(f"{name}: {path}", highlight=False)
 
 
+def _emit(report: Report, output_format: Format, out: Path | None) -> None:
+    text = render(report, output_format)
+    if out is not None and output_format != "json":
+        atomic_write_text(out / f"report.{SUFFIXES[output_format]}", text)
+    typer.echo(text, nl=False)
+
+
 # Commands ------------------------------------------------------------------------------
 
 
@@ -147,9 +164,11 @@ def scan(
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
+    output_format: FormatOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Scan MODEL for a backdoor. Exit 0: no evidence, 1: backdoor found, 2: error."""
+    output_format = "json" if json_output else output_format
     report = api.scan(
         model,
         data,
@@ -163,10 +182,10 @@ def scan(
         arch=arch,
         allow_torchscript=allow_torchscript,
         out_dir=out,
-        quiet=quiet or json_output,
+        quiet=quiet or output_format is not None,
     )
-    if json_output:
-        typer.echo(report.model_dump_json(indent=2))
+    if output_format is not None:
+        _emit(report, output_format, out)
     elif not quiet:
         _print_scan_summary(report, out)
     raise typer.Exit(EXIT_BACKDOOR if report.verdict == "backdoor" else EXIT_CLEAN)
@@ -202,9 +221,11 @@ def purify(
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
+    output_format: FormatOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Purify MODEL: learn class-wise prompts (or a model) that neutralise the backdoor."""
+    output_format = "json" if json_output else output_format
     report = api.purify(
         model,
         data,
@@ -224,10 +245,10 @@ def purify(
         arch=arch,
         allow_torchscript=allow_torchscript,
         out_dir=out,
-        quiet=quiet or json_output,
+        quiet=quiet or output_format is not None,
     )
-    if json_output:
-        typer.echo(report.model_dump_json(indent=2))
+    if output_format is not None:
+        _emit(report, output_format, out)
     elif not quiet:
         _print_purify_summary(report, out)
 

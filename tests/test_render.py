@@ -1,0 +1,141 @@
+"""Governance outputs: Markdown, self-contained HTML (checked in headless Chromium), SARIF."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from pydantic import BaseModel, ConfigDict
+from typer.testing import CliRunner
+
+from clipguard import plugins
+from clipguard.cli import app
+from clipguard.components import Scanner, ScanOutcome
+from clipguard.hookspecs import hookimpl
+
+runner = CliRunner()
+TRIGGER_GREEN = (0, 255, 0)
+
+
+def _trigger_png() -> bytes:
+    image = Image.new("RGB", (64, 64), (255, 255, 255))
+    image.paste(Image.new("RGB", (40, 40), TRIGGER_GREEN), (12, 12))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PictureScanner(Scanner):
+    name = "picture"
+    version = "1"
+    Config = NoOptions
+
+    def scan(self, bundle, shots, config, context):
+        return ScanOutcome(
+            verdict="backdoor",
+            score=0.9,
+            target_class=shots.classnames[0],
+            explanation="a green trigger",
+            artifacts={"trigger.png": _trigger_png()},
+        )
+
+
+class Plugin:
+    @hookimpl
+    def clipguard_register_scanners(self, register):
+        register(PictureScanner())
+
+
+@pytest.fixture
+def scanned(tiny_model_path, tiny_data, tmp_path):
+    plugin = Plugin()
+    plugins.get_plugin_manager().register(plugin, name="picture-plugin")
+    out = tmp_path / "out"
+
+    def run(fmt: str):
+        return runner.invoke(
+            app,
+            ["scan", str(tiny_model_path), "--data", str(tiny_data), "--plugin", "picture",
+             "--shots", "2", "--out", str(out), "--format", fmt],
+        )
+
+    yield run, out
+    plugins.get_plugin_manager().unregister(plugin)
+
+
+def test_markdown_report(scanned):
+    run, out = scanned
+    result = run("md")
+    assert result.exit_code == 1
+    assert "**Verdict: backdoor**" in result.output
+    assert (out / "report.md").read_text() == result.output
+
+
+def test_sarif_report(scanned):
+    run, out = scanned
+    result = run("sarif")
+    assert result.exit_code == 1
+    sarif = json.loads((out / "report.sarif").read_text())
+    assert sarif["version"] == "2.1.0"
+    (sarif_run,) = sarif["runs"]
+    assert sarif_run["tool"]["driver"]["name"] == "clipguard"
+    (finding,) = sarif_run["results"]
+    assert finding["level"] == "error" and finding["ruleId"] in {
+        rule["id"] for rule in sarif_run["tool"]["driver"]["rules"]
+    }
+    report = json.loads((out / "report.json").read_text())
+    artifact = sarif_run["artifacts"][0]
+    assert artifact["hashes"]["sha-256"] == report["model"]["sha256"]
+    assert artifact["location"]["uri"].endswith(".safetensors")
+
+
+def test_html_is_self_contained(scanned):
+    run, out = scanned
+    assert run("html").exit_code == 1
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page
+    assert "http://" not in page and "https://" not in page and "src='/" not in page
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_html_shows_verdict_and_trigger_in_chromium(scanned, tmp_path):
+    run, out = scanned
+    assert run("html").exit_code == 1
+    screenshot = tmp_path / "page.png"
+    subprocess.run(
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars",
+         f"--screenshot={screenshot}", "--window-size=1200,1400",
+         (out / "report.html").resolve().as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )
+    colours = Image.open(screenshot).convert("RGB").getcolors(maxcolors=1 << 20)
+    counts = {colour: n for n, colour in colours}
+    verdict_red = (0xB0, 0x00, 0x20)
+    assert counts.get(verdict_red, 0) > 2000, "the red verdict banner is not visible"
+    assert counts.get(TRIGGER_GREEN, 0) > 1000, "the trigger picture is not visible"
+
+
+def test_render_renders_a_saved_report(scanned):
+    from clipguard.render import render
+    from clipguard.report import Report
+
+    run, out = scanned
+    run("json")
+    report = Report.model_validate_json((out / "report.json").read_text())
+    assert "Verdict: backdoor" in render(report, "html")
+    assert Path(out / "report.json").exists()
