@@ -342,6 +342,21 @@ def schema(
     )
 
 
+@app.command()
+@handle_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="folder for the demo's outputs")] = Path(
+        "demo-output"
+    ),
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Build a backdoored model on the built-in synthetic set, scan it, purify it."""
+    from clipguard.demo import print_demo, run_demo
+
+    print_demo(run_demo(out, seed=seed, quiet=quiet), stdout)
+
+
 def _mount_lab() -> None:
     try:
         from clipguard.lab.cli import app as lab_app

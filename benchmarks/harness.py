@@ -1,0 +1,419 @@
+"""Benchmark harness: every defence over every model of a lab zoo, in one run, on one machine.
+
+Each (model, defence) pair runs ``clipguard purify`` in its own subprocess, so that its peak
+memory (``ru_maxrss`` from ``os.wait4``) and wall time are its own. CBPT and its ablations
+reuse one trigger per model, from a ``clipguard scan`` run first (its time is recorded apart,
+as the purification targets exclude it). Results accumulate in a JSON file; a rerun skips
+pairs already there (resumable). Tables and a figure are then regenerated from the results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clipguard.io import atomic_write_json, atomic_write_text
+from clipguard.progress import Progress
+
+#: defence name -> (purifier plugin, options, needs the scan's trigger)
+DEFENCES: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "zeroshot": ("zeroshot", {}, False),
+    "coop": ("coop", {}, False),
+    "cbpt": ("cbpt", {}, True),
+    "cbpt-no-trigger-loss": ("cbpt", {"no_trigger_loss": True}, True),
+    "cbpt-no-anchor-loss": ("cbpt", {"no_anchor_loss": True}, True),
+    "cbpt-random-mask": ("cbpt", {"random_mask": True}, True),
+    "finetune": ("finetune", {}, False),
+    "cleanclip": ("cleanclip", {}, False),
+}
+QUICK_DEFENCES = ("cbpt", "finetune")
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """A lab model and what its card says about it."""
+
+    path: Path
+    name: str
+    attack: str
+    target: str | None
+    trigger_options: dict[str, Any]
+    data_root: Path
+    card: dict[str, Any]
+
+    @property
+    def backdoored(self) -> bool:
+        return self.attack != "none"
+
+
+def find_models(zoo: Path) -> list[ZooModel]:
+    """Every ``*.safetensors`` model with a lab card (``NAME.card.json``) under ``zoo``."""
+    models = []
+    for card_file in sorted(Path(zoo).rglob("*.card.json")):
+        card = json.loads(card_file.read_text())
+        path = card_file.with_name(card_file.name.removesuffix(".card.json") + ".safetensors")
+        if not path.is_file():
+            continue
+        models.append(
+            ZooModel(
+                path=path,
+                name=path.stem,
+                attack=card["attack"],
+                target=card.get("target"),
+                trigger_options=card.get("trigger_options") or {},
+                data_root=Path(card["dataset"]["root"]),
+                card=card,
+            )
+        )
+    return models
+
+
+@dataclass
+class Measured:
+    """One subprocess run: its JSON output, wall seconds and peak resident memory."""
+
+    payload: dict[str, Any]
+    wall_seconds: float
+    peak_rss_mb: float
+    returncode: int
+    stderr: str = ""
+
+
+def run_measured(arguments: Sequence[str]) -> Measured:
+    """Run ``clipguard ARGUMENTS`` in a subprocess; parse its stdout as JSON.
+
+    The child is reaped with ``os.wait4``, whose resource usage is that child's alone, so its
+    peak resident memory is its own (``RUSAGE_CHILDREN`` would be a running maximum).
+    """
+    command = [sys.executable, "-m", "clipguard", *arguments]
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - start
+        stdout.seek(0)
+        stderr.seek(0)
+        output, errors = stdout.read(), stderr.read().strip()
+    return Measured(
+        payload=json.loads(output) if output.strip().startswith("{") else {},
+        wall_seconds=wall,
+        peak_rss_mb=usage.ru_maxrss / 1024,  # kilobytes on Linux
+        returncode=process.returncode,
+        stderr=errors.splitlines()[-1] if errors else "",
+    )
+
+
+@dataclass
+class Harness:
+    """Runs defences over models and keeps the results in ``results_path``."""
+
+    results_path: Path
+    runs_dir: Path
+    shots: int = 16
+    seed: int = 0
+    eval_limit: int = 2000
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.results_path.is_file():
+            self.results = json.loads(self.results_path.read_text())
+        self.results.setdefault("runs", [])
+        self.results.setdefault("scans", [])
+        self.results["machine"] = {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        }
+
+    def _done(self, kind: str, model: ZooModel, name: str) -> dict[str, Any] | None:
+        for entry in self.results[kind]:
+            if entry["model"] == model.name and entry.get("defence", "scan") == name:
+                return entry
+        return None
+
+    def _save(self) -> None:
+        atomic_write_json(self.results_path, self.results)
+
+    def scan(self, model: ZooModel) -> dict[str, Any]:
+        """The cbpt scan of ``model`` (run once; its trigger is reused by CBPT defences)."""
+        done = self._done("scans", model, "scan")
+        if done is not None and Path(done["trigger"]).is_file():
+            return done
+        out = self.runs_dir / model.name / "scan"
+        measured = run_measured(
+            [
+                "scan",
+                str(model.path),
+                "--data",
+                str(model.data_root / "train"),
+                "--shots",
+                str(self.shots),
+                "--seed",
+                str(self.seed),
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        if measured.returncode not in (0, 1):
+            raise RuntimeError(f"scan of {model.name} failed: {measured.stderr}")
+        finding = measured.payload["findings"][0]
+        entry = {
+            "model": model.name,
+            "attack": model.attack,
+            "target": model.target,
+            "verdict": finding["verdict"],
+            "score": finding["score"],
+            "suspected_target": finding["target_class"],
+            "statistics": finding["statistics"],
+            "trigger": str(out / "trigger.safetensors"),
+            "scan_seconds": measured.payload["run"]["stage_seconds"].get("scan"),
+            "wall_seconds": measured.wall_seconds,
+            "peak_rss_mb": measured.peak_rss_mb,
+            "image_encoder_images": measured.payload["run"]["image_encoder_images"],
+        }
+        self.results["scans"] = [e for e in self.results["scans"] if e["model"] != model.name] + [
+            entry
+        ]
+        self._save()
+        return entry
+
+    def defend(self, model: ZooModel, defence: str) -> dict[str, Any]:
+        """Run one defence on one model (skipped when already in the results)."""
+        done = self._done("runs", model, defence)
+        if done is not None:
+            return done
+        purifier, options, needs_trigger = DEFENCES[defence]
+        arguments = [
+            "purify",
+            str(model.path),
+            "--data",
+            str(model.data_root / "train"),
+            "--plugin",
+            purifier,
+            "--shots",
+            str(self.shots),
+            "--seed",
+            str(self.seed),
+            "--eval-data",
+            str(model.data_root / "test"),
+            "--eval-limit",
+            str(self.eval_limit),
+            "--out",
+            str(self.runs_dir / model.name / defence),
+            "--json",
+        ]
+        for key, value in options.items():
+            arguments += ["--option", f"{key}={json.dumps(value)}"]
+        if model.backdoored:
+            arguments += ["--attack", model.attack, "--target", str(model.target)]
+            for key, value in model.trigger_options.items():
+                arguments += ["--attack-option", f"{key}={json.dumps(value)}"]
+        if needs_trigger:
+            arguments += ["--trigger", self.scan(model)["trigger"]]
+        measured = run_measured(arguments)
+        if measured.returncode != 0:
+            raise RuntimeError(f"{defence} on {model.name} failed: {measured.stderr}")
+        report = measured.payload
+        purification = report["purification"]
+        entry = {
+            "model": model.name,
+            "attack": model.attack,
+            "target": model.target,
+            "defence": defence,
+            "purifier": purifier,
+            "options": options,
+            "ca_before": purification["before"]["clean_accuracy"],
+            "asr_before": purification["before"]["attack_success_rate"],
+            "ca_after": purification["after"]["clean_accuracy"],
+            "asr_after": purification["after"]["attack_success_rate"],
+            "n_eval": purification["after"]["n_images"],
+            "purify_seconds": report["run"]["stage_seconds"].get("purify"),
+            "wall_seconds": measured.wall_seconds,
+            "peak_rss_mb": measured.peak_rss_mb,
+            "image_encoder_images": report["run"]["image_encoder_images"],
+            "text_encoder_prompts": report["run"]["text_encoder_prompts"],
+            "oracle_ca": model.card.get("oracle_clean_accuracy"),
+            "oracle_asr": model.card.get("oracle_attack_success_rate"),
+        }
+        self.results["runs"].append(entry)
+        self._save()
+        return entry
+
+    def run(self, models: Iterable[ZooModel], defences: Sequence[str], progress: Progress) -> None:
+        pairs = [(model, defence) for model in models for defence in defences]
+        for model, defence in progress.track(pairs, description="benchmark"):
+            self.defend(model, defence)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def markdown_tables(results: dict[str, Any], defences: Sequence[str]) -> str:
+    """Per-attack and averaged CA/ASR tables (like the paper's Table 1), and cost ratios."""
+    runs = results["runs"]
+    attacks = sorted({r["attack"] for r in runs if r["attack"] != "none"})
+    present = [d for d in defences if any(r["defence"] == d for r in runs)]
+    lines = [
+        "### Backdoored models: CA / ASR after each defence (%)",
+        "",
+        "| attack | " + " | ".join(present) + " |",
+        "|---|" + "---|" * len(present),
+    ]
+    for attack in [*attacks, "average"]:
+        cells = []
+        for defence in present:
+            chosen = [
+                r
+                for r in runs
+                if r["defence"] == defence
+                and r["attack"] != "none"
+                and (attack == "average" or r["attack"] == attack)
+            ]
+            ca = _mean(r["ca_after"] for r in chosen)
+            asr = _mean(r["asr_after"] for r in chosen)
+            cells.append(f"{_pct(ca)} / {_pct(asr)}")
+        label = f"**{attack}**" if attack == "average" else attack
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    clean_runs = [r for r in runs if r["attack"] == "none"]
+    if clean_runs:
+        lines += [
+            "",
+            "### Clean models: CA before -> after (%)",
+            "",
+            "| defence | CA before | CA after | change (points) |",
+            "|---|---|---|---|",
+        ]
+        for defence in present:
+            chosen = [r for r in clean_runs if r["defence"] == defence]
+            before = _mean(r["ca_before"] for r in chosen)
+            after = _mean(r["ca_after"] for r in chosen)
+            change = None if before is None or after is None else 100 * (after - before)
+            lines.append(
+                f"| {defence} | {_pct(before)} | {_pct(after)} | "
+                f"{'-' if change is None else f'{change:+.2f}'} |"
+            )
+    lines += [
+        "",
+        "### Cost per purification (mean over models; ratio to cbpt in the same run)",
+        "",
+        "| defence | purify s | ratio | peak MB | ratio | image-encoder images |",
+        "|---|---|---|---|---|---|",
+    ]
+    cbpt_time = _mean(r["purify_seconds"] for r in runs if r["defence"] == "cbpt")
+    cbpt_memory = _mean(r["peak_rss_mb"] for r in runs if r["defence"] == "cbpt")
+    for defence in present:
+        chosen = [r for r in runs if r["defence"] == defence]
+        seconds = _mean(r["purify_seconds"] for r in chosen)
+        memory = _mean(r["peak_rss_mb"] for r in chosen)
+        images = _mean(r["image_encoder_images"] for r in chosen)
+        time_ratio = f"{seconds / cbpt_time:.2f}" if seconds and cbpt_time else "-"
+        memory_ratio = f"{memory / cbpt_memory:.2f}" if memory and cbpt_memory else "-"
+        lines.append(
+            f"| {defence} | {seconds:.2f} | {time_ratio} | {memory:.0f} | {memory_ratio} | "
+            f"{images:.0f} |"
+        )
+    scans = results.get("scans", [])
+    if scans:
+        lines += [
+            "",
+            "### cbpt scans of these models",
+            "",
+            "| model | attack | target | verdict | suspected target | score | scan s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for scan in scans:
+            lines.append(
+                f"| {scan['model']} | {scan['attack']} | {scan['target'] or '-'} | "
+                f"{scan['verdict']} | {scan['suspected_target'] or '-'} | {scan['score']:.3f} | "
+                f"{scan['scan_seconds']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_figure(results: dict[str, Any], defences: Sequence[str], path: Path) -> None:
+    """PNG: CA against ASR per defence (backdoored models), and purification time per defence."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in results["runs"] if r["attack"] != "none"]
+    present = [d for d in defences if any(r["defence"] == d for r in results["runs"])]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for defence in present:
+        chosen = [r for r in runs if r["defence"] == defence]
+        left.scatter(
+            [100 * (r["asr_after"] or 0) for r in chosen],
+            [100 * r["ca_after"] for r in chosen],
+            label=defence,
+            alpha=0.8,
+        )
+    left.set_xlabel("ASR after (%)")
+    left.set_ylabel("CA after (%)")
+    left.set_title("backdoored models: lower right is bad, upper left is good")
+    left.legend(fontsize=7)
+    seconds = [
+        _mean(r["purify_seconds"] for r in results["runs"] if r["defence"] == d) or 0
+        for d in present
+    ]
+    right.barh(present, seconds)
+    right.set_xlabel("purification seconds (mean)")
+    right.set_title("cost on this machine")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(temporary, dpi=110)
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+def update_docs(
+    doc: Path,
+    tables: str,
+    figure: Path | None,
+    command: str,
+    results: Path,
+    section: str = "benchmark-tables",
+) -> None:
+    """Replace the generated ``section`` of ``doc`` (between its markers) with fresh tables."""
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+    generated = [
+        begin,
+        "",
+        f"Generated by `{command}` from `{results.as_posix()}`.",
+        "",
+        tables,
+    ]
+    if figure is not None:
+        generated += [f"![CA against ASR, and time, per defence]({figure.as_posix()})", ""]
+    generated.append(end)
+    block = "\n".join(generated)
+    text = doc.read_text() if doc.is_file() else "# Benchmarks\n\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+        text = head + block + tail
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    atomic_write_text(doc, text)
