@@ -1,5 +1,5 @@
 """``python -m clipguard`` runs the command line."""
 
-from clipguard.cli import main
+from clipguard._entry import main
 
 main()

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clipguard import api
-from clipguard.cli_errors import EXIT_BACKDOOR, EXIT_CLEAN, handle_errors, run_app
+from clipguard.cli_errors import EXIT_BACKDOOR, EXIT_CLEAN, handle_errors
 from clipguard.io import atomic_write_text
 from clipguard.render import SUFFIXES, Format, render
 from clipguard.report import EvaluationReport, Report, write_schemas
@@ -377,8 +377,3 @@ def _wrap_commands(typer_app: typer.Typer) -> None:
 
 
 _mount_lab()
-
-
-def main() -> None:
-    """Console-script entry point."""
-    run_app(app)

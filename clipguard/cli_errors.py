@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -53,19 +52,15 @@ def handle_errors(function: F) -> F:
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except Exception as error:  # a bug: still one line, the traceback on request
             fail(
-                f"error: internal error: {type(error).__name__}: {error} (CLIPGUARD_DEBUG=1 shows more)"
+                f"error: internal error: {type(error).__name__}: {error} "
+                "(CLIPGUARD_DEBUG=1 shows more)"
             )
 
     return wrapper  # type: ignore[return-value]
 
 
-def _sigterm_as_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def run_app(app: typer.Typer) -> None:
-    """Run a typer app as a console script; SIGTERM is handled like Ctrl-C (no partial output)."""
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    """Run a typer app as a console script with the commands' error handling around it."""
     try:
         app()
     except ClipguardError as error:

@@ -15,7 +15,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
@@ -60,18 +59,34 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def sha256_files(paths: Iterable[Path]) -> str:
-    """One hex sha256 over several files: each file's relative name and content hash, in order."""
+def sha256_files(paths: Iterable[Path], root: Path | None = None) -> str:
+    """One hex sha256 over several files: each file's name and content hash, in order.
+
+    With ``root`` the names are taken relative to it (POSIX form), so the hash does not depend
+    on where the folder lives.
+    """
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(str(path).encode("utf-8"))
+        name = Path(path).relative_to(root).as_posix() if root is not None else str(path)
+        digest.update(name.encode("utf-8", "surrogateescape"))
+        digest.update(b"\0")
         digest.update(sha256_file(path).encode("ascii"))
     return digest.hexdigest()
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """Serialise ``tensors`` with string ``metadata`` in the safetensors format."""
-    return safetensors_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    """Serialise ``tensors`` with string ``metadata`` in the safetensors format, canonically.
+
+    The safetensors library writes its JSON header in hash-map order, so equal inputs could give
+    different bytes; the header is rewritten with sorted keys (and padded to 8 bytes, as the
+    format asks), so equal inputs give byte-identical files.
+    """
+    raw = safetensors_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    canonical += b" " * (-len(canonical) % 8)
+    return len(canonical).to_bytes(8, "little") + canonical + raw[8 + length :]
 
 
 def read_safetensors_header(data: bytes, what: str, path: Path) -> dict:
@@ -85,7 +100,7 @@ def read_safetensors_header(data: bytes, what: str, path: Path) -> dict:
         raise InputError(f"{path}: {what} is truncated (header runs past the end of the file)")
     try:
         header = json.loads(data[8 : 8 + header_length].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise InputError(f"{path}: {what} has a corrupt safetensors header") from None
     if not isinstance(header, dict):
         raise InputError(f"{path}: {what} has a corrupt safetensors header")
@@ -102,14 +117,35 @@ def read_safetensors_file(path: Path, what: str) -> tuple[dict[str, torch.Tensor
         raise InputError(f"{path}: {what} not found")
     if path.is_dir():
         raise InputError(f"{path}: {what} is a directory, expected a file")
-    data = path.read_bytes()
+    if not path.is_file():
+        raise InputError(f"{path}: {what} is not a regular file")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise InputError(f"{path}: cannot read {what} ({error.strerror or error})") from None
+    return read_safetensors_bytes(data, what, path)
+
+
+def read_safetensors_bytes(
+    data: bytes, what: str, path: Path
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Parse safetensors ``data`` (read from ``path``) into CPU tensors and string metadata.
+
+    The header is checked before the safetensors library sees the bytes; the library then
+    checks offsets (overlaps, out-of-range, gaps) and dtypes. Any failure is an
+    :class:`InputError` with a one-line reason.
+    """
+    if not data:
+        raise InputError(f"{path}: {what} is empty")
     header = read_safetensors_header(data, what, path)
     metadata = header.get("__metadata__") or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise InputError(f"{path}: {what} has malformed metadata")
     try:
         tensors = safetensors_load(data)
-    except (SafetensorError, ValueError, RuntimeError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    except Exception as error:  # SafetensorError and friends: the file is corrupt
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         raise InputError(f"{path}: {what} is corrupt ({reason})") from None
     return tensors, metadata

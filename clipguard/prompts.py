@@ -227,7 +227,7 @@ class PromptClassifier:
         prompt_path: Path | None = None,
         classnames: Sequence[str] | None = None,
     ) -> PromptClassifier:
-        """Load a model (safely) and, optionally, a prompt file; class names default to the file's."""
+        """Load a model (safely) and optionally a prompt file; class names default to the file's."""
         from clipguard.model import load_model
 
         bundle = load_model(model_path)

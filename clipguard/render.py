@@ -138,9 +138,11 @@ def to_html(report: Report) -> str:
     for finding in report.findings:
         parts += [
             f"<h2>Scanner {e(finding.scanner)} {e(finding.scanner_version)}</h2>",
-            "<table><tr><th>verdict</th><th>score</th><th>target class</th><th>explanation</th></tr>",
+            "<table><tr><th>verdict</th><th>score</th><th>target class</th>"
+            "<th>explanation</th></tr>",
             f"<tr><td>{e(finding.verdict)}</td><td>{finding.score:.3f}</td>"
-            f"<td>{e(finding.target_class or '-')}</td><td>{e(finding.explanation)}</td></tr></table>",
+            f"<td>{e(finding.target_class or '-')}</td>"
+            f"<td>{e(finding.explanation)}</td></tr></table>",
         ]
         for name, path in finding.artifacts.items():
             data_uri = _inline_image(path)

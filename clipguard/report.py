@@ -131,7 +131,7 @@ class Report(_Model):
 
     @property
     def verdict(self) -> Literal["backdoor", "clean", "inconclusive"]:
-        """``backdoor`` if any finding says so; else ``inconclusive`` if any does; else ``clean``."""
+        """The overall verdict: backdoor if any finding says so, then inconclusive, else clean."""
         verdicts = {finding.verdict for finding in self.findings}
         if "backdoor" in verdicts:
             return "backdoor"

@@ -118,7 +118,7 @@ def patch_pattern(kind: str, size: int, seed: int) -> torch.Tensor:
 
 @dataclass
 class MaskPatternTrigger(Trigger):
-    """``T(x) = (1 - m) * x + m * p`` with mask ``m`` (``1 x H x W``) and pattern ``p`` (``3 x H x W``).
+    """``T(x) = (1 - m) * x + m * p``: mask ``m`` is ``1 x H x W``, pattern ``p`` is ``3 x H x W``.
 
     Patch triggers are the special case of a binary mask; blended triggers have a small
     uniform mask. The inverted trigger of a scan has this form too.
