@@ -67,8 +67,21 @@ def test_third_party_scanner_runs_through_cli(third_party, tiny_model_path, tiny
     out = tmp_path / "out"
     result = runner.invoke(
         app,
-        ["scan", str(tiny_model_path), "--data", str(tiny_data), "--plugin", "fixed",
-         "--shots", "2", "--out", str(out), "--option", "target=1", "--quiet"],
+        [
+            "scan",
+            str(tiny_model_path),
+            "--data",
+            str(tiny_data),
+            "--plugin",
+            "fixed",
+            "--shots",
+            "2",
+            "--out",
+            str(out),
+            "--option",
+            "target=1",
+            "--quiet",
+        ],
     )
     assert result.exit_code == 1, result.output
     report = json.loads((out / "report.json").read_text())
@@ -83,8 +96,19 @@ def test_third_party_scanner_runs_through_cli(third_party, tiny_model_path, tiny
 def test_clean_verdict_exits_zero(third_party, tiny_model_path, tiny_data):
     result = runner.invoke(
         app,
-        ["scan", str(tiny_model_path), "--data", str(tiny_data), "--plugin", "fixed",
-         "--shots", "2", "-o", "verdict=clean", "--quiet"],
+        [
+            "scan",
+            str(tiny_model_path),
+            "--data",
+            str(tiny_data),
+            "--plugin",
+            "fixed",
+            "--shots",
+            "2",
+            "-o",
+            "verdict=clean",
+            "--quiet",
+        ],
     )
     assert result.exit_code == 0, result.output
 
@@ -92,8 +116,19 @@ def test_clean_verdict_exits_zero(third_party, tiny_model_path, tiny_data):
 def test_invalid_plugin_option_is_exit_2(third_party, tiny_model_path, tiny_data):
     result = runner.invoke(
         app,
-        ["scan", str(tiny_model_path), "--data", str(tiny_data), "--plugin", "fixed",
-         "--shots", "2", "-o", "nonsense=1", "--quiet"],
+        [
+            "scan",
+            str(tiny_model_path),
+            "--data",
+            str(tiny_data),
+            "--plugin",
+            "fixed",
+            "--shots",
+            "2",
+            "-o",
+            "nonsense=1",
+            "--quiet",
+        ],
     )
     assert result.exit_code == 2
     assert "invalid scanner fixed option nonsense" in result.output
@@ -104,8 +139,19 @@ def test_config_file_options(third_party, tiny_model_path, tiny_data, tmp_path):
     config.write_text('verdict = "clean"\n')
     result = runner.invoke(
         app,
-        ["scan", str(tiny_model_path), "--data", str(tiny_data), "--plugin", "fixed",
-         "--shots", "2", "--config", str(config), "--quiet"],
+        [
+            "scan",
+            str(tiny_model_path),
+            "--data",
+            str(tiny_data),
+            "--plugin",
+            "fixed",
+            "--shots",
+            "2",
+            "--config",
+            str(config),
+            "--quiet",
+        ],
     )
     assert result.exit_code == 0, result.output
 
@@ -168,7 +214,9 @@ def test_broken_entry_point_is_reported_and_others_still_work(monkeypatch, tmp_p
 
 
 def test_allow_list_restricts_entry_points(monkeypatch):
-    _fake_entry_points(monkeypatch, EntryPoint("broken", "no_such_module_for_clipguard", "clipguard"))
+    _fake_entry_points(
+        monkeypatch, EntryPoint("broken", "no_such_module_for_clipguard", "clipguard")
+    )
     monkeypatch.setenv("CLIPGUARD_PLUGINS", "")
     assert not any("broken" in e for e in plugins.get_registry().errors)
     monkeypatch.setenv("CLIPGUARD_PLUGINS", "broken")

@@ -83,9 +83,23 @@ def test_purify_writes_prompts_and_evaluate_uses_them(
     out = tmp_path / "purified"
     result = runner.invoke(
         app,
-        ["purify", str(tiny_model_path), "--data", str(tiny_data), "--plugin", "init-prompts",
-         "--shots", "2", "--attack", "badnets", "--target", "red square", "--out", str(out),
-         "--quiet"],
+        [
+            "purify",
+            str(tiny_model_path),
+            "--data",
+            str(tiny_data),
+            "--plugin",
+            "init-prompts",
+            "--shots",
+            "2",
+            "--attack",
+            "badnets",
+            "--target",
+            "red square",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
     )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
@@ -99,9 +113,19 @@ def test_purify_writes_prompts_and_evaluate_uses_them(
 
     evaluated = runner.invoke(
         app,
-        ["evaluate", str(tiny_model_path), "--data", str(tiny_data), "--prompts",
-         str(out / "prompts.safetensors"), "--attack", "badnets", "--target", "red square",
-         "--json"],
+        [
+            "evaluate",
+            str(tiny_model_path),
+            "--data",
+            str(tiny_data),
+            "--prompts",
+            str(out / "prompts.safetensors"),
+            "--attack",
+            "badnets",
+            "--target",
+            "red square",
+            "--json",
+        ],
     )
     assert evaluated.exit_code == 0, evaluated.output
     payload = json.loads(evaluated.output)
@@ -110,7 +134,9 @@ def test_purify_writes_prompts_and_evaluate_uses_them(
 
 
 def test_evaluate_without_attack_reports_null_asr(tiny_model_path, tiny_data):
-    result = runner.invoke(app, ["evaluate", str(tiny_model_path), "--data", str(tiny_data), "--json"])
+    result = runner.invoke(
+        app, ["evaluate", str(tiny_model_path), "--data", str(tiny_data), "--json"]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["attack_success_rate"] is None
 
@@ -121,8 +147,19 @@ def test_prompt_file_for_other_classes_is_refused(
     out = tmp_path / "purified"
     runner.invoke(
         app,
-        ["purify", str(tiny_model_path), "--data", str(tiny_data), "--plugin", "init-prompts",
-         "--shots", "2", "--out", str(out), "--quiet"],
+        [
+            "purify",
+            str(tiny_model_path),
+            "--data",
+            str(tiny_data),
+            "--plugin",
+            "init-prompts",
+            "--shots",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
     )
     other = tmp_path / "other"
     for name in ("cat", "dog", "fish"):
@@ -130,8 +167,14 @@ def test_prompt_file_for_other_classes_is_refused(
         shutil.copy(tiny_data / "green_bar" / "0000.png", other / name / "0.png")
     result = runner.invoke(
         app,
-        ["evaluate", str(tiny_model_path), "--data", str(other), "--prompts",
-         str(out / "prompts.safetensors")],
+        [
+            "evaluate",
+            str(tiny_model_path),
+            "--data",
+            str(other),
+            "--prompts",
+            str(out / "prompts.safetensors"),
+        ],
     )
     assert result.exit_code == 2
     assert "another class list" in result.output
@@ -148,8 +191,16 @@ def test_attack_without_target_is_exit_2(tiny_model_path, tiny_data):
 def test_unknown_target_class_is_exit_2(tiny_model_path, tiny_data):
     result = runner.invoke(
         app,
-        ["evaluate", str(tiny_model_path), "--data", str(tiny_data), "--attack", "badnets",
-         "--target", "zebra"],
+        [
+            "evaluate",
+            str(tiny_model_path),
+            "--data",
+            str(tiny_data),
+            "--attack",
+            "badnets",
+            "--target",
+            "zebra",
+        ],
     )
     assert result.exit_code == 2
     assert "'zebra' is not one of the classes" in result.output

@@ -64,8 +64,20 @@ def scanned(tiny_model_path, tiny_data, tmp_path):
     def run(fmt: str):
         return runner.invoke(
             app,
-            ["scan", str(tiny_model_path), "--data", str(tiny_data), "--plugin", "picture",
-             "--shots", "2", "--out", str(out), "--format", fmt],
+            [
+                "scan",
+                str(tiny_model_path),
+                "--data",
+                str(tiny_data),
+                "--plugin",
+                "picture",
+                "--shots",
+                "2",
+                "--out",
+                str(out),
+                "--format",
+                fmt,
+            ],
         )
 
     yield run, out
@@ -110,18 +122,33 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+@pytest.mark.skipif(
+    _chromium() is None, reason="Debian's chromium is not installed (.ci/run installs it)"
+)
 def test_html_shows_verdict_and_trigger_in_chromium(scanned, tmp_path):
     run, out = scanned
     assert run("html").exit_code == 1
     screenshot = tmp_path / "page.png"
     subprocess.run(
-        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars",
-         f"--screenshot={screenshot}", "--window-size=1200,1400",
-         (out / "report.html").resolve().as_uri()],
-        check=True, capture_output=True, timeout=120,
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--hide-scrollbars",
+            f"--screenshot={screenshot}",
+            "--window-size=1200,1400",
+            (out / "report.html").resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     colours = Image.open(screenshot).convert("RGB").getcolors(maxcolors=1 << 20)
     counts = {colour: n for n, colour in colours}
