@@ -70,7 +70,7 @@ def parse_options(options: Sequence[str]) -> dict[str, Any]:
             raise InputError(f"--option {option!r} is not of the form key=value")
         try:
             parsed[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             parsed[key.strip()] = value
     return parsed
 
@@ -79,9 +79,14 @@ def read_config_file(path: Path) -> dict[str, Any]:
     """Options from a JSON or TOML file (a single table / object)."""
     if not path.is_file():
         raise InputError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: config file is not UTF-8 text") from None
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except RecursionError:
+        raise InputError(f"{path}: config file is nested too deeply") from None
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
         raise InputError(
             f"{path}: config file is not valid {path.suffix[1:] or 'JSON'}: {error}"

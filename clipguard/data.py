@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from clipguard.errors import InputError
 from clipguard.io import sha256_files
@@ -24,10 +25,15 @@ from clipguard.progress import Progress
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 )
+#: the only decoders Pillow may use, whatever a file's suffix says: formats such as EPS would
+#: run Ghostscript on untrusted input
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
 #: images with more pixels than this are refused (decompression bombs)
 MAX_IMAGE_PIXELS = 50_000_000
 
 Sample = tuple[Path, int]
+#: 16-bit and 32-bit greyscale modes, rescaled to 8 bits before conversion to RGB
+_WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 @dataclass(frozen=True)
@@ -46,21 +52,37 @@ class ImageFolder:
     def files_sha256(self, samples: Iterable[Sample] | None = None) -> str:
         """A sha256 over the relative names and contents of ``samples`` (default: all)."""
         chosen = sorted(path for path, _ in (samples if samples is not None else self.samples))
-        return sha256_files(chosen)
+        return sha256_files(chosen, root=self.root)
 
 
 def read_classnames_file(path: Path) -> list[str]:
-    """Class names from a text file, one per line; blank lines are ignored."""
-    if not path.is_file():
+    """Class names from a UTF-8 text file, one per line; blank lines and a BOM are ignored."""
+    path = Path(path)
+    if not path.exists():
         raise InputError(f"{path}: class-names file not found")
+    if not path.is_file():
+        raise InputError(f"{path}: class-names file is not a regular file")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError:
         raise InputError(f"{path}: class-names file is not UTF-8 text") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot read class-names file ({error.strerror})") from None
     names = [line.strip() for line in lines if line.strip()]
     if len(set(names)) != len(names):
         raise InputError(f"{path}: class-names file repeats a name")
     return names
+
+
+def folder_to_classname(folder: str) -> str:
+    """A folder name as a class name: underscores read as spaces, whitespace runs collapsed.
+
+    ``"great_white__shark "`` gives ``"great white shark"``; control characters (a newline in
+    a folder name) count as whitespace, so a class name is always one line.
+    """
+    return " ".join(
+        "".join(" " if not c.isprintable() else c for c in folder).replace("_", " ").split()
+    )
 
 
 def open_image_folder(root: Path | str, classnames_file: Path | None = None) -> ImageFolder:
@@ -87,7 +109,16 @@ def open_image_folder(root: Path | str, classnames_file: Path | None = None) -> 
                 f"{len(folders)} class folders"
             )
     else:
-        classnames = [folder.replace("_", " ") for folder in folders]
+        classnames = [folder_to_classname(folder) for folder in folders]
+        for folder, name in zip(folders, classnames, strict=True):
+            if not name:
+                raise InputError(f"{root / folder}: folder name gives an empty class name")
+        if len(set(classnames)) != len(classnames):
+            duplicate = next(n for n in classnames if classnames.count(n) > 1)
+            raise InputError(
+                f"{root}: two class folders give the same class name {duplicate!r}; "
+                "rename one or pass --classnames"
+            )
     samples: list[Sample] = []
     for label, folder in enumerate(folders):
         files = sorted(
@@ -129,6 +160,8 @@ def split_shots(folder: ImageFolder, shots: int, seed: int) -> tuple[list[Sample
 
 def subsample(samples: Sequence[Sample], limit: int | None, seed: int) -> list[Sample]:
     """At most ``limit`` samples drawn with ``seed`` (all of them when ``limit`` is None)."""
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be at least 1, got {limit}")
     if limit is None or len(samples) <= limit:
         return list(samples)
     rng = random.Random(seed)
@@ -136,21 +169,47 @@ def subsample(samples: Sequence[Sample], limit: int | None, seed: int) -> list[S
 
 
 def read_image(path: Path) -> Image.Image:
-    """Open an image file as RGB; :class:`InputError` naming the file if it cannot be read."""
+    """Open an image file as 8-bit RGB; :class:`InputError` naming the file if it cannot be read.
+
+    Handling of the less common modes: greyscale, palette, CMYK, YCbCr and the like are
+    converted to RGB by Pillow; an alpha channel is dropped (the colour channels are kept as
+    they are); 16-bit and 32-bit greyscale is rescaled to 8 bits first. Animated images give
+    their first frame. Images over :data:`MAX_IMAGE_PIXELS` pixels are refused before their
+    pixels are decoded (decompression bombs). Only the decoders in :data:`IMAGE_FORMATS` are
+    used, chosen by content, not by suffix.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            warnings.simplefilter("ignore", UserWarning)  # palette transparency notes
+            with Image.open(path, formats=IMAGE_FORMATS) as image:
                 if image.width * image.height > MAX_IMAGE_PIXELS:
                     raise InputError(
-                        f"{path}: image of {image.width}x{image.height} pixels is too large"
+                        f"{path}: image of {image.width}x{image.height} pixels is too large "
+                        f"(limit {MAX_IMAGE_PIXELS} pixels)"
                     )
                 image.load()
+                if image.mode in _WIDE_GREY_MODES:
+                    return _wide_grey_to_rgb(image)
+                if image.mode == "P" and "transparency" in image.info:
+                    image = image.convert("RGBA")
                 return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise InputError(f"{path}: unreadable image ({type(error).__name__})") from None
+    except InputError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputError(f"{path}: image is too large (decompression bomb guard)") from None
+    except Exception as error:  # Pillow raises many kinds of errors on hostile files
+        raise InputError(f"{path}: unreadable image ({type(error).__name__})") from None
+
+
+def _wide_grey_to_rgb(image: Image.Image) -> Image.Image:
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        scale = 255.0 if np.nanmax(values, initial=0.0) <= 1.0 else 1.0
+    else:
+        scale = 1 / 257 if np.nanmax(values, initial=0.0) > 255 else 1.0
+    grey = np.nan_to_num(values * scale, nan=0.0).clip(0, 255).round().astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
 
 
 def load_pixels(

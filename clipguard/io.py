@@ -22,6 +22,9 @@ from clipguard.errors import InputError
 
 #: a safetensors header larger than this is refused before it is parsed
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+#: tensor dtypes clipguard reads from safetensors files (real numbers only: no float8, complex
+#: or bool, which the checks downstream cannot all handle)
+SAFETENSORS_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8"})
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -104,6 +107,16 @@ def read_safetensors_header(data: bytes, what: str, path: Path) -> dict:
         raise InputError(f"{path}: {what} has a corrupt safetensors header") from None
     if not isinstance(header, dict):
         raise InputError(f"{path}: {what} has a corrupt safetensors header")
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise InputError(f"{path}: {what} has a corrupt safetensors header")
+        dtype = entry.get("dtype")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise InputError(
+                f"{path}: {what}: tensor {name[:80]!r} has unsupported dtype {str(dtype)[:20]}"
+            )
     return header
 
 

@@ -91,6 +91,8 @@ def evaluate_samples(
     progress: Progress | None = None,
 ) -> Evaluation:
     """:func:`evaluate_pixels` over image files, loaded ``chunk_size`` at a time."""
+    if not samples:
+        raise InputError("no images to evaluate")
     progress = progress or Progress(quiet=True)
     correct = hits = n_attacked = 0
     chunks = [samples[i : i + chunk_size] for i in range(0, len(samples), chunk_size)]

@@ -165,12 +165,13 @@ def load_prompt_file(path: Path) -> PromptSet:
     context = tensors.get("context")
     if context is None or context.dim() != 3:
         raise InputError(f"{path}: prompt file must hold a 3-d 'context' tensor")
+    context = context.float()
     if not torch.isfinite(context).all():
         raise InputError(f"{path}: prompt context holds NaN or Inf values")
     try:
         classnames = json.loads(metadata.get("classnames", ""))
         settings = json.loads(metadata.get("settings", "{}"))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise InputError(f"{path}: prompt file metadata is not valid JSON") from None
     if (
         not isinstance(classnames, list)

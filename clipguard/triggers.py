@@ -226,12 +226,19 @@ def load_trigger_file(path: Path) -> TriggerFile:
         raise InputError(f"{path}: trigger file must hold exactly 'mask' and 'pattern'")
     mask, pattern = tensors["mask"].float(), tensors["pattern"].float()
     for name, tensor in (("mask", mask), ("pattern", pattern)):
-        if not torch.isfinite(tensor).all() or tensor.min() < 0 or tensor.max() > 1:
-            raise InputError(f"{path}: trigger {name} must hold finite values in [0, 1]")
+        if (
+            tensor.numel() == 0
+            or not torch.isfinite(tensor).all()
+            or tensor.min() < 0
+            or tensor.max() > 1
+        ):
+            raise InputError(
+                f"{path}: trigger {name} must be non-empty with finite values in [0, 1]"
+            )
     try:
         classnames = json.loads(metadata.get("classnames", "[]"))
         settings = json.loads(metadata.get("settings", "{}"))
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, RecursionError) as error:
         raise InputError(f"{path}: trigger file metadata is not valid JSON ({error})") from None
     if not isinstance(classnames, list) or not all(isinstance(c, str) for c in classnames):
         raise InputError(f"{path}: trigger file class names must be a list of strings")
