@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
@@ -144,8 +145,10 @@ def _fill(
     table: dict[str, Registered],
     base: type,
     errors: list[str],
+    trace: Callable[..., None],
 ) -> None:
     for impl in hook.get_hookimpls():  # registration order
+        trace(f"{hook.name} [plugin {impl.plugin_name!r}]")
         package = _package_of(impl.plugin_name, impl.plugin)
 
         def register(obj: Any, _plugin: str = impl.plugin_name, _package: str = package) -> None:
@@ -189,9 +192,14 @@ def build_registry(manager: pluggy.PluginManager | None = None) -> Registry:
         manager = create_plugin_manager(registry.errors)
     hooks = manager.hook
     errors = registry.errors
-    _fill(hooks.clipguard_register_triggers, "trigger", registry.triggers, TriggerFamily, errors)
-    _fill(hooks.clipguard_register_scanners, "scanner", registry.scanners, Scanner, errors)
-    _fill(hooks.clipguard_register_purifiers, "purifier", registry.purifiers, Purifier, errors)
+    trace = manager.trace.root.get("hook")  # writes only when CLIPGUARD_TRACE_HOOKS is set
+    tables = (
+        (hooks.clipguard_register_triggers, "trigger", registry.triggers, TriggerFamily),
+        (hooks.clipguard_register_scanners, "scanner", registry.scanners, Scanner),
+        (hooks.clipguard_register_purifiers, "purifier", registry.purifiers, Purifier),
+    )
+    for hook, kind, table, base in tables:
+        _fill(hook, kind, table, base, errors, trace)
     return registry
 
 

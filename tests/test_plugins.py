@@ -244,3 +244,10 @@ def test_schema_files_are_in_sync():
         path = folder / name
         assert path.exists(), f"{path} missing: run `clipguard schema --write`"
         assert path.read_text() == text, f"{path} is stale: run `clipguard schema --write`"
+
+
+def test_trace_variable_traces_registration_hooks(monkeypatch, capsys):
+    monkeypatch.setenv("CLIPGUARD_TRACE_HOOKS", "1")
+    plugins.get_registry()
+    err = capsys.readouterr().err
+    assert "clipguard_register_triggers [plugin 'clipguard.builtin_triggers']" in err
