@@ -21,7 +21,7 @@ from clipguard.report import EvaluationReport, Report
 
 DEMO_ATTACK = "badnets"
 DEMO_TARGET = CLASSNAMES[0]
-DEMO_POISON_RATE = 0.01
+DEMO_POISON_RATE = 0.05
 
 
 @dataclass
