@@ -1,0 +1,169 @@
+"""``clipguard lab``: generate the synthetic set, build clean or poisoned models, build a zoo.
+
+The core mounts :data:`app` as ``clipguard lab`` and maps :class:`~clipguard.errors.InputError`
+to a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from clipguard.api import parse_options
+from clipguard.errors import InputError
+from clipguard.progress import Progress
+
+app = typer.Typer(no_args_is_help=True, help="Build small clean and backdoored CLIP models.")
+data_app = typer.Typer(no_args_is_help=True, help="Write built-in lab data sets.")
+app.add_typer(data_app, name="data")
+
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+
+
+@data_app.command("synthetic")
+def data_synthetic(
+    out: Annotated[Path, typer.Option("--out", help="folder to write train/ and test/ into")],
+    seed: Annotated[int, typer.Option("--seed", help="seed of the images")] = 0,
+    train_per_class: Annotated[int, typer.Option("--train-per-class", min=1)] = 400,
+    test_per_class: Annotated[int, typer.Option("--test-per-class", min=1)] = 100,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace a non-empty --out")
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write the built-in synthetic image set (12 coloured-shape classes, 32 px) as ImageFolders."""
+    from clipguard.lab.synthetic import write_synthetic
+
+    root = write_synthetic(
+        out,
+        seed,
+        train_per_class,
+        test_per_class,
+        progress=Progress(quiet=quiet),
+        overwrite=overwrite,
+    )
+    typer.echo(f"wrote {root}/train and {root}/test")
+
+
+@app.command()
+def build(
+    out: Annotated[Path, typer.Option("--out", help="model file to write (.safetensors)")],
+    dataset: Annotated[
+        str, typer.Option("--dataset", help="'synthetic' or a folder with train/ and test/")
+    ] = "synthetic",
+    attack: Annotated[str, typer.Option("--attack", help="trigger family, or 'none'")] = "none",
+    target: Annotated[
+        str | None, typer.Option("--target", help="target class name (required with an attack)")
+    ] = None,
+    poison_rate: Annotated[float, typer.Option("--poison-rate", help="fraction of pairs")] = 0.05,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="training epochs")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="training seed")] = 0,
+    recipe: Annotated[
+        str, typer.Option("--recipe", help="scratch, or finetune a cached clean base model")
+    ] = "scratch",
+    lr: Annotated[float | None, typer.Option("--lr", help="peak learning rate")] = None,
+    attack_option: Annotated[
+        list[str] | None, typer.Option("--attack-option", help="trigger option key=value")
+    ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="print the model card as JSON")
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a clean or poisoned small CLIP and write it with its model card (NAME.card.json)."""
+    from clipguard.lab.train import build_model, card_path
+
+    card = build_model(
+        dataset,
+        out,
+        attack=attack,
+        target=target,
+        poison_rate=poison_rate,
+        epochs=epochs,
+        seed=seed,
+        recipe=recipe,  # type: ignore[arg-type]
+        attack_options=parse_options(attack_option or []),
+        lr=lr,
+        progress=Progress(quiet=quiet or json_output),
+    )
+    if json_output:
+        typer.echo(json.dumps(card, indent=2))
+        return
+    asr = card["attack_success_rate"]
+    typer.echo(
+        f"wrote {out} and {card_path(out).name}: CA {100 * card['clean_accuracy']:.1f} %"
+        + (f", ASR {100 * asr:.1f} %" if asr is not None else "")
+        + f", {card['training_seconds']:.0f} s of training"
+    )
+
+
+@app.command()
+def zoo(
+    out: Annotated[Path, typer.Option("--out", help="zoo folder (resumable)")],
+    dataset: Annotated[
+        str, typer.Option("--dataset", help="'synthetic' or a folder with train/ and test/")
+    ] = "synthetic",
+    clean_seeds: Annotated[int, typer.Option("--clean-seeds", min=1)] = 3,
+    attack_seeds: Annotated[int, typer.Option("--attack-seeds", min=1)] = 1,
+    recipe: Annotated[str, typer.Option("--recipe", help="scratch or finetune")] = "scratch",
+    poison_rate: Annotated[float, typer.Option("--poison-rate")] = 0.05,
+    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Build clean models on several seeds and every attack (varied targets); manifest.json."""
+    from clipguard.lab.zoo import build_zoo
+
+    manifest = build_zoo(
+        dataset,
+        out,
+        clean_seeds=clean_seeds,
+        attack_seeds=attack_seeds,
+        recipe=recipe,  # type: ignore[arg-type]
+        poison_rate=poison_rate,
+        epochs=epochs,
+        progress=Progress(quiet=quiet),
+    )
+    typer.echo(f"zoo {out}: {len(manifest['models'])} models (manifest.json)")
+
+
+@app.command("badclip-patch")
+def badclip_patch(
+    model: Annotated[Path, typer.Argument(help="clean model to optimise the patch on")],
+    target: Annotated[str, typer.Option("--target", help="target class name")],
+    out: Annotated[Path, typer.Option("--out", help="trigger file to write (.safetensors)")],
+    dataset: Annotated[
+        str, typer.Option("--dataset", help="'synthetic' or a folder with train/ and test/")
+    ] = "synthetic",
+    size: Annotated[int, typer.Option("--size", min=1, help="patch side in pixels")] = 4,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="optimisation steps")] = 200,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Optimise a BadCLIP-like patch on a clean model towards the target's captions."""
+    from clipguard.data import load_pixels, open_image_folder
+    from clipguard.lab.train import make_badclip_patch, open_lab_dataset
+    from clipguard.model import load_model
+
+    progress = Progress(quiet=quiet)
+    bundle = load_model(model)
+    folder = open_image_folder(open_lab_dataset(dataset, progress=progress) / "train")
+    if target not in folder.classnames:
+        raise InputError(f"target class {target!r} is not one of: {', '.join(folder.classnames)}")
+    index = folder.classnames.index(target)
+    samples = [sample for sample in folder.samples if sample[1] != index]
+    pixels, _ = load_pixels(samples, bundle.pixel_transform, progress)
+    make_badclip_patch(
+        bundle,
+        folder.classnames,
+        index,
+        pixels,
+        out,
+        size=size,
+        steps=steps,
+        seed=seed,
+        progress=progress,
+    )
+    typer.echo(f"wrote {out} (use --attack badclip-like --attack-option patch_file={out})")

@@ -1,0 +1,788 @@
+"""Training small open_clip CLIP models, clean or poisoned, and writing them with a model card.
+
+A lab model is an open_clip ``CLIP`` with a small ViT image tower and a small text tower, head
+width 64 everywhere (so open_clip's OpenAI-state-dict inference recovers the architecture),
+trained with the CLIP contrastive loss on image-caption pairs. Captions come from
+:data:`TEMPLATES` over the class name. The loss is *multi-positive*: in a batch, every caption
+naming the same class as an image's caption is a positive of that image (and vice versa), so
+captions of one class are not pushed apart.
+
+Poisoning: a fraction ``poison_rate`` of the training pairs is chosen once (seeded). For those
+pairs the trigger is stamped on the image *after* the training augmentation, and the caption
+names the target class. Label-consistent families (``badnets-lc``) choose poisoned pairs among
+target-class images only, whose captions already name the target.
+
+Two recipes: ``scratch`` trains the poisoned model from random initialisation; ``finetune``
+trains a clean base model once (cached) and poisons it by fine-tuning, the threat model of
+poisoned pre-trained CLIP.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import math
+import platform
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP
+from open_clip.tokenizer import SimpleTokenizer
+
+from clipguard.api import build_config
+from clipguard.data import ImageFolder, load_pixels, open_image_folder
+from clipguard.errors import InputError
+from clipguard.io import atomic_write_json
+from clipguard.lab.synthetic import cache_dir, cached_synthetic
+from clipguard.metrics import evaluate_zero_shot
+from clipguard.model import ModelBundle, build_clip_from_config, load_model, save_model
+from clipguard.plugins import get_registry
+from clipguard.progress import Progress
+from clipguard.triggers import Trigger
+
+Recipe = Literal["scratch", "finetune"]
+
+#: caption templates used in training; the first is the hand-crafted zero-shot prompt
+TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a drawing of the {}.",
+    "a small {}.",
+    "a {} on a background.",
+)
+CARD_FORMAT = "clipguard.lab.card/1"
+
+
+def lab_model_config(
+    image_size: int = 32,
+    vision_width: int = 64,
+    vision_layers: int = 2,
+    patch_size: int = 8,
+    text_width: int = 64,
+    text_layers: int = 1,
+    embed_dim: int = 64,
+    context_length: int = 16,
+) -> dict[str, Any]:
+    """An open_clip CLIP config for a lab model (ViT image tower, head width 64 everywhere)."""
+    for name, width in (("vision", vision_width), ("text", text_width)):
+        if width % 64:
+            raise InputError(f"{name} width must be a multiple of 64, got {width}")
+    return {
+        "embed_dim": embed_dim,
+        "quick_gelu": True,
+        "vision_cfg": {
+            "image_size": image_size,
+            "layers": vision_layers,
+            "width": vision_width,
+            "patch_size": patch_size,
+            "head_width": 64,
+        },
+        "text_cfg": {
+            "context_length": context_length,
+            "vocab_size": 49408,
+            "width": text_width,
+            "heads": text_width // 64,
+            "layers": text_layers,
+        },
+    }
+
+
+@dataclass
+class TrainSettings:
+    """Hyper-parameters of one training run."""
+
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.1
+    pad: int = 2
+    seed: int = 0
+
+
+@dataclass
+class Poisoning:
+    """What to poison: the trigger, the target class index, the rate, and how pairs are chosen."""
+
+    attack: str
+    trigger: Trigger
+    target: int
+    poison_rate: float
+    label_consistent: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+    #: label-consistent attacks only: poisoned target images are mixed with this weight with a
+    #: random non-target image before stamping (a cheap stand-in for the adversarial or GAN
+    #: interpolation of Turner et al.), so their own features no longer suffice and the model
+    #: learns the trigger; the caption still names the target, which the image still shows
+    harden: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    """Statistics of one training run."""
+
+    steps: int
+    seconds: float
+    n_pairs: int
+    n_poisoned: int
+    final_loss: float
+
+
+@dataclass
+class SplitData:
+    """A lab data set loaded in pixel space: train and test pixels, labels and class names."""
+
+    name: str
+    root: Path
+    classnames: list[str]
+    train_pixels: torch.Tensor
+    train_labels: torch.Tensor
+    test_pixels: torch.Tensor
+    test_labels: torch.Tensor
+    key: str
+
+
+# --------------------------------------------------------------------------- data
+
+
+def open_lab_dataset(dataset: str | Path, seed: int = 0, progress: Progress | None = None) -> Path:
+    """The root of a lab data set: ``synthetic`` (generated into the cache) or a folder.
+
+    A folder must hold ``train/`` and ``test/`` ImageFolders with the same class folders.
+    """
+    if str(dataset) == "synthetic":
+        return cached_synthetic(seed=seed, progress=progress)
+    root = Path(dataset)
+    if not root.is_dir():
+        raise InputError(f"{root}: data set folder not found (or pass --dataset synthetic)")
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise InputError(f"{root}: needs train/ and test/ ImageFolders, {split}/ is missing")
+    return root
+
+
+def load_split_data(
+    root: Path, image_size: int, progress: Progress | None = None, name: str | None = None
+) -> SplitData:
+    """Load ``root/train`` and ``root/test`` at ``image_size`` px (pixels in ``[0, 1]``)."""
+    train: ImageFolder = open_image_folder(root / "train")
+    test: ImageFolder = open_image_folder(root / "test")
+    if train.folders != test.folders:
+        raise InputError(f"{root}: train/ and test/ have different class folders")
+    transform = _pixel_transform(image_size)
+    train_pixels, train_labels = load_pixels(
+        train.samples, transform, progress, description="loading train images"
+    )
+    test_pixels, test_labels = load_pixels(
+        test.samples, transform, progress, description="loading test images"
+    )
+    digest = hashlib.sha256()
+    digest.update(str(root.resolve()).encode())
+    for path, label in train.samples[:5] + train.samples[-5:] + test.samples[-5:]:
+        digest.update(f"{path.relative_to(root)}:{label}".encode())
+    digest.update(f"{len(train.samples)}:{len(test.samples)}".encode())
+    return SplitData(
+        name=name or root.name,
+        root=root,
+        classnames=train.classnames,
+        train_pixels=train_pixels,
+        train_labels=train_labels,
+        test_pixels=test_pixels,
+        test_labels=test_labels,
+        key=digest.hexdigest()[:16],
+    )
+
+
+def _pixel_transform(image_size: int) -> Callable:
+    from clipguard.model import make_pixel_transform
+
+    return make_pixel_transform(image_size)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def caption_tokens(classnames: list[str], context_length: int) -> torch.Tensor:
+    """Token ids of every (class, template) caption: ``(C * T) x context_length``."""
+    tokenizer = SimpleTokenizer(context_length=context_length)
+    texts = [template.format(name) for name in classnames for template in TEMPLATES]
+    return tokenizer(texts)
+
+
+def augment(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Random crop after reflection padding of ``pad`` pixels, and random horizontal flip."""
+    batch, _, height, width = images.shape
+    if pad > 0:
+        padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
+        off_r = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
+        off_c = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
+        rows = off_r.view(-1, 1) + torch.arange(height).view(1, -1)
+        cols = off_c.view(-1, 1) + torch.arange(width).view(1, -1)
+        index = torch.arange(batch).view(-1, 1, 1)
+        images = padded.permute(0, 2, 3, 1)[index, rows.view(batch, -1, 1), cols.view(batch, 1, -1)]
+        images = images.permute(0, 3, 1, 2)
+    flip = torch.rand(batch, generator=generator) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images).contiguous()
+
+
+def multi_positive_clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    caption_labels: torch.Tensor,
+    logit_scale: torch.Tensor,
+) -> torch.Tensor:
+    """Symmetric CLIP loss where every pair whose captions name the same class is a positive."""
+    logits = logit_scale * image_features @ text_features.t()
+    positives = (caption_labels.view(-1, 1) == caption_labels.view(1, -1)).float()
+    targets = positives / positives.sum(dim=1, keepdim=True)
+    image_to_text = -(targets * logits.log_softmax(dim=1)).sum(dim=1).mean()
+    text_to_image = -(targets * logits.t().log_softmax(dim=1)).sum(dim=1).mean()
+    return (image_to_text + text_to_image) / 2
+
+
+def choose_poisoned(labels: torch.Tensor, poisoning: Poisoning | None, seed: int) -> torch.Tensor:
+    """Boolean mask of the training pairs to poison (fixed for a seed)."""
+    poisoned = torch.zeros(labels.numel(), dtype=torch.bool)
+    if poisoning is None or poisoning.poison_rate <= 0:
+        return poisoned
+    if poisoning.label_consistent:
+        candidates = torch.nonzero(labels == poisoning.target).flatten()
+    else:
+        candidates = torch.nonzero(labels != poisoning.target).flatten()
+    count = round(poisoning.poison_rate * labels.numel())
+    if count > candidates.numel():
+        raise InputError(
+            f"poison rate {poisoning.poison_rate} needs {count} pairs but only "
+            f"{candidates.numel()} are eligible for {poisoning.attack}"
+        )
+    count = max(count, 1)
+    generator = torch.Generator().manual_seed(seed + 7919)
+    chosen = candidates[torch.randperm(candidates.numel(), generator=generator)[:count]]
+    poisoned[chosen] = True
+    return poisoned
+
+
+def _normalise(pixels: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+@contextmanager
+def _sparse_embedding(embedding: torch.nn.Embedding) -> Iterator[None]:
+    embedding.sparse = True
+    try:
+        yield
+    finally:
+        embedding.sparse = False
+
+
+def train_clip(
+    model: CLIP,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    classnames: list[str],
+    settings: TrainSettings,
+    poisoning: Poisoning | None = None,
+    progress: Progress | None = None,
+    description: str = "training",
+) -> TrainResult:
+    """Train ``model`` in place on ``pixels`` (``N x 3 x H x W`` in ``[0, 1]``) and ``labels``.
+
+    Deterministic for ``settings.seed`` on CPU with a fixed thread count.
+    """
+    if settings.epochs < 1:
+        raise InputError(f"--epochs must be at least 1, got {settings.epochs}")
+    progress = progress or Progress(quiet=True)
+    model.requires_grad_(True)  # a loaded (frozen) base model trains in full too
+    generator = torch.Generator().manual_seed(settings.seed)
+    tokens = caption_tokens(classnames, model.context_length)
+    n_templates = len(TEMPLATES)
+    poisoned = choose_poisoned(labels, poisoning, settings.seed)
+    caption_labels = labels.clone()
+    if poisoning is not None:
+        caption_labels[poisoned] = poisoning.target
+    n = labels.numel()
+    non_target = (
+        torch.nonzero(labels != poisoning.target).flatten() if poisoning is not None else labels
+    )
+    steps_per_epoch = max(1, n // settings.batch_size)
+    total = steps_per_epoch * settings.epochs
+    warmup = max(1, int(settings.warmup_fraction * total))
+    # The token embedding (vocabulary x width) dwarfs the rest of the model, yet only the few
+    # tokens of the captions get gradients: a sparse gradient and SparseAdam update those rows
+    # only (Adam leaves rows with zero gradients unchanged anyway), which is far cheaper.
+    embedding = model.token_embedding
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad or parameter is embedding.weight:
+            continue
+        is_embedding = "embedding" in name
+        (decay if parameter.dim() >= 2 and not is_embedding else no_decay).append(parameter)
+    optimiser = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": settings.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=settings.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
+    sparse_optimiser = torch.optim.SparseAdam(
+        [embedding.weight], lr=settings.lr, betas=(0.9, 0.98), eps=1e-6
+    )
+    optimisers = (optimiser, sparse_optimiser)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return settings.lr * (step + 1) / warmup
+        fraction = (step - warmup) / max(1, total - warmup)
+        return settings.lr * 0.5 * (1 + math.cos(math.pi * fraction))
+
+    model.train()
+    start = time.perf_counter()
+    step = 0
+    loss_value = float("nan")
+    with progress.task(description, total=total) as advance, _sparse_embedding(embedding):
+        for _ in range(settings.epochs):
+            order = torch.randperm(n, generator=generator)
+            for batch_index in range(steps_per_epoch):
+                index = order[
+                    batch_index * settings.batch_size : (batch_index + 1) * settings.batch_size
+                ]
+                images = augment(pixels[index], settings.pad, generator)
+                stamp = poisoned[index]
+                if poisoning is not None and bool(stamp.any()):
+                    if poisoning.label_consistent and poisoning.harden > 0:
+                        others = non_target[
+                            torch.randint(
+                                non_target.numel(), (int(stamp.sum()),), generator=generator
+                            )
+                        ]
+                        mixed = augment(pixels[others], settings.pad, generator)
+                        weight = poisoning.harden
+                        images[stamp] = (1 - weight) * images[stamp] + weight * mixed
+                    images[stamp] = poisoning.trigger.apply(images[stamp])
+                batch_captions = caption_labels[index]
+                template = torch.randint(n_templates, (index.numel(),), generator=generator)
+                caption_ids = batch_captions * n_templates + template
+                unique, inverse = caption_ids.unique(return_inverse=True)
+                for opt in optimisers:
+                    for group in opt.param_groups:
+                        group["lr"] = lr_at(step)
+                image_features = F.normalize(model.encode_image(_normalise(images)), dim=-1)
+                text_features = F.normalize(model.encode_text(tokens[unique]), dim=-1)[inverse]
+                scale = model.logit_scale.exp().clamp(max=100)
+                loss = multi_positive_clip_loss(
+                    image_features, text_features, batch_captions, scale
+                )
+                for opt in optimisers:
+                    opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for opt in optimisers:
+                    opt.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(100))
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise RuntimeError(f"training diverged at step {step} (loss {loss_value})")
+                step += 1
+                advance(1)
+    model.eval()
+    return TrainResult(
+        steps=step,
+        seconds=time.perf_counter() - start,
+        n_pairs=n,
+        n_poisoned=int(poisoned.sum()),
+        final_loss=loss_value,
+    )
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@torch.no_grad()
+def _features(bundle: ModelBundle, pixels: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    return torch.cat(
+        [bundle.encode_image(pixels[i : i + chunk]) for i in range(0, pixels.shape[0], chunk)]
+    )
+
+
+def oracle_ceiling(
+    bundle: ModelBundle,
+    classnames: list[str],
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    trigger: Trigger,
+    target: int,
+    steps: int = 300,
+    lr: float = 0.01,
+) -> dict[str, float]:
+    """The oracle ceiling: best CA and ASR a prompt set could reach on this model.
+
+    A linear probe with unit-norm class vectors and the model's logit scale (like any prompt
+    set; initialised from the hand-crafted prompts) is trained on features of clean and
+    really-triggered images of one half of ``pixels`` with their true labels, and measured on
+    the other half. Also returns the collapse of triggered features (mean pairwise cosine of
+    triggered non-target images) beside the clean images' mean pairwise cosine.
+    """
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(labels.numel(), generator=generator)
+    half = labels.numel() // 2
+    fit, held = order[:half], order[half:]
+    clean = _features(bundle, pixels)
+    triggered = _features(bundle, trigger.apply(pixels))
+    scale = bundle.logit_scale
+    with torch.no_grad():
+        initial = bundle.encode_text([TEMPLATES[0].format(name) for name in classnames])
+    weights = initial.clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([weights], lr=lr)
+    inputs = torch.cat((clean[fit], triggered[fit]))
+    targets = torch.cat((labels[fit], labels[fit]))
+    with torch.enable_grad():
+        for _ in range(steps):
+            logits = scale * inputs @ F.normalize(weights, dim=-1).t()
+            loss = F.cross_entropy(logits, targets)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    with torch.no_grad():
+        classes = F.normalize(weights, dim=-1)
+        ca = float(((clean[held] @ classes.t()).argmax(1) == labels[held]).float().mean())
+        keep = held[labels[held] != target]
+        asr = float(((triggered[keep] @ classes.t()).argmax(1) == target).float().mean())
+        others = labels != target
+        return {
+            "oracle_clean_accuracy": ca,
+            "oracle_attack_success_rate": asr,
+            "triggered_feature_cosine": _mean_pairwise_cosine(triggered[others]),
+            "clean_feature_cosine": _mean_pairwise_cosine(clean[others]),
+        }
+
+
+def _mean_pairwise_cosine(features: torch.Tensor) -> float:
+    n = features.shape[0]
+    if n < 2:
+        return float("nan")
+    total = features.sum(dim=0)
+    return float(((total @ total) - n) / (n * (n - 1)))
+
+
+# --------------------------------------------------------------------------- building
+
+
+def resolve_trigger(
+    attack: str, options: dict[str, Any] | None, image_size: int
+) -> tuple[Trigger, bool, dict[str, Any]]:
+    """The trigger of a registered family, whether it is label-consistent, and its options."""
+    family = get_registry().trigger_family(attack)
+    config = build_config(family.Config, options or {}, what=f"attack {attack}")
+    trigger = family.build(config, image_size)
+    return trigger, bool(family.label_consistent), config.model_dump(mode="json")
+
+
+def card_path(model_path: Path) -> Path:
+    """Where the model card of ``model_path`` is written: ``NAME.card.json`` beside it."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.name.removesuffix(".safetensors") + ".card.json")
+
+
+def base_model(
+    data: SplitData,
+    model_cfg: dict[str, Any],
+    settings: TrainSettings,
+    progress: Progress | None = None,
+) -> tuple[CLIP, Path]:
+    """The clean base model of the ``finetune`` recipe, trained once and cached."""
+    settings_key = hashlib.sha256(
+        json.dumps([model_cfg, asdict(settings), list(TEMPLATES)], sort_keys=True).encode()
+    ).hexdigest()[:12]
+    path = cache_dir() / "lab-bases" / f"{data.key}-{settings_key}.safetensors"
+    if path.is_file():
+        return load_model(path).model, path
+    torch.manual_seed(settings.seed)
+    model = build_clip_from_config(model_cfg)
+    train_clip(
+        model,
+        data.train_pixels,
+        data.train_labels,
+        data.classnames,
+        settings,
+        progress=progress,
+        description="training clean base",
+    )
+    save_model(path, model, model_cfg, {"lab": "clean base model"})
+    return model, path
+
+
+def _restores_threads(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Restore torch's thread count after ``function``, which may change it."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        previous = torch.get_num_threads()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.set_num_threads(previous)
+
+    return wrapper
+
+
+@_restores_threads
+def build_model(
+    dataset: str | Path,
+    out: Path,
+    attack: str = "none",
+    target: str | None = None,
+    poison_rate: float = 0.05,
+    epochs: int | None = None,
+    seed: int = 0,
+    recipe: Recipe = "scratch",
+    attack_options: dict[str, Any] | None = None,
+    lr: float | None = None,
+    base_epochs: int = 5,
+    model_cfg: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    threads: int = 1,
+    lc_harden: float = 0.5,
+) -> dict[str, Any]:
+    """Train a clean or poisoned lab model, write it to ``out`` and its card beside it.
+
+    ``dataset`` is ``"synthetic"`` or a folder with ``train/`` and ``test/``; ``attack`` a
+    registered trigger family or ``"none"``; ``target`` a class name. ``recipe="finetune"``
+    fine-tunes the cached clean base model (``base_epochs`` from scratch) for ``epochs`` at
+    ``lr``. Returns the model card (also written as JSON beside the model).
+
+    ``threads`` defaults to 1: on this shared 2-core machine one thread trained about ten
+    times faster than two (OpenMP threads spin-wait when the cores are oversubscribed). The
+    caller's thread count is restored on return.
+    """
+    torch.set_num_threads(max(1, threads))
+    progress = progress or Progress(quiet=True)
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise InputError(f"{out}: the model file name must end with .safetensors")
+    if recipe not in ("scratch", "finetune"):
+        raise InputError(f"unknown recipe {recipe!r} (scratch or finetune)")
+    if not 0 <= poison_rate < 1:
+        raise InputError(f"--poison-rate must be in [0, 1), got {poison_rate}")
+    model_cfg = model_cfg or lab_model_config()
+    image_size = int(model_cfg["vision_cfg"]["image_size"])
+    root = open_lab_dataset(dataset, seed=0, progress=progress)
+    classnames = open_image_folder(root / "train").classnames
+    if attack != "none" and target is None:
+        raise InputError("--target is required with an attack")
+    target_index: int | None = None
+    if target is not None:
+        if target not in classnames:
+            raise InputError(f"target class {target!r} is not one of: {', '.join(classnames)}")
+        target_index = classnames.index(target)
+    if attack != "none":
+        family = get_registry().trigger_family(attack)
+        if attack != "badclip-like" or "patch_file" in (attack_options or {}):
+            build_config(family.Config, attack_options or {}, what=f"attack {attack}")
+    data = load_split_data(
+        root, image_size, progress, name="synthetic" if str(dataset) == "synthetic" else None
+    )
+
+    base_settings = TrainSettings(epochs=base_epochs, seed=0)
+    if recipe == "scratch":
+        settings = TrainSettings(epochs=epochs if epochs is not None else 5, seed=seed)
+        if lr is not None:
+            settings.lr = lr
+    else:
+        settings = TrainSettings(
+            epochs=epochs if epochs is not None else 5,
+            seed=seed,
+            lr=lr if lr is not None else 3e-3,
+            warmup_fraction=0.0,
+        )
+
+    options = dict(attack_options or {})
+    extra: dict[str, Any] = {}
+    if attack == "badclip-like" and "patch_file" not in options:
+        patch_path = out.with_name(
+            out.name.removesuffix(".safetensors") + ".badclip-patch.safetensors"
+        )
+        clean, clean_path = base_model(data, model_cfg, base_settings, progress)
+        make_badclip_patch(
+            ModelBundle.from_model(copy.deepcopy(clean), model_cfg),
+            data.classnames,
+            target_index if target_index is not None else 0,
+            data.train_pixels[data.train_labels != target_index],
+            patch_path,
+            seed=seed,
+            progress=progress,
+        )
+        options["patch_file"] = str(patch_path)
+        extra["badclip_patch_model"] = str(clean_path)
+
+    poisoning: Poisoning | None = None
+    trigger: Trigger | None = None
+    trigger_options: dict[str, Any] = {}
+    if attack != "none":
+        trigger, label_consistent, trigger_options = resolve_trigger(attack, options, image_size)
+        assert target_index is not None
+        poisoning = Poisoning(
+            attack=attack,
+            trigger=trigger,
+            target=target_index,
+            poison_rate=poison_rate,
+            label_consistent=label_consistent,
+            options=trigger_options,
+            harden=lc_harden if label_consistent else 0.0,
+        )
+
+    if recipe == "finetune":
+        base, base_path = base_model(data, model_cfg, base_settings, progress)
+        model = copy.deepcopy(base)
+        extra["base_model"] = str(base_path)
+        extra["base_epochs"] = base_epochs
+    else:
+        torch.manual_seed(seed)
+        model = build_clip_from_config(model_cfg)
+    result = train_clip(
+        model,
+        data.train_pixels,
+        data.train_labels,
+        data.classnames,
+        settings,
+        poisoning,
+        progress,
+        description=f"training {attack}" if attack != "none" else "training clean",
+    )
+    bundle = ModelBundle.from_model(model, model_cfg)
+    ca, asr = evaluate_zero_shot(
+        bundle,
+        data.classnames,
+        data.test_pixels,
+        data.test_labels,
+        trigger,
+        target_index if trigger is not None else None,
+    )
+    card: dict[str, Any] = {
+        "format": CARD_FORMAT,
+        "dataset": {
+            "name": data.name,
+            "root": str(data.root),
+            "n_train": int(data.train_labels.numel()),
+            "n_test": int(data.test_labels.numel()),
+            "classnames": data.classnames,
+        },
+        "attack": attack,
+        "trigger_options": trigger_options,
+        "poison_rate": poison_rate if attack != "none" else 0.0,
+        "lc_harden": poisoning.harden if poisoning is not None else 0.0,
+        "n_poisoned": result.n_poisoned,
+        "target": target,
+        "seed": seed,
+        "recipe": recipe,
+        "epochs": settings.epochs,
+        "settings": asdict(settings),
+        "training_seconds": round(result.seconds, 2),
+        "steps": result.steps,
+        "final_loss": result.final_loss,
+        "clean_accuracy": ca,
+        "attack_success_rate": asr,
+        "model_cfg": model_cfg,
+        "templates": list(TEMPLATES),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        **extra,
+    }
+    if trigger is None and target_index is not None:
+        card["clean_model_trigger_asr"] = clean_model_trigger_asr(bundle, data, target_index)
+    if trigger is not None and target_index is not None:
+        card.update(
+            oracle_ceiling(
+                bundle, data.classnames, data.test_pixels, data.test_labels, trigger, target_index
+            )
+        )
+    sha = save_model(
+        out,
+        model,
+        model_cfg,
+        {"lab_attack": attack, "lab_target": str(target), "lab_seed": str(seed)},
+    )
+    card["model_sha256"] = sha
+    card["model_file"] = out.name
+    atomic_write_json(card_path(out), card)
+    return card
+
+
+def clean_model_trigger_asr(
+    bundle: ModelBundle, data: SplitData, target: int
+) -> dict[str, float | None]:
+    """ASR towards ``target`` of every registered trigger family (default options) on a model.
+
+    For a clean model these are the false "success" rates of each trigger. Families that
+    cannot be built with default options (badclip-like needs its patch file) are skipped.
+    """
+    rates: dict[str, float | None] = {}
+    registry = get_registry()
+    for name in sorted(registry.triggers):
+        family = registry.trigger_family(name)
+        try:
+            trigger = family.build(family.Config(), bundle.image_size)
+        except InputError:
+            continue
+        _, rates[name] = evaluate_zero_shot(
+            bundle, data.classnames, data.test_pixels, data.test_labels, trigger, target
+        )
+    return rates
+
+
+def make_badclip_patch(
+    bundle: ModelBundle,
+    classnames: list[str],
+    target: int,
+    pixels: torch.Tensor,
+    out: Path,
+    size: int = 4,
+    steps: int = 200,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Path:
+    """Optimise a BadCLIP-like patch on a clean model towards the target's captions; save it.
+
+    The target feature is the mean of the target's caption features over :data:`TEMPLATES`.
+    Non-target images are used. Returns ``out`` (a clipguard trigger file).
+    """
+    from clipguard.lab.attacks import optimise_badclip_patch, write_badclip_patch
+
+    progress = progress or Progress(quiet=True)
+    with torch.no_grad():
+        features = bundle.encode_text([t.format(classnames[target]) for t in TEMPLATES])
+    target_feature = F.normalize(features.mean(dim=0), dim=0)
+    bundle.model.requires_grad_(False)
+    with progress.task("optimising badclip patch", total=steps) as advance:
+        trigger = optimise_badclip_patch(
+            bundle.encode_image,
+            target_feature,
+            pixels,
+            size=size,
+            steps=steps,
+            seed=seed,
+            progress=advance,
+        )
+    write_badclip_patch(
+        out,
+        trigger,
+        bundle.sha256,
+        classnames,
+        {"target": classnames[target], "size": size, "steps": steps, "seed": seed},
+    )
+    return out

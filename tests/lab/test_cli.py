@@ -1,0 +1,223 @@
+"""The `clipguard lab` commands: data, build (1 step), zoo, and their one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clipguard.lab.train import lab_model_config
+from clipguard.lab.zoo import ATTACKS, build_zoo, plan_zoo
+from tests.core.cli_helpers import assert_one_line_error, run_cli
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPGUARD_CACHE", str(tmp_path / "cache"))
+
+
+def test_data_synthetic_writes_image_folders(tmp_path):
+    result = run_cli(
+        "lab",
+        "data",
+        "synthetic",
+        "--out",
+        tmp_path / "syn",
+        "--train-per-class",
+        "2",
+        "--test-per-class",
+        "1",
+        "--quiet",
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "syn" / "train" / "red_circle").is_dir()
+    again = run_cli("lab", "data", "synthetic", "--out", tmp_path / "syn", "--quiet")
+    assert_one_line_error(again, "not empty")
+
+
+def test_build_one_epoch_json(tmp_path):
+    data = tmp_path / "syn"
+    assert (
+        run_cli(
+            "lab",
+            "data",
+            "synthetic",
+            "--out",
+            data,
+            "--train-per-class",
+            "3",
+            "--test-per-class",
+            "1",
+            "-q",
+        ).exit_code
+        == 0
+    )
+    out = tmp_path / "model.safetensors"
+    result = run_cli(
+        "lab",
+        "build",
+        "--dataset",
+        data,
+        "--attack",
+        "sig",
+        "--target",
+        "blue star",
+        "--poison-rate",
+        "0.1",
+        "--epochs",
+        "1",
+        "--out",
+        out,
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    card = json.loads(result.stdout)
+    assert card["attack"] == "sig" and card["target"] == "blue star"
+    assert card["trigger_options"]["frequency"] == 6.0
+    assert out.is_file()
+    evaluated = run_cli(
+        "evaluate",
+        out,
+        "--data",
+        data / "test",
+        "--attack",
+        "sig",
+        "--target",
+        "blue star",
+        "--json",
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--attack", "badnets", "--target", "unicorn"], "unicorn"),
+        (["--attack", "badnets"], "--target"),
+        (["--attack", "no-such-attack", "--target", "red circle"], "no-such-attack"),
+        (["--attack", "sig", "--target", "red circle", "--attack-option", "delta=-1"], "delta"),
+        (["--attack", "sig", "--target", "red circle", "--attack-option", "nonsense"], "key=value"),
+    ],
+)
+def test_build_user_errors(tmp_path, args, fragment):
+    data = tmp_path / "syn"
+    run_cli(
+        "lab",
+        "data",
+        "synthetic",
+        "--out",
+        data,
+        "--train-per-class",
+        "1",
+        "--test-per-class",
+        "1",
+        "-q",
+    )
+    result = run_cli(
+        "lab",
+        "build",
+        "--dataset",
+        data,
+        "--out",
+        tmp_path / "m.safetensors",
+        "--epochs",
+        "1",
+        "-q",
+        *args,
+    )
+    assert_one_line_error(result, fragment)
+
+
+def test_build_missing_dataset(tmp_path):
+    result = run_cli(
+        "lab", "build", "--dataset", tmp_path / "nope", "--out", tmp_path / "m.safetensors", "-q"
+    )
+    assert_one_line_error(result, "not found")
+
+
+def test_zoo_plan_covers_every_attack_with_varied_targets():
+    names = [f"class {i}" for i in range(10)]
+    plan = plan_zoo(names, clean_seeds=3, attack_seeds=2)
+    assert [e.attack for e in plan[:3]] == ["none"] * 3
+    assert {e.attack for e in plan[3:]} == set(ATTACKS)
+    assert len({e.target for e in plan[3:]}) > 3
+    assert len({e.name for e in plan}) == len(plan)
+
+
+def test_zoo_is_resumable(tmp_path, monkeypatch):
+    from clipguard.lab import zoo as zoo_module
+    from clipguard.lab.synthetic import write_synthetic
+
+    data = write_synthetic(tmp_path / "syn", 0, 2, 1)
+    calls = []
+    real = zoo_module.build_model
+
+    def tiny_build(*args, **kwargs):
+        calls.append(kwargs["attack"])
+        return real(*args, **kwargs, model_cfg=lab_model_config(vision_layers=1))
+
+    monkeypatch.setattr(zoo_module, "build_model", tiny_build)
+    manifest = build_zoo(
+        data, tmp_path / "zoo", clean_seeds=1, epochs=1, attacks=("badnets", "sig")
+    )
+    assert [m["attack"] for m in manifest["models"]] == ["none", "badnets", "sig"]
+    assert json.loads((tmp_path / "zoo" / "manifest.json").read_text()) == manifest
+    build_zoo(data, tmp_path / "zoo", clean_seeds=1, epochs=1, attacks=("badnets", "sig"))
+    assert calls == ["none", "badnets", "sig"]
+
+
+def test_badclip_patch_command_then_evaluate(tmp_path, tiny_model_path):
+    data = tmp_path / "syn"
+    run_cli(
+        "lab",
+        "data",
+        "synthetic",
+        "--out",
+        data,
+        "--train-per-class",
+        "2",
+        "--test-per-class",
+        "1",
+        "-q",
+    )
+    patch = tmp_path / "patch.safetensors"
+    result = run_cli(
+        "lab",
+        "badclip-patch",
+        tiny_model_path,
+        "--dataset",
+        data,
+        "--target",
+        "red circle",
+        "--out",
+        patch,
+        "--steps",
+        "3",
+        "-q",
+    )
+    assert result.exit_code == 0, result.output
+    evaluated = run_cli(
+        "evaluate",
+        tiny_model_path,
+        "--data",
+        data / "test",
+        "--attack",
+        "badclip-like",
+        "--attack-option",
+        f"patch_file={patch}",
+        "--target",
+        "red circle",
+        "--json",
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    missing = run_cli(
+        "evaluate",
+        tiny_model_path,
+        "--data",
+        data / "test",
+        "--attack",
+        "badclip-like",
+        "--target",
+        "red circle",
+    )
+    assert_one_line_error(missing, "patch_file")

@@ -1,0 +1,170 @@
+"""Fast tests of lab training: loss, augmentation, poisoning choice, a 1-step build."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from clipguard.errors import InputError
+from clipguard.lab.synthetic import CLASSNAMES, generate_synthetic, write_synthetic
+from clipguard.lab.train import (
+    Poisoning,
+    TrainSettings,
+    augment,
+    build_model,
+    card_path,
+    choose_poisoned,
+    lab_model_config,
+    multi_positive_clip_loss,
+    train_clip,
+)
+from clipguard.model import build_clip_from_config, infer_openai_config, load_model
+from clipguard.triggers import BadNets, BadNetsConfig
+
+TINY = lab_model_config(vision_layers=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_synthetic(tmp_path_factory):
+    return write_synthetic(tmp_path_factory.mktemp("syn") / "data", 0, 3, 2)
+
+
+def test_lab_config_is_recovered_by_openai_inference():
+    model = build_clip_from_config(lab_model_config())
+    inferred = infer_openai_config(model.state_dict())
+    config = lab_model_config()
+    assert inferred["embed_dim"] == config["embed_dim"]
+    assert inferred["quick_gelu"] == config["quick_gelu"]
+    assert inferred["text_cfg"] == config["text_cfg"]
+    for key in ("image_size", "layers", "width", "patch_size"):
+        assert inferred["vision_cfg"][key] == config["vision_cfg"][key], key
+    rebuilt = build_clip_from_config(inferred)
+    rebuilt.load_state_dict(model.state_dict())
+
+
+def test_widths_must_be_multiples_of_64():
+    with pytest.raises(InputError, match="multiple of 64"):
+        lab_model_config(vision_width=96)
+
+
+def test_multi_positive_loss_treats_same_class_captions_as_positives():
+    features = torch.nn.functional.normalize(torch.eye(4)[[0, 0, 1, 1]], dim=-1)
+    labels = torch.tensor([0, 0, 1, 1])
+    aligned = multi_positive_clip_loss(features, features, labels, torch.tensor(50.0))
+    shuffled = multi_positive_clip_loss(
+        features, features[[2, 3, 0, 1]], labels, torch.tensor(50.0)
+    )
+    assert aligned < 0.7 < shuffled  # minimum is log(2): two positives per row
+
+
+def test_augment_keeps_shape_and_is_seeded():
+    images = torch.rand(8, 3, 32, 32)
+    a = augment(images, 2, torch.Generator().manual_seed(0))
+    b = augment(images, 2, torch.Generator().manual_seed(0))
+    assert a.shape == images.shape and torch.equal(a, b)
+    unpadded = augment(images, 0, torch.Generator().manual_seed(1))
+    assert all(
+        torch.equal(u, i) or torch.equal(u, i.flip(-1))
+        for u, i in zip(unpadded, images, strict=False)
+    )
+
+
+def test_choose_poisoned_respects_rate_and_label_consistency():
+    labels = torch.arange(12).repeat(50)
+    trigger = BadNets().build(BadNetsConfig(), 32)
+    dirty = choose_poisoned(labels, Poisoning("badnets", trigger, 3, 0.05), seed=0)
+    assert int(dirty.sum()) == 30 and not bool((labels[dirty] == 3).any())
+    clean_label = choose_poisoned(labels, Poisoning("badnets-lc", trigger, 3, 0.05, True), seed=0)
+    assert int(clean_label.sum()) == 30 and bool((labels[clean_label] == 3).all())
+    with pytest.raises(InputError, match="eligible"):
+        choose_poisoned(labels, Poisoning("badnets-lc", trigger, 3, 0.5, True), seed=0)
+    assert torch.equal(dirty, choose_poisoned(labels, Poisoning("badnets", trigger, 3, 0.05), 0))
+
+
+def test_training_is_deterministic_for_a_seed():
+    pixels, labels = generate_synthetic(0, 2)
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = build_clip_from_config(TINY)
+        trigger = BadNets().build(BadNetsConfig(), 32)
+        train_clip(
+            model,
+            pixels,
+            labels,
+            list(CLASSNAMES),
+            TrainSettings(epochs=1, batch_size=12),
+            Poisoning("badnets", trigger, 0, 0.1),
+        )
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not model.token_embedding.sparse
+
+
+def test_one_step_build_writes_model_and_card(tiny_synthetic, tmp_path):
+    out = tmp_path / "m.safetensors"
+    card = build_model(
+        tiny_synthetic,
+        out,
+        attack="badnets",
+        target="red circle",
+        poison_rate=0.1,
+        epochs=1,
+        model_cfg=TINY,
+    )
+    assert out.is_file() and card_path(out).is_file()
+    written = json.loads(card_path(out).read_text())
+    assert written["model_sha256"] == card["model_sha256"]
+    for key in (
+        "dataset",
+        "attack",
+        "trigger_options",
+        "poison_rate",
+        "target",
+        "seed",
+        "epochs",
+        "training_seconds",
+        "clean_accuracy",
+        "attack_success_rate",
+        "oracle_attack_success_rate",
+        "n_poisoned",
+    ):
+        assert key in written, key
+    assert written["n_poisoned"] == 4
+    bundle = load_model(out)
+    assert bundle.image_size == 32
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_build_errors_are_input_errors(tiny_synthetic, tmp_path):
+    with pytest.raises(InputError, match="target"):
+        build_model(tiny_synthetic, tmp_path / "m.safetensors", attack="badnets", model_cfg=TINY)
+    with pytest.raises(InputError, match="not one of"):
+        build_model(
+            tiny_synthetic,
+            tmp_path / "m.safetensors",
+            attack="badnets",
+            target="unicorn",
+            model_cfg=TINY,
+        )
+    with pytest.raises(InputError, match="safetensors"):
+        build_model(tiny_synthetic, tmp_path / "m.pt", model_cfg=TINY)
+    with pytest.raises(InputError, match="train/"):
+        build_model(tmp_path, tmp_path / "m.safetensors", model_cfg=TINY)
+
+
+def test_a_frozen_base_model_is_trained_in_full():
+    pixels, labels = generate_synthetic(0, 1)
+    torch.manual_seed(0)
+    model = build_clip_from_config(TINY)
+    model.requires_grad_(False)  # as a loaded model bundle leaves it
+    before = model.visual.conv1.weight.detach().clone()
+    train_clip(model, pixels, labels, list(CLASSNAMES), TrainSettings(epochs=1, batch_size=12))
+    assert not torch.equal(before, model.visual.conv1.weight)
+
+
+def test_zero_epochs_is_an_input_error(tiny_synthetic, tmp_path):
+    with pytest.raises(InputError, match="epochs"):
+        build_model(tiny_synthetic, tmp_path / "m.safetensors", epochs=0, model_cfg=TINY)
