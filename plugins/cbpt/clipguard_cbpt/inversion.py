@@ -1,0 +1,556 @@
+"""Stage 1 of CBPT: contrastive trigger inversion, and a targeted (Neural-Cleanse-like) refinement.
+
+A dummy trigger is a mask ``m`` (``1 x H x W``) and a pattern ``p`` (``3 x H x W``), both in
+``[0, 1]`` through a tanh parametrisation, applied in pixel space as
+``T(x) = (1 - m) * x + m * p`` before the model's normalisation.
+
+The contrastive objective (``docs/method.md``) pulls the features of triggered images (and of
+augmented views of them) together and away from the clean features of the same images (and
+of their augmented views). A mask-size term ``lambda * |m|_1 / (H W)`` with an adaptive
+``lambda`` (zero until the collapse target is reached, then raised while it holds and lowered
+when it breaks) yields the smallest trigger that still collapses the features.
+
+Everything here is deterministic for a given ``torch.Generator`` on CPU, and every image
+encoder pass goes through :meth:`ModelBundle.encode_image`, so ``image_encoder_images``
+counts the cost and an encoder-pass ``budget`` bounds it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from clipguard.model import ModelBundle
+from clipguard.progress import Progress
+from clipguard.triggers import MaskPatternTrigger
+
+_EPS = 1e-6
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+class InversionConfig(BaseModel):
+    """Options of the contrastive trigger inversion (and of the targeted refinement)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(200, ge=1, description="maximum steps of the kept restart, probe included")
+    restarts: int = Field(3, ge=1, description="random initialisations probed; the best continues")
+    probe_steps: int = Field(30, ge=1, description="steps each restart gets before the choice")
+    batch_size: int = Field(32, ge=2, description="clean shots per step")
+    temperature: float = Field(0.07, gt=0, description="contrastive temperature tau")
+    lr: float = Field(0.1, gt=0, description="Adam learning rate on the tanh parameters")
+    mask_init: float = Field(0.02, gt=0, lt=1, description="initial mean mask value")
+    augment: bool = Field(True, description="augmented positive/negative views")
+    crop_scale: float = Field(
+        0.7, gt=0, le=1, description="smallest side fraction of the random resized crop"
+    )
+    collapse_target: float = Field(
+        0.8,
+        gt=0,
+        lt=1,
+        description=(
+            "relative collapse to reach: (mean pairwise cosine of triggered features - the "
+            "same for clean features) / (1 - the clean one)"
+        ),
+    )
+    lambda_init: float = Field(
+        1.0, gt=0, description="mask weight set when the collapse target is first reached"
+    )
+    lambda_from_start: bool = Field(
+        True,
+        description="apply lambda_init from the first step (else 0 until the first collapse)",
+    )
+    lambda_up: float = Field(1.5, gt=1, description="factor raising lambda while collapse holds")
+    lambda_down: float = Field(
+        1.5**1.5, gt=1, description="factor lowering lambda when the collapse breaks"
+    )
+    check_every: int = Field(10, ge=1, description="steps per lambda-schedule window")
+    early_stop_windows: int = Field(
+        8,
+        ge=1,
+        description="stop a restart after this many windows without a smaller collapsing mask",
+    )
+    refine: bool = Field(
+        True, description="refine the best trigger towards the dominant class (targeted)"
+    )
+    refine_steps: int = Field(150, ge=0, description="maximum steps of the targeted refinement")
+    refine_success: float = Field(
+        0.9, gt=0, le=1, description="share of triggered shots the refinement must send to target"
+    )
+    budget: int = Field(
+        30_000,
+        ge=1,
+        description="maximum images through the image encoder for the whole inversion",
+    )
+
+
+# --------------------------------------------------------------------------- trigger params
+
+
+class TriggerParameters(torch.nn.Module):
+    """A mask and a pattern in ``[0, 1]`` through ``(tanh(w) + 1) / 2``."""
+
+    def __init__(self, image_size: int, mask_init: float, generator: torch.Generator) -> None:
+        super().__init__()
+        base = math.atanh(2 * mask_init - 1)
+        noise = torch.randn(1, image_size, image_size, generator=generator) * 0.5
+        self.mask_weight = torch.nn.Parameter(base + noise)
+        self.pattern_weight = torch.nn.Parameter(
+            torch.randn(3, image_size, image_size, generator=generator)
+        )
+
+    @classmethod
+    def from_trigger(cls, trigger: MaskPatternTrigger) -> TriggerParameters:
+        """Parameters that reproduce ``trigger`` (values clamped just inside ``(0, 1)``)."""
+        params = cls.__new__(cls)
+        torch.nn.Module.__init__(params)
+        mask = trigger.mask.detach().float().clamp(1e-4, 1 - 1e-4)
+        pattern = trigger.pattern.detach().float().clamp(1e-4, 1 - 1e-4)
+        params.mask_weight = torch.nn.Parameter(torch.atanh(2 * mask - 1))
+        params.pattern_weight = torch.nn.Parameter(torch.atanh(2 * pattern - 1))
+        return params
+
+    def mask(self) -> torch.Tensor:
+        """The mask ``1 x H x W`` in ``[0, 1]``."""
+        return (torch.tanh(self.mask_weight) + 1) / 2
+
+    def pattern(self) -> torch.Tensor:
+        """The pattern ``3 x H x W`` in ``[0, 1]``."""
+        return (torch.tanh(self.pattern_weight) + 1) / 2
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        """``(1 - m) * x + m * p`` for images ``B x 3 x H x W`` (differentiable)."""
+        mask = self.mask()
+        return (1 - mask) * images + mask * self.pattern()
+
+    def trigger(self) -> MaskPatternTrigger:
+        """A detached :class:`MaskPatternTrigger` copy of the current parameters."""
+        return MaskPatternTrigger(
+            mask=self.mask().detach().clone(),
+            pattern=self.pattern().detach().clone(),
+            family="inverted",
+        )
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def random_affine(
+    batch: int, crop_scale: float, generator: torch.Generator, flip: bool = True
+) -> torch.Tensor:
+    """``B x 2 x 3`` affine matrices of a random resized crop (side fraction in
+    ``[crop_scale, 1]``, random position inside the image) with a random horizontal flip."""
+    side = crop_scale + (1 - crop_scale) * torch.rand(batch, generator=generator)
+    room = 1 - side
+    shift_x = (torch.rand(batch, generator=generator) * 2 - 1) * room
+    shift_y = (torch.rand(batch, generator=generator) * 2 - 1) * room
+    sign = torch.ones(batch)
+    if flip:
+        sign = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(batch, 2, 3)
+    theta[:, 0, 0] = side * sign
+    theta[:, 0, 2] = shift_x
+    theta[:, 1, 1] = side
+    theta[:, 1, 2] = shift_y
+    return theta
+
+
+def apply_affine(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Warp ``images`` with :func:`random_affine` matrices (bilinear, differentiable)."""
+    grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def contrastive_loss(
+    triggered: torch.Tensor, clean: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """The CBPT contrastive inversion loss.
+
+    ``triggered`` (``A x E``) are normalised features of triggered images, several views per
+    image allowed; ``clean`` (``K x E``) are normalised clean features (the same images, and
+    their views). For every anchor ``z_i``: positives are all other triggered features,
+    negatives all clean features; the loss is ``-mean_i log(P_i / (P_i + N_i))`` computed with
+    log-sum-exp. Returns a scalar.
+    """
+    if triggered.shape[0] < 2:
+        raise ValueError("the contrastive loss needs at least two triggered features")
+    sim_pos = triggered @ triggered.T / temperature
+    eye = torch.eye(sim_pos.shape[0], dtype=torch.bool, device=sim_pos.device)
+    sim_pos = sim_pos.masked_fill(eye, float("-inf"))
+    log_p = torch.logsumexp(sim_pos, dim=1)
+    log_n = torch.logsumexp(triggered @ clean.T / temperature, dim=1)
+    log_all = torch.logaddexp(log_p, log_n)
+    return (log_all - log_p).mean()
+
+
+def mean_pairwise_cosine(features: torch.Tensor) -> float:
+    """Mean cosine similarity over distinct pairs of normalised ``features`` (``N x E``)."""
+    n = features.shape[0]
+    if n < 2:
+        return 1.0
+    gram = features @ features.T
+    return float(((gram.sum() - gram.diagonal().sum()) / (n * (n - 1))).item())
+
+
+def relative_collapse(triggered_cos: float, clean_cos: float) -> float:
+    """How far triggered features collapsed, from 0 (as spread as clean) to 1 (one point)."""
+    return (triggered_cos - clean_cos) / max(1 - clean_cos, _EPS)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@torch.no_grad()
+def encode_batched(
+    bundle: ModelBundle, pixels: torch.Tensor, batch_size: int = 128
+) -> torch.Tensor:
+    """Normalised image features of ``pixels``, computed in batches, without gradients."""
+    return torch.cat([bundle.encode_image(chunk) for chunk in pixels.split(batch_size)])
+
+
+@dataclass
+class LambdaSchedule:
+    """Neural-Cleanse-style adaptive mask weight.
+
+    ``lambda`` starts at ``start`` (0 or ``init``) and stays there until the target is met
+    for the first time ("reach the collapse"); from then on, after every window it is
+    multiplied by ``up`` when the target held and divided by ``down`` when not (a ``start``
+    of 0 jumps to ``init`` at the first success).
+    """
+
+    init: float
+    up: float
+    down: float
+    value: float = 0.0
+
+    @classmethod
+    def starting(cls, init: float, up: float, down: float, from_start: bool) -> LambdaSchedule:
+        """A schedule whose weight is ``init`` from the first step (or 0 until success)."""
+        return cls(init=init, up=up, down=down, value=init if from_start else 0.0)
+
+    reached: bool = False
+    history: list[float] = field(default_factory=list)
+
+    def update(self, met: bool) -> None:
+        """Advance one window; ``met`` says whether the target held during it."""
+        if met and not self.reached:
+            self.reached = True
+            self.value = self.init if self.value == 0 else self.value * self.up
+        elif self.reached:
+            self.value = self.value * self.up if met else self.value / self.down
+        self.history.append(self.value)
+
+
+@dataclass
+class InversionResult:
+    """The kept trigger of an inversion and how it was found."""
+
+    trigger: MaskPatternTrigger
+    pl1: float
+    collapse: float
+    reached: bool
+    steps: int
+    restart: int
+    restarts: list[dict[str, Any]] = field(default_factory=list)
+    lambda_history: list[float] = field(default_factory=list)
+
+
+def _budget_left(bundle: ModelBundle, start: int, budget: int) -> int:
+    return budget - (bundle.image_encoder_images - start)
+
+
+# --------------------------------------------------------------------------- contrastive
+
+
+class _ContrastiveRun:
+    """One restart of the contrastive inversion: parameters, optimiser, schedule, kept trigger."""
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        pixels: torch.Tensor,
+        clean_all: torch.Tensor,
+        clean_cos: float,
+        config: InversionConfig,
+        generator: torch.Generator,
+        restart: int,
+    ) -> None:
+        self.bundle, self.pixels, self.clean_all = bundle, pixels, clean_all
+        self.clean_cos, self.config, self.generator = clean_cos, config, generator
+        self.restart = restart
+        self.params = TriggerParameters(bundle.image_size, config.mask_init, generator)
+        self.optimizer = torch.optim.Adam(self.params.parameters(), lr=config.lr)
+        self.schedule = LambdaSchedule.starting(
+            config.lambda_init, config.lambda_up, config.lambda_down, config.lambda_from_start
+        )
+        self.best: MaskPatternTrigger | None = None
+        self.best_pl1 = math.inf
+        self.top_collapse = -math.inf
+        self.top_trigger: MaskPatternTrigger | None = None
+        self.last_window = -math.inf
+        self.window: list[float] = []
+        self.stale = 0
+        self.steps = 0
+        self.stopped = False
+
+    def step(self) -> None:
+        """One optimisation step on a random batch (2 or 3 encoder passes of the batch)."""
+        config, bundle = self.config, self.bundle
+        n = self.pixels.shape[0]
+        batch = min(config.batch_size, n)
+        index = torch.randperm(n, generator=self.generator)[:batch]
+        x = self.pixels[index]
+        triggered = self.params.apply(x)
+        z = bundle.encode_image(triggered)
+        views, negatives = [z], [self.clean_all[index]]
+        if config.augment:
+            theta = random_affine(batch, config.crop_scale, self.generator)
+            views.append(bundle.encode_image(apply_affine(triggered, theta)))
+            with torch.no_grad():
+                negatives.append(bundle.encode_image(apply_affine(x, theta)))
+        loss_con = contrastive_loss(torch.cat(views), torch.cat(negatives), config.temperature)
+        loss = loss_con + self.schedule.value * self.params.mask().mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.steps += 1
+        collapse = relative_collapse(mean_pairwise_cosine(z.detach()), self.clean_cos)
+        self.window.append(collapse)
+        if collapse > self.top_collapse:
+            self.top_collapse, self.top_trigger = collapse, self.params.trigger()
+        if self.steps % config.check_every == 0:
+            self.last_window = sum(self.window) / len(self.window)
+            met = self.last_window >= config.collapse_target
+            self.window = []
+            self.schedule.update(met)
+            pl1 = float(self.params.mask().mean().item())
+            if met and collapse >= config.collapse_target and pl1 < self.best_pl1 * 0.99:
+                self.best, self.best_pl1, self.stale = self.params.trigger(), pl1, 0
+            elif self.schedule.reached:
+                self.stale += 1
+            if self.stale >= config.early_stop_windows:
+                self.stopped = True
+
+    def rank(self) -> tuple[int, float]:
+        """Sort key, smaller is better: reached runs by kept mask size, others by collapse."""
+        if self.best is not None:
+            return (0, self.best_pl1)
+        return (1, -max(self.last_window, self.top_collapse))
+
+    def result(self) -> InversionResult:
+        """The kept trigger: the smallest collapsing one, else the most collapsed one."""
+        kept = self.best if self.best is not None else self.top_trigger
+        if kept is None:
+            kept = self.params.trigger()
+        return InversionResult(
+            trigger=kept,
+            pl1=float(kept.mask.mean().item()),
+            collapse=0.0,
+            reached=self.best is not None,
+            steps=self.steps,
+            restart=self.restart,
+            lambda_history=list(self.schedule.history),
+        )
+
+
+def invert_contrastive(
+    bundle: ModelBundle,
+    pixels: torch.Tensor,
+    config: InversionConfig,
+    generator: torch.Generator,
+    progress: Progress | None = None,
+    budget: int | None = None,
+) -> InversionResult:
+    """Invert the smallest trigger that collapses the features of ``pixels`` (``N x 3 x H x W``).
+
+    ``config.restarts`` random initialisations are each probed for ``config.probe_steps``
+    steps; the most promising one (reached the collapse target with the smallest mask, else
+    the most collapsed) then continues up to ``config.steps`` steps in all, or until no
+    smaller collapsing mask was found for ``config.early_stop_windows`` windows, or until
+    the image-encoder ``budget`` (default ``config.budget``) would be exceeded. The result's
+    ``collapse`` is measured on all shots (one more encoder pass over them). Deterministic
+    for ``generator``.
+    """
+    progress = progress or Progress(quiet=True)
+    budget = config.budget if budget is None else budget
+    start_images = bundle.image_encoder_images
+    clean_all = encode_batched(bundle, pixels)
+    clean_cos = mean_pairwise_cosine(clean_all)
+    batch = min(config.batch_size, pixels.shape[0])
+    per_step = batch * (3 if config.augment else 1)
+    # keep room for the final pass over the shots
+    usable = budget - 2 * pixels.shape[0]
+    probe = min(config.probe_steps, config.steps)
+    probe = max(1, min(probe, (usable // per_step) // (config.restarts + 1)))
+    total = max(config.steps, probe)
+    runs: list[_ContrastiveRun] = []
+    with progress.task("contrastive inversion", config.restarts * probe + total - probe) as advance:
+        for restart in range(config.restarts):
+            run = _ContrastiveRun(bundle, pixels, clean_all, clean_cos, config, generator, restart)
+            runs.append(run)
+            for _ in range(probe):
+                if _budget_left(bundle, start_images, usable) < per_step and run.steps > 0:
+                    break
+                run.step()
+                advance(1)
+                if run.stopped:
+                    break
+        chosen = min(runs, key=lambda r: r.rank())
+        while chosen.steps < total and not chosen.stopped:
+            if _budget_left(bundle, start_images, usable) < per_step:
+                break
+            chosen.step()
+            advance(1)
+    result = chosen.result()
+    features = encode_batched(bundle, result.trigger.apply(pixels))
+    result.collapse = relative_collapse(mean_pairwise_cosine(features), clean_cos)
+    result.restarts = [
+        {
+            "restart": r.restart,
+            "steps": r.steps,
+            "reached": r.best is not None,
+            "kept_pl1": r.best_pl1 if r.best is not None else None,
+            "top_batch_collapse": r.top_collapse,
+            "chosen": r is chosen,
+        }
+        for r in runs
+    ]
+    return result
+
+
+# --------------------------------------------------------------------------- targeted
+
+
+def invert_targeted(
+    bundle: ModelBundle,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    class_features: torch.Tensor,
+    target: int,
+    config: InversionConfig,
+    generator: torch.Generator,
+    start: MaskPatternTrigger | None = None,
+    progress: Progress | None = None,
+    budget: int | None = None,
+) -> InversionResult:
+    """Neural-Cleanse-like inversion: the smallest trigger sending shots to class ``target``.
+
+    Loss: cross-entropy of ``s * f(T(x)) . class_features`` towards ``target`` over shots
+    whose label is not ``target``, plus ``lambda * mean(m)`` with the same adaptive schedule;
+    the success criterion is a share ``config.refine_success`` of the batch predicted as
+    ``target``. Starts from ``start`` when given. At most ``config.refine_steps`` steps and
+    ``budget`` encoder images. ``reached`` is False if no step met the criterion (then the
+    trigger with the highest success is kept).
+    """
+    progress = progress or Progress(quiet=True)
+    budget = config.budget if budget is None else budget
+    start_images = bundle.image_encoder_images
+    keep = labels != target
+    source = pixels[keep] if bool(keep.any()) else pixels
+    n = source.shape[0]
+    batch = min(config.batch_size, n)
+    max_steps = min(config.refine_steps, max(budget // batch, 0))
+    if start is not None:
+        params = TriggerParameters.from_trigger(start)
+    else:
+        params = TriggerParameters(bundle.image_size, config.mask_init, generator)
+    optimizer = torch.optim.Adam(params.parameters(), lr=config.lr)
+    schedule = LambdaSchedule(config.lambda_init, config.lambda_up, config.lambda_down)
+    goal = torch.full((batch,), target, dtype=torch.long)
+    scale = bundle.logit_scale
+    best: MaskPatternTrigger | None = None
+    best_pl1 = math.inf
+    top_success, top_trigger = -1.0, params.trigger()
+    window: list[float] = []
+    stale = 0
+    step = 0
+    with progress.task(f"targeted refinement -> class {target}", max(max_steps, 1)) as advance:
+        for step in range(1, max_steps + 1):
+            index = torch.randperm(n, generator=generator)[:batch]
+            x = source[index]
+            if config.augment:
+                theta = random_affine(batch, config.crop_scale, generator)
+                x = apply_affine(x, theta)
+            logits = scale * bundle.encode_image(params.apply(x)) @ class_features.T
+            loss_ce = F.cross_entropy(logits, goal[: x.shape[0]])
+            loss = loss_ce + schedule.value * params.mask().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            success = float((logits.argmax(dim=1) == target).float().mean().item())
+            window.append(success)
+            advance(1)
+            if success > top_success:
+                top_success, top_trigger = success, params.trigger()
+            if step % config.check_every == 0:
+                met = sum(window) / len(window) >= config.refine_success
+                window = []
+                schedule.update(met)
+                pl1 = float(params.mask().mean().item())
+                if met and success >= config.refine_success and pl1 < best_pl1 * 0.99:
+                    best, best_pl1, stale = params.trigger(), pl1, 0
+                elif schedule.reached:
+                    stale += 1
+                if stale >= config.early_stop_windows:
+                    break
+            if _budget_left(bundle, start_images, budget) < batch:
+                break
+    kept = best if best is not None else top_trigger
+    return InversionResult(
+        trigger=kept,
+        pl1=float(kept.mask.mean().item()),
+        collapse=0.0,
+        reached=best is not None,
+        steps=step,
+        restart=0,
+        lambda_history=list(schedule.history),
+    )
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@torch.no_grad()
+def prediction_distribution(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    trigger: MaskPatternTrigger,
+    classnames: list[str],
+) -> dict[str, Any]:
+    """Zero-shot predictions on triggered ``pixels``: class distribution and dominant class.
+
+    ``dominant_share`` is the share of all triggered shots predicted as the dominant class;
+    ``dominant_share_others`` the same among shots whose true class is not the dominant one
+    (an attack-success rate of the inverted trigger towards it).
+    """
+    predictions = predict(trigger.apply(pixels))
+    counts = Counter(int(p) for p in predictions.tolist())
+    dominant, count = max(sorted(counts.items()), key=lambda item: item[1])
+    others = labels != dominant
+    share_others = (
+        float((predictions[others] == dominant).float().mean().item())
+        if bool(others.any())
+        else 0.0
+    )
+    return {
+        "distribution": {
+            classnames[k]: counts.get(k, 0) / len(predictions) for k in range(len(classnames))
+        },
+        "dominant_index": dominant,
+        "dominant_class": classnames[dominant],
+        "dominant_share": count / len(predictions),
+        "dominant_share_others": share_others,
+    }

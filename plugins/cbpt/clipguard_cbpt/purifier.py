@@ -1,0 +1,201 @@
+"""The ``cbpt`` purifier (class-wise prompt tuning against an inverted trigger) and ``coop``."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from clipguard.components import Purifier, PurifyOutcome, RunContext, ShotSet
+from clipguard.model import ModelBundle
+from clipguard.prompts import PromptClassifier, PromptSet
+from clipguard.triggers import TriggerFile
+from clipguard_cbpt import __version__
+from clipguard_cbpt.inversion import prediction_distribution
+from clipguard_cbpt.nc import per_class_inversion
+from clipguard_cbpt.scanner import ScanConfig, run_inversion
+from clipguard_cbpt.tuning import TuningConfig, cache_features, random_mask_like, tune_prompts
+
+
+class PurifyConfig(TuningConfig):
+    """Options of the ``cbpt`` purifier: tuning, plus the inversion it runs without a trigger."""
+
+    inversion_steps: int = Field(200, ge=1, description="contrastive inversion steps (kept run)")
+    inversion_restarts: int = Field(3, ge=1, description="inversion restarts")
+    inversion_budget: int = Field(
+        30_000, ge=1, description="image-encoder images for the inversion"
+    )
+    refine: bool = Field(True, description="refine the inverted trigger towards its class")
+    inversion_method: Literal["contrastive", "per-class"] = Field(
+        "per-class",
+        description=(
+            "how to invert a trigger when none is given: contrastive (cbpt scanner) or "
+            "per-class targeted (cbpt-nc scanner; the suspect class's trigger)"
+        ),
+    )
+
+
+class CoOpConfig(TuningConfig):
+    """Options of the ``coop`` baseline: CoOp-CSC prompt tuning with ``L_clean`` only."""
+
+    trigger_weight: float = Field(0.0, ge=0, description="unused by coop (no trigger)")
+    anchor_weight: float = Field(0.0, ge=0, description="b: weight of L_anchor (0 = plain CoOp)")
+
+
+class CBPTPurifier(Purifier):
+    """Class-wise prompt tuning (CBPT stage 2) with a given or freshly inverted trigger."""
+
+    name: ClassVar[str] = "cbpt"
+    version: ClassVar[str] = __version__
+    description: ClassVar[str] = (
+        "class-wise prompt tuning: clean CE + triggered CE to the true class + anchor to the "
+        "hand-crafted prompts, with an inverted trigger; the encoders stay frozen"
+    )
+    Config: ClassVar[type[BaseModel]] = PurifyConfig
+
+    def purify(
+        self,
+        bundle: ModelBundle,
+        shots: ShotSet,
+        config: BaseModel,
+        context: RunContext,
+        trigger: TriggerFile | None = None,
+    ) -> PurifyOutcome:
+        """Purify ``bundle`` for ``shots.classnames``; inverts a trigger when none is given."""
+        assert isinstance(config, PurifyConfig)
+        torch.set_num_threads(min(torch.get_num_threads(), 2))
+        start_images = bundle.image_encoder_images
+        statistics: dict[str, Any] = {}
+        if trigger is None:
+            scan_config = ScanConfig(
+                steps=config.inversion_steps,
+                restarts=config.inversion_restarts,
+                budget=config.inversion_budget,
+                refine=config.refine,
+            )
+            if config.inversion_method == "per-class":
+                results, _, _, _, best = per_class_inversion(
+                    bundle,
+                    shots,
+                    scan_config.model_copy(
+                        update={"refine_steps": max(scan_config.refine_steps, 1)}
+                    ),
+                    context,
+                )
+                kept = results[best]
+            else:
+                contrastive, refined, _, _ = run_inversion(bundle, shots, scan_config, context)
+                kept = refined if refined is not None else contrastive
+            trigger = TriggerFile(
+                trigger=kept.trigger,
+                model_sha256=bundle.sha256,
+                classnames=list(shots.classnames),
+                settings={
+                    "inverted_by": f"{self.name} purifier",
+                    "seed": context.seed,
+                    "options": scan_config.model_dump(mode="json"),
+                },
+                producer=f"clipguard_cbpt {self.name} {self.version}",
+            )
+            statistics["inversion_pl1"] = kept.pl1
+        inversion_images = bundle.image_encoder_images - start_images
+        baseline = PromptClassifier(bundle, shots.classnames)
+        distribution = prediction_distribution(
+            baseline.predict, shots.pixels, shots.labels, trigger.trigger, shots.classnames
+        )
+        target = int(distribution["dominant_index"])
+        used = trigger.trigger
+        if config.random_mask:
+            used = random_mask_like(used, context.generator(7))
+        with context.stage("features"):
+            cache = cache_features(
+                bundle,
+                shots.pixels,
+                shots.labels,
+                used,
+                config.augmentations,
+                config.crop_scale,
+                context.generator(3),
+            )
+        outcome = _tune(bundle, shots, cache, target, config, context, self)
+        outcome.statistics.update(statistics)
+        outcome.statistics.update(
+            {
+                "trigger_target": shots.classnames[target],
+                "trigger_share": distribution["dominant_share"],
+                "trigger_pl1": float(used.mask.mean().item()),
+                "inversion_encoder_images": inversion_images,
+            }
+        )
+        outcome.trigger = trigger
+        outcome.trigger_target = shots.classnames[target]
+        return outcome
+
+
+class CoOpPurifier(Purifier):
+    """CoOp with class-specific context (``L_clean`` only): the prompt-tuning baseline."""
+
+    name: ClassVar[str] = "coop"
+    version: ClassVar[str] = __version__
+    description: ClassVar[str] = (
+        "CoOp-CSC prompt tuning on the clean shots only (baseline that ignores the backdoor)"
+    )
+    Config: ClassVar[type[BaseModel]] = CoOpConfig
+
+    def purify(
+        self,
+        bundle: ModelBundle,
+        shots: ShotSet,
+        config: BaseModel,
+        context: RunContext,
+        trigger: TriggerFile | None = None,
+    ) -> PurifyOutcome:
+        """Tune class-wise prompts on the clean shots; ``trigger`` is ignored."""
+        assert isinstance(config, CoOpConfig)
+        torch.set_num_threads(min(torch.get_num_threads(), 2))
+        config = config.model_copy(update={"no_trigger_loss": True})
+        with context.stage("features"):
+            cache = cache_features(
+                bundle,
+                shots.pixels,
+                shots.labels,
+                None,
+                config.augmentations,
+                config.crop_scale,
+                context.generator(3),
+            )
+        return _tune(bundle, shots, cache, None, config, context, self)
+
+
+def _tune(
+    bundle: ModelBundle,
+    shots: ShotSet,
+    cache: Any,
+    target: int | None,
+    config: TuningConfig,
+    context: RunContext,
+    component: Purifier,
+) -> PurifyOutcome:
+    with context.stage("tuning"):
+        calls_before = bundle.image_encoder_calls
+        learned, stats = tune_prompts(
+            bundle, list(shots.classnames), cache, target, config, context.progress
+        )
+        assert bundle.image_encoder_calls == calls_before, "tuning ran the image encoder"
+    prompts = PromptSet(
+        context=learned,
+        classnames=list(shots.classnames),
+        model_sha256=bundle.sha256,
+        architecture=bundle.arch,
+        plugin=component.name,
+        plugin_version=component.version,
+        settings={"options": config.model_dump(mode="json"), "seed": context.seed},
+    )
+    stats["feature_encoder_images"] = cache.encoder_images
+    stats["tuning_image_encoder_calls"] = 0
+    return PurifyOutcome(
+        classifier=PromptClassifier(bundle, shots.classnames, prompts),
+        prompts=prompts,
+        statistics=stats,
+    )

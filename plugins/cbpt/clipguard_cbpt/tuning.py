@@ -1,0 +1,231 @@
+"""Stage 2 of CBPT: class-wise prompt tuning against a fixed dummy trigger, and plain CoOp-CSC.
+
+The image encoder is frozen and the trigger fixed, so the image features of every clean view
+and every triggered view are computed once (:func:`cache_features`); the tuning loop
+(:func:`tune_prompts`) runs only the text encoder on ``C`` class-wise prompts through
+:class:`clipguard.prompts.PromptEncoder`.
+
+Loss: ``L = L_clean + a * L_trigger + b * L_anchor`` with
+
+* ``L_clean``: cross-entropy of clean views to their labels;
+* ``L_trigger``: on triggered views, cross-entropy to the true label (``"true-class"``), or
+  ``-log(1 - p(target | T(x)))`` over non-target shots (``"away"``: push triggered images
+  off the suspected target class), or the sum of both (``"both"``);
+* ``L_anchor``: ``mean_k (1 - cos(t_k, t_k^0))`` towards the hand-crafted prompt features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from clipguard.model import ModelBundle
+from clipguard.progress import Progress
+from clipguard.prompts import (
+    DEFAULT_CONTEXT_INIT,
+    PromptEncoder,
+    handcrafted_text_features,
+    initial_context,
+)
+from clipguard.triggers import MaskPatternTrigger
+from clipguard_cbpt.inversion import apply_affine, encode_batched, random_affine
+
+TriggerLoss = Literal["true-class", "away", "both"]
+
+
+class TuningConfig(BaseModel):
+    """Options of the class-wise prompt tuning (shared by the ``cbpt`` and ``coop`` purifiers)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(300, ge=1, description="optimisation steps (full batch of cached features)")
+    lr: float = Field(2e-3, gt=0, description="Adam learning rate of the context vectors")
+    n_context: int = Field(4, ge=1, le=16, description="context vectors M per class")
+    context_init: str = Field(DEFAULT_CONTEXT_INIT, description="text the context starts from")
+    trigger_weight: float = Field(0.5, ge=0, description="a: weight of L_trigger")
+    anchor_weight: float = Field(5.0, ge=0, description="b: weight of L_anchor")
+    trigger_loss: TriggerLoss = Field(
+        "away", description="true-class CE, push-away from the target, or both"
+    )
+    augmentations: int = Field(
+        4, ge=0, description="augmented views per shot (random resized crop + flip), cached"
+    )
+    crop_scale: float = Field(0.7, gt=0, le=1, description="smallest crop side fraction")
+    no_trigger_loss: bool = Field(False, description="ablation: drop L_trigger")
+    no_anchor_loss: bool = Field(False, description="ablation: drop L_anchor")
+    random_mask: bool = Field(
+        False,
+        description="ablation: replace the inverted trigger by a random mask of the same size",
+    )
+    threads: int = Field(
+        1,
+        ge=1,
+        le=2,
+        description="torch threads of the tuning loop (its ops are tiny; 1 avoids thread overhead)",
+    )
+
+
+@dataclass
+class FeatureCache:
+    """Image features computed once before tuning.
+
+    ``clean`` and ``triggered`` are ``V x N x E`` normalised features of ``V`` views of the
+    ``N`` shots (view 0 is the shot itself); ``triggered`` is None without a trigger.
+    """
+
+    clean: torch.Tensor
+    triggered: torch.Tensor | None
+    labels: torch.Tensor
+    encoder_images: int
+
+
+def cache_features(
+    bundle: ModelBundle,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    trigger: MaskPatternTrigger | None,
+    augmentations: int,
+    crop_scale: float,
+    generator: torch.Generator,
+) -> FeatureCache:
+    """Encode the clean views and, with a ``trigger``, the triggered views of ``pixels``.
+
+    Views: the shot itself plus ``augmentations`` random resized crops with flips. Triggered
+    view ``v`` applies the trigger after the augmentation on even ``v`` (the trigger sits at a
+    fixed place in the model's input) and before it on odd ``v`` (the trigger moved and
+    rescaled with the image). Runs the image encoder ``(1 + augmentations) * N`` times per
+    set; deterministic for ``generator``.
+    """
+    start = bundle.image_encoder_images
+    clean_views, triggered_views = [], []
+    for view in range(1 + augmentations):
+        if view == 0:
+            clean = pixels
+            triggered = trigger.apply(pixels) if trigger is not None else None
+        else:
+            theta = random_affine(pixels.shape[0], crop_scale, generator)
+            clean = apply_affine(pixels, theta)
+            if trigger is None:
+                triggered = None
+            elif view % 2 == 0:
+                triggered = trigger.apply(clean)
+            else:
+                triggered = apply_affine(trigger.apply(pixels), theta)
+        clean_views.append(encode_batched(bundle, clean))
+        if triggered is not None:
+            triggered_views.append(encode_batched(bundle, triggered.clamp(0, 1)))
+    return FeatureCache(
+        clean=torch.stack(clean_views),
+        triggered=torch.stack(triggered_views) if triggered_views else None,
+        labels=labels.clone(),
+        encoder_images=bundle.image_encoder_images - start,
+    )
+
+
+def random_mask_like(trigger: MaskPatternTrigger, generator: torch.Generator) -> MaskPatternTrigger:
+    """A random trigger of the same mask size: the mask's pixels shuffled, a uniform pattern."""
+    flat = trigger.mask.flatten()
+    order = torch.randperm(flat.numel(), generator=generator)
+    mask = flat[order].view_as(trigger.mask).clone()
+    pattern = torch.rand(trigger.pattern.shape, generator=generator)
+    return MaskPatternTrigger(mask=mask, pattern=pattern, family="random-mask")
+
+
+def prompt_losses(
+    text: torch.Tensor,
+    anchor: torch.Tensor,
+    cache: FeatureCache,
+    scale: float,
+    target: int | None,
+    config: TuningConfig,
+) -> dict[str, torch.Tensor]:
+    """The three CBPT losses for text features ``text`` (``C x E``), as scalars.
+
+    ``L_trigger`` is 0 without triggered features or when disabled; ``"away"`` needs a
+    ``target`` (without one only the true-class part is used).
+    """
+    c, n, e = cache.clean.shape[1], cache.clean.shape[0], cache.clean.shape[2]
+    del c
+    labels = cache.labels.repeat(n)
+    logits_clean = scale * cache.clean.reshape(-1, e) @ text.T
+    losses = {"clean": F.cross_entropy(logits_clean, labels)}
+    zero = text.new_zeros(())
+    trigger_loss = zero
+    if cache.triggered is not None and not config.no_trigger_loss:
+        logits_trig = scale * cache.triggered.reshape(-1, e) @ text.T
+        if config.trigger_loss in ("true-class", "both") or target is None:
+            trigger_loss = trigger_loss + F.cross_entropy(logits_trig, labels)
+        if config.trigger_loss in ("away", "both") and target is not None:
+            keep = labels != target
+            if bool(keep.any()):
+                p_target = logits_trig[keep].softmax(dim=1)[:, target]
+                trigger_loss = trigger_loss - torch.log1p(-p_target.clamp(max=1 - 1e-6)).mean()
+    losses["trigger"] = trigger_loss
+    losses["anchor"] = zero if config.no_anchor_loss else (1 - (text * anchor).sum(dim=1)).mean()
+    return losses
+
+
+@contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """Run the enclosed block with ``count`` torch threads, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def tune_prompts(
+    bundle: ModelBundle,
+    classnames: list[str],
+    cache: FeatureCache,
+    target: int | None,
+    config: TuningConfig,
+    progress: Progress | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Learn ``C x M x D`` class-wise context vectors on cached features.
+
+    Runs only the text encoder (the image encoder is never called here). Returns the context
+    tensor and statistics: steps, first and last losses, text-encoder prompts.
+    """
+    progress = progress or Progress(quiet=True)
+    encoder = PromptEncoder(bundle, classnames, config.n_context)
+    context = torch.nn.Parameter(
+        initial_context(bundle, len(classnames), config.n_context, config.context_init)
+    )
+    anchor = handcrafted_text_features(bundle, classnames).detach()
+    scale = bundle.logit_scale
+    optimizer = torch.optim.Adam([context], lr=config.lr)
+    a = 0.0 if config.no_trigger_loss else config.trigger_weight
+    b = 0.0 if config.no_anchor_loss else config.anchor_weight
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    text_start = bundle.text_encoder_prompts
+    with _threads(config.threads), progress.task("prompt tuning", config.steps) as advance:
+        for step in range(config.steps):
+            text = encoder(context)
+            losses = prompt_losses(text, anchor, cache, scale, target, config)
+            total = losses["clean"] + a * losses["trigger"] + b * losses["anchor"]
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            values["total"] = float(total.detach())
+            if step == 0:
+                first = values
+            last = values
+            advance(1)
+    statistics = {
+        "steps": config.steps,
+        "loss_first": first,
+        "loss_last": last,
+        "text_encoder_prompts": bundle.text_encoder_prompts - text_start,
+    }
+    return context.detach().clone(), statistics

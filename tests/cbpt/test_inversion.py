@@ -1,0 +1,156 @@
+"""Unit tests of the contrastive inversion: parametrisation, losses, schedule, budget, seed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clipguard.prompts import PromptClassifier
+from clipguard.triggers import MaskPatternTrigger
+from clipguard_cbpt.inversion import (
+    InversionConfig,
+    LambdaSchedule,
+    TriggerParameters,
+    apply_affine,
+    contrastive_loss,
+    invert_contrastive,
+    invert_targeted,
+    mean_pairwise_cosine,
+    prediction_distribution,
+    random_affine,
+    relative_collapse,
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(scale=st.floats(0.1, 50), seed=st.integers(0, 10_000))
+def test_tanh_parametrisation_stays_in_unit_range(scale: float, seed: int) -> None:
+    params = TriggerParameters(8, 0.05, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        params.mask_weight.mul_(scale)
+        params.pattern_weight.mul_(scale)
+    for tensor in (params.mask().detach(), params.pattern().detach()):
+        assert float(tensor.min()) >= 0 and float(tensor.max()) <= 1
+    images = torch.rand(2, 3, 8, 8)
+    out = params.apply(images).detach()
+    assert out.shape == images.shape and float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+def test_initial_mask_mean_near_mask_init() -> None:
+    params = TriggerParameters(32, 0.05, torch.Generator().manual_seed(0))
+    assert abs(float(params.mask().detach().mean()) - 0.05) < 0.03
+
+
+def test_from_trigger_round_trip() -> None:
+    mask = torch.zeros(1, 8, 8)
+    mask[:, 2:4, 2:4] = 1
+    pattern = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    params = TriggerParameters.from_trigger(MaskPatternTrigger(mask, pattern))
+    assert torch.allclose(params.mask(), mask, atol=1e-3)
+    assert torch.allclose(params.pattern(), pattern.clamp(1e-4, 1 - 1e-4), atol=1e-3)
+
+
+def test_contrastive_loss_is_a_scalar_and_prefers_collapse() -> None:
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.nn.functional.normalize(torch.randn(8, 16, generator=generator), dim=1)
+    spread = torch.nn.functional.normalize(torch.randn(8, 16, generator=generator), dim=1)
+    point = torch.nn.functional.normalize(torch.randn(1, 16, generator=generator), dim=1)
+    collapsed = torch.nn.functional.normalize(point + 0.01 * spread, dim=1)
+    low = contrastive_loss(collapsed, clean, 0.07)
+    high = contrastive_loss(spread, clean, 0.07)
+    assert low.shape == () and high.shape == ()
+    assert float(low) < float(high)
+    # bounded below by 0: log(P / (P + N)) <= 0
+    assert float(low) >= 0
+
+
+def test_contrastive_loss_has_gradients_and_needs_two_features() -> None:
+    z = torch.nn.functional.normalize(torch.randn(4, 8), dim=1).requires_grad_(True)
+    c = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+    contrastive_loss(z, c, 0.1).backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+    with pytest.raises(ValueError):
+        contrastive_loss(z[:1], c, 0.1)
+
+
+def test_collapse_measures() -> None:
+    same = torch.nn.functional.normalize(torch.ones(5, 4), dim=1)
+    assert math.isclose(mean_pairwise_cosine(same), 1.0, rel_tol=1e-5)
+    assert math.isclose(relative_collapse(1.0, 0.3), 1.0)
+    assert math.isclose(relative_collapse(0.3, 0.3), 0.0)
+
+
+def test_lambda_schedule_waits_for_the_target_then_adapts() -> None:
+    schedule = LambdaSchedule(init=1.0, up=2.0, down=4.0)
+    schedule.update(False)
+    assert schedule.value == 0 and not schedule.reached
+    schedule.update(True)
+    assert schedule.value == 1.0 and schedule.reached
+    schedule.update(True)
+    assert schedule.value == 2.0
+    schedule.update(False)
+    assert schedule.value == 0.5
+
+
+def test_augmentation_identity_and_shapes() -> None:
+    images = torch.rand(3, 3, 8, 8)
+    theta = random_affine(3, 1.0, torch.Generator().manual_seed(0), flip=False)
+    assert torch.allclose(apply_affine(images, theta), images, atol=1e-5)
+    theta = random_affine(3, 0.5, torch.Generator().manual_seed(0))
+    assert apply_affine(images, theta).shape == images.shape
+
+
+CHEAP = {"steps": 12, "probe_steps": 4, "restarts": 2, "batch_size": 6, "check_every": 3}
+
+
+def test_contrastive_inversion_is_deterministic_for_a_seed(bundle, shots) -> None:
+    config = InversionConfig(**CHEAP, budget=10_000)
+    first = invert_contrastive(bundle, shots.pixels, config, torch.Generator().manual_seed(3))
+    second = invert_contrastive(bundle, shots.pixels, config, torch.Generator().manual_seed(3))
+    assert torch.equal(first.trigger.mask, second.trigger.mask)
+    assert torch.equal(first.trigger.pattern, second.trigger.pattern)
+    assert first.restarts == second.restarts
+    other = invert_contrastive(bundle, shots.pixels, config, torch.Generator().manual_seed(4))
+    assert not torch.equal(first.trigger.mask, other.trigger.mask)
+    assert len(first.restarts) == 2 and sum(r["chosen"] for r in first.restarts) == 1
+    assert 0 <= first.pl1 <= 1
+
+
+def test_contrastive_inversion_respects_the_budget(bundle, shots) -> None:
+    config = InversionConfig(**{**CHEAP, "steps": 1000}, budget=300)
+    start = bundle.image_encoder_images
+    result = invert_contrastive(bundle, shots.pixels, config, torch.Generator().manual_seed(0))
+    used = bundle.image_encoder_images - start
+    # the budget covers the steps; the final measurement adds one pass over the shots
+    assert used <= 300 + shots.pixels.shape[0]
+    assert result.steps >= 1
+
+
+def test_targeted_refinement_and_distribution(bundle, shots) -> None:
+    classifier = PromptClassifier(bundle, shots.classnames)
+    config = InversionConfig(**CHEAP, refine_steps=9, budget=1_000)
+    result = invert_targeted(
+        bundle,
+        shots.pixels,
+        shots.labels,
+        classifier.class_features,
+        1,
+        config,
+        torch.Generator().manual_seed(0),
+    )
+    assert result.steps <= 9
+    stats = prediction_distribution(
+        classifier.predict, shots.pixels, shots.labels, result.trigger, shots.classnames
+    )
+    assert math.isclose(sum(stats["distribution"].values()), 1.0)
+    assert stats["dominant_class"] in shots.classnames
+    assert 0 < stats["dominant_share"] <= 1
+
+
+def test_config_forbids_unknown_options() -> None:
+    with pytest.raises(ValueError):
+        InversionConfig(stepz=3)

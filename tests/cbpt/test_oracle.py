@@ -1,0 +1,41 @@
+"""The oracle ceiling and trigger fidelity helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clipguard.triggers import MaskPatternTrigger
+from clipguard_cbpt.oracle import probe_ceiling, trigger_fidelity
+
+
+def _trigger(value: float) -> MaskPatternTrigger:
+    mask = torch.zeros(1, 16, 16)
+    mask[:, -5:, -5:] = 1
+    return MaskPatternTrigger(mask=mask, pattern=torch.full((3, 16, 16), value))
+
+
+def test_fidelity_of_a_trigger_with_itself_is_one(bundle, shots) -> None:
+    same = trigger_fidelity(bundle, shots.pixels, _trigger(1.0), _trigger(1.0))
+    assert same["mean_shift_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert same["per_image_cosine"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_probe_ceiling_reports_every_weight(bundle, shots) -> None:
+    ceiling = probe_ceiling(
+        bundle,
+        shots.classnames,
+        shots.pixels,
+        shots.labels,
+        shots.pixels,
+        shots.labels,
+        _trigger(1.0),
+        target=0,
+        trigger_weights=(0.5, 2.0),
+        steps=20,
+    )
+    assert [p.trigger_weight for p in ceiling.points] == [0.5, 2.0]
+    assert ceiling.best in ceiling.points
+    for point in ceiling.points:
+        assert 0 <= point.clean_accuracy <= 1 and 0 <= point.attack_success_rate <= 1
+    assert set(ceiling.as_dict()) == {"best", "points"}

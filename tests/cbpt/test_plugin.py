@@ -1,0 +1,128 @@
+"""The plugin registers its components, and the scanner runs end to end on tiny models."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from clipguard.components import RunContext, ShotSet
+from clipguard.model import ModelBundle, build_clip_from_name
+from clipguard.plugins import get_registry
+from clipguard_cbpt.scanner import CBPTScanner, ScanConfig, decide
+
+
+def test_plugin_registers_scanner_and_purifiers() -> None:
+    registry = get_registry()
+    assert registry.scanner("cbpt").name == "cbpt"
+    assert "cbpt" in registry.purifiers and "coop" in registry.purifiers
+
+
+def test_decide_bands() -> None:
+    config = ScanConfig()
+    assert decide(0.95, 0.001, config)[0] == "backdoor"
+    assert decide(0.2, 0.001, config)[0] == "clean"
+    assert decide(0.95, 0.5, config)[0] == "clean"
+    verdict, score, _ = decide(
+        (config.share_clean + config.share_backdoor) / 2,
+        (config.pl1_clean + config.pl1_backdoor) / 2,
+        config,
+    )
+    assert verdict == "inconclusive" and 0 < score < 1
+    with pytest.raises(ValueError):
+        ScanConfig(share_clean=0.9, share_backdoor=0.5)
+
+
+TINY_SCAN = {
+    "steps": 6,
+    "probe_steps": 2,
+    "restarts": 2,
+    "batch_size": 4,
+    "check_every": 2,
+    "refine_steps": 4,
+}
+
+
+def test_scan_outcome_and_artifacts(bundle, shots) -> None:
+    outcome = CBPTScanner().scan(
+        bundle, shots, ScanConfig(**TINY_SCAN, budget=500), RunContext(seed=0)
+    )
+    assert outcome.verdict in ("backdoor", "clean", "inconclusive")
+    assert 0 <= outcome.score <= 1
+    stats = outcome.statistics
+    for key in (
+        "pl1",
+        "collapse_score",
+        "dominant_class",
+        "dominant_share",
+        "thresholds",
+        "class_distribution",
+        "image_encoder_images",
+    ):
+        assert key in stats
+    assert set(outcome.artifacts) == {"trigger.safetensors", "trigger.png"}
+    picture = Image.open(io.BytesIO(outcome.artifacts["trigger.png"]))
+    assert picture.width >= 3 * 128
+    assert outcome.trigger is not None and outcome.trigger.model_sha256 == bundle.sha256
+
+
+def test_scan_writes_a_loadable_trigger_file(bundle, shots, tmp_path) -> None:
+    from clipguard.triggers import load_trigger_file
+
+    outcome = CBPTScanner().scan(
+        bundle, shots, ScanConfig(**TINY_SCAN, budget=300), RunContext(seed=1)
+    )
+    path = tmp_path / "trigger.safetensors"
+    path.write_bytes(outcome.artifacts["trigger.safetensors"])
+    loaded = load_trigger_file(path)
+    loaded.check_fits(bundle.sha256, shots.classnames, bundle.image_size)
+    assert torch.allclose(loaded.trigger.mask, outcome.trigger.trigger.mask)
+    assert loaded.settings["options"]["budget"] == 300
+
+
+@pytest.mark.parametrize("arch", ["ViT-B-32", "RN50"])
+def test_scan_runs_on_real_architectures(arch: str) -> None:
+    torch.manual_seed(0)
+    model, cfg = build_clip_from_name(arch)
+    bundle = ModelBundle.from_model(model, cfg, arch=arch)
+    size = bundle.image_size
+    generator = torch.Generator().manual_seed(0)
+    shots = ShotSet(
+        torch.rand(2, 3, size, size, generator=generator), torch.tensor([0, 1]), ["cat", "dog"]
+    )
+    config = ScanConfig(
+        steps=1,
+        probe_steps=1,
+        restarts=1,
+        batch_size=2,
+        check_every=1,
+        augment=False,
+        refine_steps=1,
+        budget=8,
+    )
+    outcome = CBPTScanner().scan(bundle, shots, config, RunContext(seed=0))
+    assert outcome.verdict in ("backdoor", "clean", "inconclusive")
+    assert outcome.trigger.trigger.mask.shape == (1, size, size)
+    # 8 images of budget plus the measurement passes over the 2 shots
+    assert outcome.statistics["image_encoder_images"] <= 8 + 6 * 2
+
+
+def test_anomaly_index_flags_the_small_outlier_and_guards_mad_zero() -> None:
+    from clipguard_cbpt.nc import anomaly_indices
+
+    indices = anomaly_indices([0.004, 0.03, 0.035, 0.04, 0.032, 0.038])
+    assert indices[0] > 2 and max(indices[1:]) < 2
+    assert anomaly_indices([0.1, 0.1, 0.1]) == [0.0, 0.0, 0.0]
+
+
+def test_nc_scanner_runs_and_is_registered(bundle, shots) -> None:
+    from clipguard_cbpt.nc import NCScanConfig, NCScanner
+
+    assert get_registry().scanner("cbpt-nc").name == "cbpt-nc"
+    config = NCScanConfig(batch_size=4, refine_steps=3, check_every=1, budget=60)
+    outcome = NCScanner().scan(bundle, shots, config, RunContext(seed=0))
+    assert outcome.verdict in ("backdoor", "clean", "inconclusive")
+    assert set(outcome.statistics["class_pl1"]) == set(shots.classnames)
+    assert set(outcome.artifacts) == {"trigger.safetensors", "trigger.png"}

@@ -1,0 +1,170 @@
+"""Unit tests of the prompt tuning: cached features, losses, no image encoder in the loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from clipguard.components import RunContext
+from clipguard.prompts import PromptClassifier, handcrafted_text_features
+from clipguard.triggers import MaskPatternTrigger, TriggerFile
+from clipguard_cbpt.purifier import CBPTPurifier, CoOpConfig, CoOpPurifier, PurifyConfig
+from clipguard_cbpt.tuning import (
+    TuningConfig,
+    cache_features,
+    prompt_losses,
+    random_mask_like,
+    tune_prompts,
+)
+
+
+def _patch_trigger(size: int = 16) -> MaskPatternTrigger:
+    mask = torch.zeros(1, size, size)
+    mask[:, -4:, -4:] = 1
+    return MaskPatternTrigger(mask=mask, pattern=torch.ones(3, size, size))
+
+
+def test_cache_shapes_and_cost(bundle, shots) -> None:
+    cache = cache_features(
+        bundle,
+        shots.pixels,
+        shots.labels,
+        _patch_trigger(),
+        2,
+        0.7,
+        torch.Generator().manual_seed(0),
+    )
+    n, e = shots.pixels.shape[0], 32
+    assert cache.clean.shape == (3, n, e) and cache.triggered.shape == (3, n, e)
+    assert cache.encoder_images == 2 * 3 * n
+    assert torch.allclose(cache.clean.norm(dim=-1), torch.ones(3, n), atol=1e-5)
+    none = cache_features(
+        bundle, shots.pixels, shots.labels, None, 0, 0.7, torch.Generator().manual_seed(0)
+    )
+    assert none.triggered is None and none.clean.shape == (1, n, e)
+
+
+@pytest.mark.parametrize("kind", ["true-class", "away", "both"])
+def test_losses_are_scalars(bundle, shots, kind) -> None:
+    cache = cache_features(
+        bundle,
+        shots.pixels,
+        shots.labels,
+        _patch_trigger(),
+        1,
+        0.7,
+        torch.Generator().manual_seed(0),
+    )
+    anchor = handcrafted_text_features(bundle, shots.classnames)
+    config = TuningConfig(trigger_loss=kind)
+    losses = prompt_losses(anchor, anchor, cache, bundle.logit_scale, 0, config)
+    assert set(losses) == {"clean", "trigger", "anchor"}
+    assert all(v.shape == () and math.isfinite(float(v)) for v in losses.values())
+    assert float(losses["anchor"]) == pytest.approx(0.0, abs=1e-5)
+    assert float(losses["trigger"]) > 0
+    off = prompt_losses(
+        anchor,
+        anchor,
+        cache,
+        bundle.logit_scale,
+        0,
+        TuningConfig(no_trigger_loss=True, no_anchor_loss=True),
+    )
+    assert float(off["trigger"]) == 0 and float(off["anchor"]) == 0
+
+
+def test_tuning_loop_never_runs_the_image_encoder(bundle, shots, monkeypatch) -> None:
+    cache = cache_features(
+        bundle,
+        shots.pixels,
+        shots.labels,
+        _patch_trigger(),
+        1,
+        0.7,
+        torch.Generator().manual_seed(0),
+    )
+    calls, images = bundle.image_encoder_calls, bundle.image_encoder_images
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("image encoder called inside the tuning loop")
+
+    monkeypatch.setattr(bundle, "encode_image", refuse)
+    monkeypatch.setattr(bundle.model, "encode_image", refuse)
+    context, stats = tune_prompts(bundle, shots.classnames, cache, 0, TuningConfig(steps=5))
+    assert context.shape == (3, 4, int(bundle.model.token_embedding.weight.shape[1]))
+    assert stats["steps"] == 5 and stats["text_encoder_prompts"] == 5 * 3
+    assert bundle.image_encoder_calls == calls and bundle.image_encoder_images == images
+
+
+def test_tuning_lowers_the_loss(bundle, shots) -> None:
+    cache = cache_features(
+        bundle,
+        shots.pixels,
+        shots.labels,
+        _patch_trigger(),
+        0,
+        0.7,
+        torch.Generator().manual_seed(0),
+    )
+    config = TuningConfig(steps=15, lr=1e-3, no_trigger_loss=True, no_anchor_loss=True)
+    _, stats = tune_prompts(bundle, shots.classnames, cache, 0, config)
+    assert stats["loss_last"]["clean"] < stats["loss_first"]["clean"]
+
+
+def test_random_mask_keeps_the_size() -> None:
+    trigger = _patch_trigger()
+    other = random_mask_like(trigger, torch.Generator().manual_seed(0))
+    assert float(other.mask.mean()) == pytest.approx(float(trigger.mask.mean()))
+    assert not torch.equal(other.mask, trigger.mask)
+
+
+def test_purifier_with_a_given_trigger(bundle, shots) -> None:
+    trigger = TriggerFile(_patch_trigger(), bundle.sha256, list(shots.classnames))
+    calls = bundle.image_encoder_calls
+    outcome = CBPTPurifier().purify(
+        bundle, shots, PurifyConfig(steps=4, augmentations=1), RunContext(seed=0), trigger=trigger
+    )
+    assert outcome.prompts is not None and outcome.prompts.plugin == "cbpt"
+    assert outcome.prompts.context.shape[:2] == (3, 4)
+    assert outcome.trigger is trigger and outcome.trigger_target in shots.classnames
+    assert isinstance(outcome.classifier, PromptClassifier)
+    assert outcome.classifier.predict(shots.pixels).shape == (12,)
+    # features: 2 views x (clean + triggered) x 12, plus the target-finding pass
+    assert outcome.statistics["feature_encoder_images"] == 48
+    assert outcome.statistics["inversion_encoder_images"] == 0
+    assert bundle.image_encoder_calls > calls
+
+
+def test_purifier_inverts_its_own_trigger_and_is_deterministic(bundle, shots) -> None:
+    config = PurifyConfig(
+        steps=3,
+        augmentations=1,
+        inversion_steps=3,
+        inversion_restarts=1,
+        inversion_budget=120,
+        refine=False,
+    )
+    first = CBPTPurifier().purify(bundle, shots, config, RunContext(seed=5))
+    second = CBPTPurifier().purify(bundle, shots, config, RunContext(seed=5))
+    assert first.trigger is not None and first.trigger.model_sha256 == bundle.sha256
+    assert torch.equal(first.trigger.trigger.mask, second.trigger.trigger.mask)
+    assert torch.equal(first.prompts.context, second.prompts.context)
+    assert first.statistics["inversion_encoder_images"] > 0
+
+
+def test_coop_baseline(bundle, shots) -> None:
+    outcome = CoOpPurifier().purify(bundle, shots, CoOpConfig(steps=3), RunContext(seed=0))
+    assert outcome.prompts is not None and outcome.prompts.plugin == "coop"
+    assert outcome.trigger is None and outcome.statistics["loss_last"]["trigger"] == 0
+
+
+def test_purifier_per_class_inversion(bundle, shots) -> None:
+    config = PurifyConfig(
+        steps=2, augmentations=0, inversion_method="per-class", inversion_budget=60
+    )
+    outcome = CBPTPurifier().purify(bundle, shots, config, RunContext(seed=0))
+    assert outcome.trigger is not None
+    assert outcome.trigger_target in shots.classnames
+    assert 0 < outcome.statistics["inversion_encoder_images"] <= 60 + 4 * 12
