@@ -5,7 +5,7 @@ Bars go to stderr, so JSON printed on stdout stays machine-readable.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -54,7 +54,7 @@ class Progress:
                 bar.advance(task)
 
     @contextmanager
-    def task(self, description: str, total: int) -> Iterator[callable]:
+    def task(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
         """A bar advanced by calling the yielded function with a step count (default 1)."""
         with self._bar() as bar:
             task_id = bar.add_task(description, total=total)

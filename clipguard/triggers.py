@@ -199,8 +199,8 @@ class TriggerFile:
             )
 
 
-def save_trigger_file(path: Path, trigger_file: TriggerFile) -> None:
-    """Write ``trigger_file`` to ``path`` as safetensors, atomically."""
+def trigger_file_bytes(trigger_file: TriggerFile) -> bytes:
+    """The safetensors bytes of a trigger file (what :func:`save_trigger_file` writes)."""
     metadata = {
         "format": TRIGGER_FILE_FORMAT,
         "model_sha256": trigger_file.model_sha256,
@@ -212,7 +212,12 @@ def save_trigger_file(path: Path, trigger_file: TriggerFile) -> None:
         "mask": trigger_file.trigger.mask.detach().float().cpu().contiguous(),
         "pattern": trigger_file.trigger.pattern.detach().float().cpu().contiguous(),
     }
-    atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
+    return safetensors_bytes(tensors, metadata)
+
+
+def save_trigger_file(path: Path, trigger_file: TriggerFile) -> None:
+    """Write ``trigger_file`` to ``path`` as safetensors, atomically."""
+    atomic_write_bytes(path, trigger_file_bytes(trigger_file))
 
 
 def load_trigger_file(path: Path) -> TriggerFile:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from clipguard.augment import apply_affine, random_affine
 from clipguard.model import ModelBundle
 from clipguard.progress import Progress
 from clipguard.triggers import MaskPatternTrigger
@@ -142,32 +143,6 @@ class TriggerParameters(torch.nn.Module):
 
 
 # --------------------------------------------------------------------------- augmentation
-
-
-def random_affine(
-    batch: int, crop_scale: float, generator: torch.Generator, flip: bool = True
-) -> torch.Tensor:
-    """``B x 2 x 3`` affine matrices of a random resized crop (side fraction in
-    ``[crop_scale, 1]``, random position inside the image) with a random horizontal flip."""
-    side = crop_scale + (1 - crop_scale) * torch.rand(batch, generator=generator)
-    room = 1 - side
-    shift_x = (torch.rand(batch, generator=generator) * 2 - 1) * room
-    shift_y = (torch.rand(batch, generator=generator) * 2 - 1) * room
-    sign = torch.ones(batch)
-    if flip:
-        sign = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(batch, 2, 3)
-    theta[:, 0, 0] = side * sign
-    theta[:, 0, 2] = shift_x
-    theta[:, 1, 1] = side
-    theta[:, 1, 2] = shift_y
-    return theta
-
-
-def apply_affine(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Warp ``images`` with :func:`random_affine` matrices (bilinear, differentiable)."""
-    grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 # --------------------------------------------------------------------------- losses

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, model_validator
 from clipguard.components import RunContext, Scanner, ScanOutcome, ShotSet
 from clipguard.model import ModelBundle
 from clipguard.prompts import PromptClassifier
-from clipguard.triggers import TriggerFile
+from clipguard.triggers import TriggerFile, trigger_file_bytes
 from clipguard_cbpt import __version__
 from clipguard_cbpt.inversion import (
     InversionConfig,
@@ -27,7 +27,6 @@ from clipguard_cbpt.inversion import (
     invert_targeted,
     prediction_distribution,
 )
-from clipguard_cbpt.render import trigger_file_bytes
 from clipguard_cbpt.scanner import picture_bytes
 
 #: the MAD consistency constant of a normal distribution

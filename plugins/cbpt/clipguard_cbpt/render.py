@@ -3,35 +3,17 @@
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Sequence
 
 import torch
 from PIL import Image, ImageDraw
 
-from clipguard.io import safetensors_bytes
-from clipguard.triggers import TRIGGER_FILE_FORMAT, MaskPatternTrigger, TriggerFile
+from clipguard.triggers import MaskPatternTrigger
 
 #: tiles are upscaled (nearest neighbour) to at least this many pixels per side
 MIN_TILE = 128
 _LABEL_HEIGHT = 14
 _PAD = 4
-
-
-def trigger_file_bytes(trigger_file: TriggerFile) -> bytes:
-    """The bytes :func:`clipguard.triggers.save_trigger_file` would write (same format)."""
-    metadata = {
-        "format": TRIGGER_FILE_FORMAT,
-        "model_sha256": trigger_file.model_sha256,
-        "classnames": json.dumps(trigger_file.classnames),
-        "settings": json.dumps(trigger_file.settings, sort_keys=True, default=str),
-        "producer": trigger_file.producer,
-    }
-    tensors = {
-        "mask": trigger_file.trigger.mask.detach().float().cpu().contiguous(),
-        "pattern": trigger_file.trigger.pattern.detach().float().cpu().contiguous(),
-    }
-    return safetensors_bytes(tensors, metadata)
 
 
 def _to_image(tensor: torch.Tensor, tile: int) -> Image.Image:

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, model_validator
 from clipguard.components import RunContext, Scanner, ScanOutcome, ShotSet
 from clipguard.model import ModelBundle
 from clipguard.prompts import PromptClassifier
-from clipguard.triggers import TriggerFile
+from clipguard.triggers import TriggerFile, trigger_file_bytes
 from clipguard_cbpt import __version__
 from clipguard_cbpt.inversion import (
     InversionConfig,
@@ -33,7 +33,7 @@ from clipguard_cbpt.inversion import (
     invert_targeted,
     prediction_distribution,
 )
-from clipguard_cbpt.render import render_trigger_png, trigger_file_bytes
+from clipguard_cbpt.render import render_trigger_png
 
 #: clean/triggered pairs shown in trigger.png
 N_PICTURE_PAIRS = 8

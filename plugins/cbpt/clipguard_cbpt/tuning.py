@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from clipguard.augment import apply_affine, random_affine
 from clipguard.model import ModelBundle
 from clipguard.progress import Progress
 from clipguard.prompts import (
@@ -34,7 +35,7 @@ from clipguard.prompts import (
     initial_context,
 )
 from clipguard.triggers import MaskPatternTrigger
-from clipguard_cbpt.inversion import apply_affine, encode_batched, random_affine
+from clipguard_cbpt.inversion import encode_batched
 
 TriggerLoss = Literal["true-class", "away", "both"]
 

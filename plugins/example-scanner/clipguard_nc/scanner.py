@@ -19,14 +19,12 @@ and returns a :class:`~clipguard.components.ScanOutcome`:
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from clipguard.components import RunContext, Scanner, ScanOutcome, ShotSet
 from clipguard.model import ModelBundle
 from clipguard.prompts import HANDCRAFTED_TEMPLATE, handcrafted_text_features
-from clipguard.triggers import MaskPatternTrigger, TriggerFile, save_trigger_file
+from clipguard.triggers import MaskPatternTrigger, TriggerFile, trigger_file_bytes
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from clipguard_nc import __version__
@@ -94,14 +92,6 @@ class NeuralCleanseConfig(BaseModel):
             mask_init=self.mask_init,
             image_budget=self.image_budget,
         )
-
-
-def trigger_file_bytes(trigger_file: TriggerFile) -> bytes:
-    """The bytes :func:`clipguard.triggers.save_trigger_file` writes for ``trigger_file``."""
-    with tempfile.TemporaryDirectory(prefix="clipguard-nc-") as folder:
-        path = Path(folder) / TRIGGER_ARTIFACT
-        save_trigger_file(path, trigger_file)
-        return path.read_bytes()
 
 
 def _percent(value: float) -> str:
