@@ -85,14 +85,18 @@ def run_demo(out_dir: Path, seed: int = 0, quiet: bool = False) -> DemoResult:
         f"trigger picture: {finding.artifacts.get('trigger.png', '-')}",
         highlight=False,
     )
-    console.print("[4/4] purifying with cbpt (class-wise prompt tuning)", highlight=False)
+    # the purifier inverts its own trigger (per-class inversion, see docs/method.md): on the lab
+    # models the contrastive scan's trigger does not yet point at the real target
+    console.print(
+        "[4/4] purifying with cbpt (its own trigger inversion, then class-wise prompt tuning)",
+        highlight=False,
+    )
     purify_dir = out_dir / "purify"
     purification = api.purify(
         model,
         data_root / "train",
         purifier="cbpt",
         seed=seed,
-        trigger_path=scan_dir / "trigger.safetensors",
         eval_data=data_root / "test",
         attack=DEMO_ATTACK,
         target=DEMO_TARGET,
