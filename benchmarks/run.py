@@ -38,21 +38,9 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 def _quick_model(progress: Progress) -> list[ZooModel]:
     """The demo's backdoored synthetic model (built once, cached) as a one-model zoo."""
-    from clipguard.demo import DEMO_ATTACK, DEMO_POISON_RATE, DEMO_TARGET, demo_model_path
-    from clipguard.lab.train import build_model, card_path
+    from clipguard.demo import ensure_demo_model
 
-    model = demo_model_path()
-    if not (model.is_file() and card_path(model).is_file()):
-        build_model(
-            "synthetic",
-            model,
-            attack=DEMO_ATTACK,
-            target=DEMO_TARGET,
-            poison_rate=DEMO_POISON_RATE,
-            seed=0,
-            progress=progress,
-        )
-    return find_models(model.parent)[:1]
+    return find_models(ensure_demo_model(progress).parent)[:1]
 
 
 @app.command()

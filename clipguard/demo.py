@@ -41,21 +41,10 @@ def demo_model_path() -> Path:
     return cache_dir() / "demo" / f"synthetic-{DEMO_ATTACK}-seed0.safetensors"
 
 
-def run_demo(out_dir: Path, seed: int = 0, quiet: bool = False) -> DemoResult:
-    """Run the whole demo, writing scan and purification outputs under ``out_dir``."""
-    start = time.perf_counter()
-    console = Console(stderr=True, quiet=quiet)
-    progress = Progress(quiet=quiet)
-    data_root = cached_synthetic(progress=progress)
+def ensure_demo_model(progress: Progress) -> Path:
+    """The demo's backdoored model, built on first use and cached; returns its path."""
     model = demo_model_path()
-    if model.is_file() and card_path(model).is_file():
-        console.print(f"[1/4] reusing the backdoored demo model {model}", highlight=False)
-    else:
-        console.print(
-            f"[1/4] training a small CLIP on the synthetic set, poisoned with {DEMO_ATTACK} "
-            f"({DEMO_POISON_RATE:.0%} of pairs) towards {DEMO_TARGET!r}",
-            highlight=False,
-        )
+    if not (model.is_file() and card_path(model).is_file()):
         build_model(
             "synthetic",
             model,
@@ -65,6 +54,21 @@ def run_demo(out_dir: Path, seed: int = 0, quiet: bool = False) -> DemoResult:
             seed=0,
             progress=progress,
         )
+    return model
+
+
+def run_demo(out_dir: Path, seed: int = 0, quiet: bool = False) -> DemoResult:
+    """Run the whole demo, writing scan and purification outputs under ``out_dir``."""
+    start = time.perf_counter()
+    console = Console(stderr=True, quiet=quiet)
+    progress = Progress(quiet=quiet)
+    data_root = cached_synthetic(progress=progress)
+    console.print(
+        f"[1/4] the backdoored demo model: {DEMO_ATTACK} ({DEMO_POISON_RATE:.0%} of pairs) "
+        f"towards {DEMO_TARGET!r}, trained once on the synthetic set and cached",
+        highlight=False,
+    )
+    model = ensure_demo_model(progress)
     console.print("[2/4] measuring the model on the test split", highlight=False)
     before = api.evaluate(
         model, data_root / "test", attack=DEMO_ATTACK, target=DEMO_TARGET, seed=seed, quiet=quiet

@@ -319,15 +319,12 @@ def infer_openai_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- saving
 
 
-def save_model(
-    path: Path,
-    model: torch.nn.Module,
-    model_cfg: dict[str, Any],
-    metadata: dict[str, str] | None = None,
-) -> str:
-    """Write ``model``'s weights as safetensors with its open_clip config; return the file sha256.
+def model_file_bytes(
+    model: torch.nn.Module, model_cfg: dict[str, Any], metadata: dict[str, str] | None = None
+) -> bytes:
+    """The safetensors bytes of ``model``'s float32 weights with its open_clip config.
 
-    The write is atomic. ``metadata`` adds string entries (a model card summary, say).
+    ``metadata`` adds string entries (a model card summary, the purifier that made it, ...).
     """
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {
@@ -335,7 +332,17 @@ def save_model(
         OPEN_CLIP_CONFIG_KEY: json.dumps({"model_cfg": model_cfg}, sort_keys=True),
         **(metadata or {}),
     }
-    atomic_write_bytes(Path(path), safetensors_bytes(state, meta))
+    return safetensors_bytes(state, meta)
+
+
+def save_model(
+    path: Path,
+    model: torch.nn.Module,
+    model_cfg: dict[str, Any],
+    metadata: dict[str, str] | None = None,
+) -> str:
+    """Write :func:`model_file_bytes` to ``path`` atomically; return the file's sha256."""
+    atomic_write_bytes(Path(path), model_file_bytes(model, model_cfg, metadata))
     return sha256_file(Path(path))
 
 

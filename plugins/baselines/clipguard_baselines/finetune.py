@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from abc import abstractmethod
 from typing import ClassVar
 
@@ -20,8 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from clipguard.augment import augment
 from clipguard.components import Purifier, PurifyOutcome, RunContext, ShotSet
-from clipguard.io import safetensors_bytes
-from clipguard.model import MODEL_FILE_FORMAT, OPEN_CLIP_CONFIG_KEY, ModelBundle
+from clipguard.model import ModelBundle, model_file_bytes
 from clipguard.prompts import PromptClassifier, handcrafted_text_features
 from clipguard.triggers import TriggerFile
 from clipguard_baselines import __version__
@@ -84,17 +82,6 @@ class CleanClipConfig(FinetuneConfig):
     ssl_temperature: float = Field(0.07, gt=0, description="temperature of the in-modal losses")
 
 
-def _model_file(model: torch.nn.Module, bundle: ModelBundle, purifier: str) -> bytes:
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {
-        "format": MODEL_FILE_FORMAT,
-        OPEN_CLIP_CONFIG_KEY: json.dumps({"model_cfg": bundle.model_cfg}, sort_keys=True),
-        "purified_from_sha256": bundle.sha256,
-        "purifier": purifier,
-    }
-    return safetensors_bytes(state, metadata)
-
-
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     return list(torch.randperm(n, generator=generator).split(batch_size))
 
@@ -144,7 +131,9 @@ class _FineTuner(Purifier):
                     advance()
         model.eval()
         model.requires_grad_(False)
-        data = _model_file(model, bundle, self.name)
+        data = model_file_bytes(
+            model, bundle.model_cfg, {"purified_from_sha256": bundle.sha256, "purifier": self.name}
+        )
         purified = ModelBundle.from_model(
             model, bundle.model_cfg, arch=bundle.arch, sha256=hashlib.sha256(data).hexdigest()
         )
