@@ -167,3 +167,22 @@ def test_atomic_write_leaves_no_temporary_on_failure(tmp_path, monkeypatch):
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
     assert Path(target).exists()
+
+
+@pytest.mark.slow
+def test_interrupted_lab_build_leaves_no_model(tmp_path):
+    from tests.conftest import TINY_CLASSES, write_image_folder
+
+    dataset = tmp_path / "dataset"
+    write_image_folder(dataset / "train", TINY_CLASSES, per_class=20)
+    write_image_folder(dataset / "test", TINY_CLASSES, per_class=5)
+    out = tmp_path / "out"
+    out.mkdir()
+    process = _start(
+        ["lab", "build", "--dataset", str(dataset), "--attack", "badnets", "--target",
+         TINY_CLASSES[0], "--epochs", "100000", "--out", str(out / "model.safetensors"),
+         "--quiet"]
+    )  # fmt: skip
+    code = _interrupt_after(process, signal.SIGTERM, seconds=15)
+    assert code == 130
+    assert list(out.iterdir()) == []
