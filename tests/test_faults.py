@@ -186,3 +186,13 @@ def test_interrupted_lab_build_leaves_no_model(tmp_path):
     code = _interrupt_after(process, signal.SIGTERM, seconds=15)
     assert code == 130
     assert list(out.iterdir()) == []
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+    from clipguard import io
+
+    target = tmp_path / "report.json"
+    io.atomic_write_bytes(target, b"{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
