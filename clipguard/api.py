@@ -24,7 +24,7 @@ from clipguard.components import RunContext, ShotSet
 from clipguard.data import ImageFolder, load_pixels, open_image_folder, split_shots, subsample
 from clipguard.errors import InputError
 from clipguard.io import atomic_write_bytes
-from clipguard.metrics import Evaluation, evaluate_pixels, evaluate_samples
+from clipguard.metrics import Evaluation, evaluate_pixels, evaluate_samples, triggered_success
 from clipguard.model import ModelBundle, load_model
 from clipguard.plugins import Registry, get_registry
 from clipguard.progress import Progress
@@ -387,7 +387,7 @@ def purify(
             outcome.classifier.predict, eval_pixels, eval_labels, real_trigger, real_target
         )
         inverted = _inverted_trigger_metrics(
-            outcome, baseline, classnames, eval_pixels, eval_labels
+            outcome, baseline, classnames, eval_pixels, eval_labels, before, after
         )
 
     out = Path(out_dir) if out_dir is not None else None
@@ -431,17 +431,29 @@ def _inverted_trigger_metrics(
     classnames: list[str],
     pixels: torch.Tensor,
     labels: torch.Tensor,
+    before: Evaluation,
+    after: Evaluation,
 ) -> dict[str, Any]:
+    """ASR of the purifier's own trigger before and after; CA is the one already measured."""
     if outcome.trigger is None or outcome.trigger_target not in classnames:
         return {}
     target_index = classnames.index(outcome.trigger_target)
     trigger = outcome.trigger.trigger
-    before = evaluate_pixels(baseline.predict, pixels, labels, trigger, target_index)
-    after = evaluate_pixels(outcome.classifier.predict, pixels, labels, trigger, target_index)
+    measured = {}
+    for name, predict, clean in (
+        ("inverted_trigger_before", baseline.predict, before),
+        ("inverted_trigger_after", outcome.classifier.predict, after),
+    ):
+        asr, n_attacked = triggered_success(predict, pixels, labels, trigger, target_index)
+        measured[name] = Metrics(
+            clean_accuracy=clean.clean_accuracy,
+            attack_success_rate=asr,
+            n_images=clean.n_images,
+            n_attacked=n_attacked,
+        )
     return {
         "inverted_trigger_attack": AttackSpec(name="inverted", target_class=outcome.trigger_target),
-        "inverted_trigger_before": _metrics(before),
-        "inverted_trigger_after": _metrics(after),
+        **measured,
     }
 
 

@@ -68,17 +68,27 @@ def evaluate_pixels(
     """CA of ``predict`` on ``pixels``; ASR too when ``trigger`` and ``target`` are given."""
     if (trigger is None) != (target is None):
         raise InputError("an attack needs both a trigger and a target class")
-    predictions = predict(pixels)
-    ca = clean_accuracy(predictions, labels)
-    asr = None
-    n_attacked = 0
+    ca = clean_accuracy(predict(pixels), labels)
+    asr, n_attacked = None, 0
     if trigger is not None and target is not None:
-        keep = labels != target
-        n_attacked = int(keep.sum())
-        if n_attacked:
-            triggered = predict(trigger.apply(pixels[keep]))
-            asr = attack_success_rate(triggered, labels[keep], target)
+        asr, n_attacked = triggered_success(predict, pixels, labels, trigger, target)
     return Evaluation(ca, asr, int(labels.numel()), n_attacked)
+
+
+def triggered_success(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    trigger: Trigger,
+    target: int,
+) -> tuple[float | None, int]:
+    """ASR of ``trigger`` aimed at ``target``, and the number of non-target images it used."""
+    keep = labels != target
+    n_attacked = int(keep.sum())
+    if not n_attacked:
+        return None, 0
+    triggered = predict(trigger.apply(pixels[keep]))
+    return attack_success_rate(triggered, labels[keep], target), n_attacked
 
 
 def evaluate_samples(
@@ -115,11 +125,8 @@ def evaluate_zero_shot(
     labels: torch.Tensor,
     trigger: Trigger | None = None,
     target: int | None = None,
-    class_features: torch.Tensor | None = None,
 ) -> tuple[float, float | None]:
-    """CA and ASR of ``bundle`` with hand-crafted prompts (or given ``class_features``)."""
+    """CA and ASR of ``bundle`` with hand-crafted prompts."""
     classifier = PromptClassifier(bundle, classnames)
-    if class_features is not None:
-        classifier.class_features = class_features
     result = evaluate_pixels(classifier.predict, pixels, labels, trigger, target)
     return result.clean_accuracy, result.attack_success_rate
