@@ -2,11 +2,14 @@
 
     python benchmarks/calibrate.py --zoo ZOO [--zoo ZOO2] --doc docs/benchmarks.md
 
-Every model is scanned once (resumable, shared with benchmarks/run.py's results). Thresholds
-on the dominant-class share and the mask size PL1 are fitted on the models of the *fit* seeds
-(even seeds) by maximising TPR - FPR, then reported on the held-out models (odd seeds) and
-on all models: true-positive rate on backdoored models, false-positive rate on clean ones,
-and how often the suspected target class is the real one among the detected.
+Every model is scanned once (resumable, shared with benchmarks/run.py's results). The scan
+report holds, per class, the low-side anomaly index of the trigger size and of the text
+alignment; the verdict rule (docs/method.md) takes their geometric mean per class, flags a
+model when the largest reaches the evidence threshold and names that class. The threshold
+is fitted on the models of the *fit* seeds (even seeds) by maximising TPR - FPR
+(ties: the middle of the tied range, the widest margin), then reported on the held-out
+models (odd seeds) and on all models: true-positive rate on backdoored models, false-positive
+rate on clean ones, and how often the suspected target is the real one among the detected.
 """
 
 from __future__ import annotations
@@ -27,24 +30,29 @@ from harness import Harness, ZooModel, find_models, update_docs
 
 from clipguard.io import atomic_write_json
 from clipguard.progress import Progress
+from clipguard_cbpt.scanner import joint_evidence
 
 ROOT = Path(__file__).resolve().parents[1]
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def _detected(scan: dict[str, Any], share_min: float, pl1_max: float) -> bool:
-    return (
-        scan["statistics"]["dominant_share"] >= share_min and scan["statistics"]["pl1"] <= pl1_max
-    )
+def judge(scan: dict[str, Any], threshold: float) -> tuple[bool, str]:
+    """``(flagged, suspect)`` of a scan under ``threshold`` (the scanner's own rule)."""
+    statistics = scan["statistics"]
+    sizes, alignments = statistics["class_size_index"], statistics["class_alignment_index"]
+    evidence = {k: joint_evidence(sizes[k], alignments[k]) for k in sizes}
+    suspect = max(sorted(evidence), key=lambda k: evidence[k])
+    return evidence[suspect] >= threshold, suspect
 
 
-def rates(scans: list[dict[str, Any]], share_min: float, pl1_max: float) -> dict[str, Any]:
-    """TPR, FPR and target accuracy of the rule ``share >= share_min and pl1 <= pl1_max``."""
+def rates(scans: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
+    """TPR, FPR and target accuracy of the verdict rule with ``threshold``."""
     backdoored = [s for s in scans if s["attack"] != "none"]
     clean = [s for s in scans if s["attack"] == "none"]
-    detected = [s for s in backdoored if _detected(s, share_min, pl1_max)]
-    false_alarms = [s for s in clean if _detected(s, share_min, pl1_max)]
-    right_target = [s for s in detected if s["statistics"]["dominant_class"] == s["target"]]
+    judged = {s["model"]: judge(s, threshold) for s in scans}
+    detected = [s for s in backdoored if judged[s["model"]][0]]
+    false_alarms = [s for s in clean if judged[s["model"]][0]]
+    right_target = [s for s in detected if judged[s["model"]][1] == s["target"]]
     return {
         "n_backdoored": len(backdoored),
         "n_clean": len(clean),
@@ -53,26 +61,28 @@ def rates(scans: list[dict[str, Any]], share_min: float, pl1_max: float) -> dict
         "target_accuracy": len(right_target) / len(detected) if detected else None,
         "missed": sorted(s["model"] for s in backdoored if s not in detected),
         "false_alarms": sorted(s["model"] for s in false_alarms),
+        "wrong_target": sorted(s["model"] for s in detected if s not in right_target),
     }
 
 
-def fit_thresholds(scans: list[dict[str, Any]]) -> tuple[float, float]:
-    """Thresholds maximising TPR - FPR; ties go to the widest margin (midpoints of values)."""
-    shares = sorted({s["statistics"]["dominant_share"] for s in scans})
-    pl1s = sorted({s["statistics"]["pl1"] for s in scans})
-    share_cuts = [0.0] + [(a + b) / 2 for a, b in pairwise(shares)] + [1.0]
-    pl1_cuts = [(a + b) / 2 for a, b in pairwise(pl1s)] + [max(pl1s) * 1.01]
-    best: tuple[float, float, float, float] | None = None
-    for share_min in share_cuts:
-        for pl1_max in pl1_cuts:
-            result = rates(scans, share_min, pl1_max)
-            youden = (result["tpr"] or 0) - (result["fpr"] or 0)
-            # prefer a larger PL1 cut and a smaller share cut among equals: fewer misses later
-            key = (youden, pl1_max, -share_min, 0.0)
-            if best is None or key > best:
-                best = key
-    assert best is not None
-    return -best[2], best[1]
+def _top_evidence(scan: dict[str, Any]) -> float:
+    statistics = scan["statistics"]
+    sizes, alignments = statistics["class_size_index"], statistics["class_alignment_index"]
+    return max(joint_evidence(sizes[k], alignments[k]) for k in sizes)
+
+
+def fit_threshold(scans: list[dict[str, Any]]) -> float:
+    """The evidence threshold maximising TPR - FPR on ``scans``.
+
+    Candidates are the midpoints between the models' top evidence values; among those with
+    the best TPR - FPR the middle of the tied range is taken (the widest margin).
+    """
+    tops = sorted({_top_evidence(s) for s in scans})
+    cuts = [(a + b) / 2 for a, b in pairwise(tops)] or [tops[0]]
+    scored = [(((r := rates(scans, c))["tpr"] or 0) - (r["fpr"] or 0), c) for c in cuts]
+    best = max(y for y, _ in scored)
+    tied = [c for y, c in scored if y == best]
+    return (tied[0] + tied[-1]) / 2
 
 
 def _seed(model: ZooModel) -> int:
@@ -87,13 +97,14 @@ def calibration_table(
     fit: dict[str, Any],
     held_out: dict[str, Any],
     everything: dict[str, Any],
-    thresholds: tuple[float, float],
+    threshold: float,
 ) -> str:
     lines = [
-        f"Fitted thresholds: dominant share >= {thresholds[0]:.3f} and PL1 <= {thresholds[1]:.4f}.",
+        f"Fitted evidence threshold: {threshold:.2f}.",
         "",
-        "| models | backdoored | clean | TPR | FPR | target right | missed | false alarms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| models | backdoored | clean | TPR | FPR | target right | missed | false alarms "
+        "| wrong target |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, result in (
         ("fit (even seeds)", fit),
@@ -103,7 +114,8 @@ def calibration_table(
         lines.append(
             f"| {name} | {result['n_backdoored']} | {result['n_clean']} | {_fmt(result['tpr'])} | "
             f"{_fmt(result['fpr'])} | {_fmt(result['target_accuracy'])} | "
-            f"{', '.join(result['missed']) or '-'} | {', '.join(result['false_alarms']) or '-'} |"
+            f"{', '.join(result['missed']) or '-'} | {', '.join(result['false_alarms']) or '-'} | "
+            f"{', '.join(result['wrong_target']) or '-'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -130,16 +142,16 @@ def main(
     scans = {m.name: harness.scan(m) for m in progress.track(models, description="scanning zoo")}
     fit_scans = [scans[m.name] for m in models if _seed(m) % 2 == 0]
     held_scans = [scans[m.name] for m in models if _seed(m) % 2 == 1]
-    thresholds = fit_thresholds(fit_scans)
+    threshold = fit_threshold(fit_scans)
     summary = {
-        "thresholds": {"share_backdoor": thresholds[0], "pl1_backdoor": thresholds[1]},
-        "fit": rates(fit_scans, *thresholds),
-        "held_out": rates(held_scans, *thresholds),
-        "all": rates(list(scans.values()), *thresholds),
+        "thresholds": {"evidence_threshold": threshold},
+        "fit": rates(fit_scans, threshold),
+        "held_out": rates(held_scans, threshold),
+        "all": rates(list(scans.values()), threshold),
     }
     harness.results["calibration"] = summary
     atomic_write_json(results, harness.results)
-    table = calibration_table(summary["fit"], summary["held_out"], summary["all"], thresholds)
+    table = calibration_table(summary["fit"], summary["held_out"], summary["all"], threshold)
     typer.echo(table)
     typer.echo(json.dumps(summary["thresholds"]))
     if doc is not None:

@@ -89,10 +89,11 @@ def run_demo(out_dir: Path, seed: int = 0, quiet: bool = False) -> DemoResult:
         f"trigger picture: {finding.artifacts.get('trigger.png', '-')}",
         highlight=False,
     )
-    # the purifier inverts its own trigger (per-class inversion, see docs/method.md): on the lab
-    # models the contrastive scan's trigger does not yet point at the real target
+    trigger_file = scan_dir / "trigger.safetensors"
+    reuse = finding.verdict != "clean" and trigger_file.is_file()
     console.print(
-        "[4/4] purifying with cbpt (its own trigger inversion, then class-wise prompt tuning)",
+        "[4/4] purifying with cbpt: class-wise prompt tuning against "
+        + ("the scan's trigger" if reuse else "a trigger it inverts itself"),
         highlight=False,
     )
     purify_dir = out_dir / "purify"
@@ -104,6 +105,7 @@ def run_demo(out_dir: Path, seed: int = 0, quiet: bool = False) -> DemoResult:
         eval_data=data_root / "test",
         attack=DEMO_ATTACK,
         target=DEMO_TARGET,
+        trigger_path=trigger_file if reuse else None,
         out_dir=purify_dir,
         quiet=quiet,
     )

@@ -13,6 +13,7 @@ SMALL_SCAN = {
     "batch_size": 4,
     "check_every": 1,
     "refine_steps": 2,
+    "class_steps": 2,
     "budget": 200,
 }
 
@@ -26,7 +27,7 @@ def test_scan_then_purify_through_the_api(tiny_model_path, tiny_data, tmp_path) 
     assert finding.scanner == "cbpt"
     assert finding.config["budget"] == 200
     written = json.loads((scan_dir / "report.json").read_text())
-    assert written["findings"][0]["statistics"]["thresholds"]["share_backdoor"] == 0.8
+    assert written["findings"][0]["statistics"]["thresholds"]["evidence_threshold"] > 0
     assert (scan_dir / "trigger.png").stat().st_size > 0
     purify_dir = tmp_path / "purify"
     result = api.purify(

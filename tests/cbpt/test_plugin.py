@@ -11,7 +11,8 @@ from PIL import Image
 from clipguard.components import RunContext, ShotSet
 from clipguard.model import ModelBundle, build_clip_from_name
 from clipguard.plugins import get_registry
-from clipguard_cbpt.scanner import CBPTScanner, ScanConfig, decide
+from clipguard_cbpt.scanner import CBPTScanner, ScanConfig, Screening, decide, joint_evidence
+from clipguard_cbpt.signals import low_side_indices
 
 
 def test_plugin_registers_scanner_and_purifiers() -> None:
@@ -20,19 +21,37 @@ def test_plugin_registers_scanner_and_purifiers() -> None:
     assert "cbpt" in registry.purifiers and "coop" in registry.purifiers
 
 
-def test_decide_bands() -> None:
+def _screening(size_index: list[float], alignment_index: list[float]) -> Screening:
+    evidence = [joint_evidence(s, a) for s, a in zip(size_index, alignment_index, strict=True)]
+    suspect = max(range(len(evidence)), key=lambda k: evidence[k])
+    n = len(size_index)
+    return Screening([], [0.01] * n, size_index, [0.8] * n, alignment_index, evidence, suspect)
+
+
+def test_decide_needs_both_signals_on_one_class() -> None:
     config = ScanConfig()
-    assert decide(0.95, 0.001, config)[0] == "backdoor"
-    assert decide(0.2, 0.001, config)[0] == "clean"
-    assert decide(0.95, 0.5, config)[0] == "clean"
-    verdict, score, _ = decide(
-        (config.share_clean + config.share_backdoor) / 2,
-        (config.pl1_clean + config.pl1_backdoor) / 2,
-        config,
-    )
-    assert verdict == "inconclusive" and 0 < score < 1
-    with pytest.raises(ValueError):
-        ScanConfig(share_clean=0.9, share_backdoor=0.5)
+    names = ["a", "b", "c"]
+    both = config.evidence_threshold * 1.1
+    verdict, score, explanation = decide(_screening([both, 0, 0], [both, 0, 0]), names, config)
+    assert verdict == "backdoor" and score > 0.5 and "'a'" in explanation
+    exact = _screening([config.evidence_threshold] * 3, [0, config.evidence_threshold, 0])
+    assert decide(exact, names, config)[:2] == ("backdoor", pytest.approx(0.5))
+    # a natural trigger on one class and a drifted prompt on another: no backdoor
+    split = _screening([10.0, 0, 0], [0, 10.0, 0])
+    assert decide(split, names, config)[0] == "clean"
+    weak = config.evidence_threshold * 0.8
+    assert decide(_screening([weak, 0, 0], [weak, 0, 0]), names, config)[0] == "inconclusive"
+    verdict, score, _ = decide(_screening([0.1, 0.2, 0], [0.3, 0, 0]), names, config)
+    assert verdict == "clean" and 0 <= score < 0.5
+
+
+def test_low_side_indices_are_scale_free_and_one_sided() -> None:
+    sizes = [0.004, 0.03, 0.035, 0.04, 0.032, 0.038]
+    indices = low_side_indices(sizes, log=True)
+    assert max(range(6), key=lambda k: indices[k]) == 0 and indices[0] > 3
+    assert low_side_indices([10 * v for v in sizes], log=True) == pytest.approx(indices)
+    assert low_side_indices([0.5, 0.5, 0.9])[2] == 0.0  # above the median: no evidence
+    assert low_side_indices([0.1, 0.1, 0.1]) == [0.0, 0.0, 0.0]
 
 
 TINY_SCAN = {
@@ -42,6 +61,7 @@ TINY_SCAN = {
     "batch_size": 4,
     "check_every": 2,
     "refine_steps": 4,
+    "class_steps": 4,
 }
 
 
@@ -52,13 +72,19 @@ def test_scan_outcome_and_artifacts(bundle, shots) -> None:
     assert outcome.verdict in ("backdoor", "clean", "inconclusive")
     assert 0 <= outcome.score <= 1
     stats = outcome.statistics
+    assert stats["image_encoder_images"] <= 500 + 4 * len(shots.labels)
     for key in (
         "pl1",
         "collapse_score",
         "dominant_class",
         "dominant_share",
         "thresholds",
+        "suspect_class",
         "class_distribution",
+        "class_pl1",
+        "class_alignment",
+        "class_size_index",
+        "class_alignment_index",
         "image_encoder_images",
     ):
         assert key in stats
@@ -100,6 +126,8 @@ def test_scan_runs_on_real_architectures(arch: str) -> None:
         check_every=1,
         augment=False,
         refine_steps=1,
+        class_steps=1,
+        class_batch_size=2,
         budget=8,
     )
     outcome = CBPTScanner().scan(bundle, shots, config, RunContext(seed=0))

@@ -53,12 +53,6 @@ def backdoored_scan(backdoored, tmp_path_factory):
     return api.scan(model, data / "train", scanner="cbpt", seed=0, out_dir=out), out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known shortfall (issue 4): on the synthetic set, whose classes are told apart by "
-    "colour, the contrastive inversion finds a colour blob that sends the shots to another "
-    "class ('cyan triangle') instead of the BadNets target",
-)
 def test_scan_flags_the_backdoored_model_and_its_target(backdoored, backdoored_scan) -> None:
     _, target, _ = backdoored
     report, out = backdoored_scan
@@ -66,6 +60,9 @@ def test_scan_flags_the_backdoored_model_and_its_target(backdoored, backdoored_s
     assert finding.verdict == "backdoor", finding.explanation
     assert finding.target_class == target
     assert (out / "trigger.png").is_file() and (out / "trigger.safetensors").is_file()
+    # the inverted trigger sends the other classes' shots to the target
+    assert finding.statistics["dominant_class"] == target
+    assert finding.statistics["dominant_share_others"] > 0.8
     assert report.run.seconds < 240
 
 
@@ -75,18 +72,19 @@ def test_scan_passes_the_clean_model(clean, tmp_path) -> None:
     model, _, data = clean
     report = api.scan(model, data / "train", scanner="cbpt", seed=0, out_dir=tmp_path)
     finding = report.findings[0]
-    assert finding.verdict != "backdoor", finding.explanation
+    assert finding.verdict == "clean", finding.explanation
 
 
-def test_purify_removes_the_backdoor_and_keeps_accuracy(backdoored, tmp_path):
-    """The purifier's own (per-class) inversion, as the demo runs it.
+def test_purify_with_the_scan_trigger_removes_the_backdoor(backdoored, backdoored_scan, tmp_path):
+    """The demo's flow: purify with the trigger of the scan.
 
-    Measured: ASR 100 % -> 8.1 %, CA 99.25 % -> 95.9 %. The bounds guard against regressions;
-    issue 5's targets (ASR <= 2 %, no CA loss) are not met yet.
+    Measured: ASR 100 % -> 3.6 %, CA 99.25 % -> 98.4 % (test split). The bounds guard
+    against regressions with a margin for other machines' float differences.
     """
     from clipguard import api
 
     model, target, data = backdoored
+    _, scan_dir = backdoored_scan
     report = api.purify(
         model,
         data / "train",
@@ -95,11 +93,13 @@ def test_purify_removes_the_backdoor_and_keeps_accuracy(backdoored, tmp_path):
         eval_data=data / "test",
         attack=ATTACK,
         target=target,
+        trigger_path=scan_dir / "trigger.safetensors",
         out_dir=tmp_path,
     )
     result = report.purification
+    assert result.statistics["trigger_target"] == target
     assert result.before.attack_success_rate is not None
-    assert result.after.attack_success_rate < 0.10
-    assert result.after.clean_accuracy >= result.before.clean_accuracy - 0.05
+    assert result.after.attack_success_rate < 0.08
+    assert result.after.clean_accuracy >= result.before.clean_accuracy - 0.03
     assert (tmp_path / "prompts.safetensors").is_file()
     assert report.run.stage_seconds.get("tuning", 0) < 60

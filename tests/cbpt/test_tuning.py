@@ -160,11 +160,67 @@ def test_coop_baseline(bundle, shots) -> None:
     assert outcome.trigger is None and outcome.statistics["loss_last"]["trigger"] == 0
 
 
-def test_purifier_per_class_inversion(bundle, shots) -> None:
-    config = PurifyConfig(
-        steps=2, augmentations=0, inversion_method="per-class", inversion_budget=60
-    )
+def test_purifier_inverts_with_the_scan_procedure(bundle, shots) -> None:
+    config = PurifyConfig(steps=2, augmentations=0, inversion_method="scan", inversion_budget=60)
     outcome = CBPTPurifier().purify(bundle, shots, config, RunContext(seed=0))
     assert outcome.trigger is not None
     assert outcome.trigger_target in shots.classnames
     assert 0 < outcome.statistics["inversion_encoder_images"] <= 60 + 4 * 12
+    assert outcome.trigger.settings["verdict"] in ("backdoor", "clean", "inconclusive")
+
+
+def test_several_triggers_share_the_views(bundle, shots) -> None:
+    other = MaskPatternTrigger(mask=torch.full((1, 16, 16), 0.1), pattern=torch.zeros(3, 16, 16))
+    cache = cache_features(
+        bundle,
+        shots.pixels,
+        shots.labels,
+        [_patch_trigger(), other],
+        2,
+        0.7,
+        torch.Generator().manual_seed(0),
+    )
+    n = shots.pixels.shape[0]
+    assert cache.clean.shape[0] == 3 and cache.triggered.shape[:2] == (6, n)
+    assert cache.encoder_images == 3 * 3 * n
+    anchor = handcrafted_text_features(bundle, shots.classnames)
+    losses = prompt_losses(anchor, anchor, cache, bundle.logit_scale, 0, TuningConfig())
+    assert losses["trigger"].dim() == 0 and math.isfinite(float(losses["trigger"]))
+
+
+@pytest.mark.parametrize(
+    ("settings", "gated"),
+    [
+        ({"verdict": "clean"}, True),
+        ({"verdict": "backdoor"}, False),
+        ({}, False),
+        # the evidence is judged by the current default threshold, whatever the old verdict
+        ({"verdict": "backdoor", "evidence": 0.0}, True),
+        ({"verdict": "clean", "evidence": 100.0}, False),
+    ],
+)
+def test_a_clean_scan_turns_the_trigger_loss_off(bundle, shots, settings, gated) -> None:
+    trigger = TriggerFile(_patch_trigger(), bundle.sha256, list(shots.classnames), settings)
+    outcome = CBPTPurifier().purify(
+        bundle, shots, PurifyConfig(steps=3, augmentations=0), RunContext(seed=0), trigger=trigger
+    )
+    assert outcome.statistics["trigger_loss_gated"] is gated
+    assert (outcome.statistics["loss_last"]["trigger"] == 0) is gated
+    forced = CBPTPurifier().purify(
+        bundle,
+        shots,
+        PurifyConfig(steps=3, augmentations=0, gate_on_verdict=False),
+        RunContext(seed=0),
+        trigger=trigger,
+    )
+    assert forced.statistics["trigger_loss_gated"] is False
+
+
+def test_extra_triggers_are_inverted_towards_the_target(bundle, shots) -> None:
+    trigger = TriggerFile(_patch_trigger(), bundle.sha256, list(shots.classnames))
+    config = PurifyConfig(
+        steps=2, augmentations=0, extra_triggers=2, extra_trigger_success=0.01, inversion_budget=64
+    )
+    outcome = CBPTPurifier().purify(bundle, shots, config, RunContext(seed=0), trigger=trigger)
+    assert 0 < outcome.statistics["extra_trigger_encoder_images"] <= 64 + 2 * 32
+    assert len(outcome.statistics["extra_trigger_pl1"]) <= 2

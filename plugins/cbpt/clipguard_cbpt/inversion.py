@@ -87,8 +87,25 @@ class InversionConfig(BaseModel):
     refine_success: float = Field(
         0.9, gt=0, le=1, description="share of triggered shots the refinement must send to target"
     )
+    class_steps: int = Field(
+        300, ge=1, description="most steps of the per-class inversion (all classes at once)"
+    )
+    class_batch_size: int = Field(
+        8, ge=1, description="shots per class and step of the per-class inversion"
+    )
+    class_success: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="share of a class's batch that must reach the class for its trigger to count",
+    )
+    class_patience: int = Field(
+        60,
+        ge=1,
+        description="a class stops after this many steps without a 1 % smaller kept mask",
+    )
     budget: int = Field(
-        30_000,
+        60_000,
         ge=1,
         description="maximum images through the image encoder for the whole inversion",
     )
@@ -491,6 +508,137 @@ def invert_targeted(
         steps=step,
         restart=0,
         lambda_history=list(schedule.history),
+    )
+
+
+# --------------------------------------------------------------------------- per class
+
+
+def invert_per_class(
+    bundle: ModelBundle,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    class_features: torch.Tensor,
+    config: InversionConfig,
+    generator: torch.Generator,
+    progress: Progress | None = None,
+    budget: int | None = None,
+) -> list[InversionResult]:
+    """The smallest trigger towards every class, all classes optimised in one encoder call.
+
+    For class ``k`` the loss on a batch of ``config.class_batch_size`` shots whose label is
+    not ``k`` is the cross-entropy of ``s f(T_k(x)) . class_features`` towards ``k`` plus
+    ``lambda_k * mean(m_k)``. ``lambda_k`` is 0 until the batch success (share predicted as
+    ``k``) first reaches ``config.class_success``, then follows the windowed schedule of
+    :class:`LambdaSchedule` (``config.check_every`` steps per window). The kept trigger of a
+    class is the smallest one whose batch met the success share; a class stops after
+    ``config.class_patience`` steps without a 1 % smaller kept mask. Every class's loss
+    depends only on its own trigger, so stacking the classes is the same optimisation as
+    running them one after the other, with far larger (cheaper per image) encoder batches.
+
+    Runs at most ``config.class_steps`` steps and ``budget`` (default ``config.budget``)
+    encoder images. Result ``k`` has ``reached`` False when no batch met the share (then the
+    trigger with the highest batch success is kept) and ``collapse`` 0 (not measured).
+    Deterministic for ``generator``.
+    """
+    progress = progress or Progress(quiet=True)
+    budget = config.budget if budget is None else budget
+    start_images = bundle.image_encoder_images
+    n_classes = int(class_features.shape[0])
+    size = bundle.image_size
+    batch = config.class_batch_size
+    pools = [torch.nonzero(labels != k).flatten() for k in range(n_classes)]
+    base = math.atanh(2 * config.mask_init - 1)
+    mask_weight = base + 0.1 * torch.randn(n_classes, 1, size, size, generator=generator)
+    pattern_weight = 0.5 * torch.randn(n_classes, 3, size, size, generator=generator)
+    mask_weight.requires_grad_(True)
+    pattern_weight.requires_grad_(True)
+    optimizer = torch.optim.Adam([mask_weight, pattern_weight], lr=config.lr, betas=(0.5, 0.9))
+    schedules = [
+        LambdaSchedule.starting(config.lambda_init, config.lambda_up, config.lambda_down, False)
+        for _ in range(n_classes)
+    ]
+    windows: list[list[float]] = [[] for _ in range(n_classes)]
+    kept: list[MaskPatternTrigger | None] = [None] * n_classes
+    kept_pl1 = [math.inf] * n_classes
+    top: list[tuple[float, MaskPatternTrigger | None]] = [(-1.0, None)] * n_classes
+    stale = [0] * n_classes
+    steps_of = [0] * n_classes
+    active = [k for k in range(n_classes) if len(pools[k]) > 0]
+    scale = bundle.logit_scale
+    with progress.task("per-class trigger inversion", config.class_steps) as advance:
+        for _ in range(config.class_steps):
+            if not active or _budget_left(bundle, start_images, budget) < batch * len(active):
+                break
+            rows = []
+            for k in active:
+                pool = pools[k]
+                if len(pool) >= batch:
+                    rows.append(pool[torch.randperm(len(pool), generator=generator)[:batch]])
+                else:
+                    rows.append(pool[torch.randint(len(pool), (batch,), generator=generator)])
+            chosen = torch.tensor(active)
+            mask = (torch.tanh(mask_weight[chosen]) + 1) / 2
+            pattern = (torch.tanh(pattern_weight[chosen]) + 1) / 2
+            clean = pixels[torch.stack(rows)]
+            triggered = (1 - mask.unsqueeze(1)) * clean + (mask * pattern).unsqueeze(1)
+            logits = scale * bundle.encode_image(triggered.flatten(0, 1)) @ class_features.T
+            goal = chosen.repeat_interleave(batch)
+            ce = F.cross_entropy(logits, goal, reduction="none").view(len(active), batch)
+            pl1 = mask.flatten(1).mean(dim=1)
+            weights = torch.tensor([schedules[k].value for k in active])
+            loss = (ce.mean(dim=1) + weights * pl1).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            hits = (logits.argmax(dim=1) == goal).float().view(len(active), batch).mean(dim=1)
+            for row, k in enumerate(active):
+                steps_of[k] += 1
+                success, current = float(hits[row]), float(pl1[row].detach())
+                met = success >= config.class_success - _EPS
+                snapshot = None
+                if success > top[k][0]:
+                    snapshot = _class_trigger(mask[row], pattern[row])
+                    top[k] = (success, snapshot)
+                stale[k] += 1
+                if met and current < kept_pl1[k]:
+                    if current < kept_pl1[k] * 0.99:
+                        stale[k] = 0
+                    kept[k] = snapshot or _class_trigger(mask[row], pattern[row])
+                    kept_pl1[k] = current
+                windows[k].append(1.0 if met else 0.0)
+                if not schedules[k].reached and met:
+                    schedules[k].update(True)
+                    windows[k] = []
+                elif len(windows[k]) >= config.check_every:
+                    schedules[k].update(sum(windows[k]) / len(windows[k]) >= 0.5)
+                    windows[k] = []
+            active = [k for k in active if kept[k] is None or stale[k] < config.class_patience]
+            advance(1)
+    results = []
+    for k in range(n_classes):
+        trigger = kept[k] if kept[k] is not None else top[k][1]
+        if trigger is None:  # a class with no other-class shot, or no step at all
+            trigger = _class_trigger(
+                (torch.tanh(mask_weight[k]) + 1) / 2, (torch.tanh(pattern_weight[k]) + 1) / 2
+            )
+        results.append(
+            InversionResult(
+                trigger=trigger,
+                pl1=float(trigger.mask.mean().item()),
+                collapse=0.0,
+                reached=kept[k] is not None,
+                steps=steps_of[k],
+                restart=0,
+                lambda_history=list(schedules[k].history),
+            )
+        )
+    return results
+
+
+def _class_trigger(mask: torch.Tensor, pattern: torch.Tensor) -> MaskPatternTrigger:
+    return MaskPatternTrigger(
+        mask=mask.detach().clone(), pattern=pattern.detach().clone(), family="inverted"
     )
 
 

@@ -1,8 +1,8 @@
 """The ``cbpt-nc`` scanner: a per-class targeted inversion with Neural Cleanse's MAD test.
 
 For every class ``k`` the smallest trigger that sends the (non-``k``) shots to ``k`` under the
-hand-crafted zero-shot classifier is inverted (:func:`~clipguard_cbpt.inversion.invert_targeted`,
-from a random start, the image-encoder budget split equally between classes). With ``n_k``
+hand-crafted zero-shot classifier is inverted (:func:`~clipguard_cbpt.inversion.invert_per_class`,
+all classes at once). With ``n_k``
 its mask size (1.0 when the success criterion was never met), the anomaly index is
 ``A_k = |n_k - median(n)| / (1.4826 * MAD(n))``; a class with ``n_k`` below the median and
 ``A_k`` above ``anomaly_threshold`` is flagged. MAD = 0 (all sizes equal) gives no anomaly.
@@ -24,13 +24,11 @@ from clipguard_cbpt import __version__
 from clipguard_cbpt.inversion import (
     InversionConfig,
     InversionResult,
-    invert_targeted,
+    invert_per_class,
     prediction_distribution,
 )
 from clipguard_cbpt.scanner import picture_bytes
-
-#: the MAD consistency constant of a normal distribution
-MAD_SCALE = 1.4826
+from clipguard_cbpt.signals import anomaly_indices
 
 
 class NCScanConfig(InversionConfig):
@@ -50,16 +48,6 @@ class NCScanConfig(InversionConfig):
         return self
 
 
-def anomaly_indices(sizes: list[float]) -> list[float]:
-    """Neural Cleanse's MAD anomaly index of each size (0 for all when MAD is 0)."""
-    values = torch.tensor(sizes, dtype=torch.float64)
-    median = values.median()
-    mad = (values - median).abs().median()
-    if float(mad) <= 1e-12:
-        return [0.0] * len(sizes)
-    return [float(v) for v in (values - median).abs() / (MAD_SCALE * mad)]
-
-
 def per_class_inversion(
     bundle: ModelBundle,
     shots: ShotSet,
@@ -72,24 +60,16 @@ def per_class_inversion(
     the suspect class (smallest size below the median, else the smallest size)."""
     classifier = classifier or PromptClassifier(bundle, shots.classnames)
     n_classes = shots.n_classes
-    per_class = max(config.budget // n_classes, config.batch_size)
-    results = []
     with context.stage("inversion"):
-        for k in range(n_classes):
-            results.append(
-                invert_targeted(
-                    bundle,
-                    shots.pixels,
-                    shots.labels,
-                    classifier.class_features,
-                    k,
-                    config,
-                    context.generator(100 + k),
-                    start=None,
-                    progress=context.progress,
-                    budget=per_class,
-                )
-            )
+        results = invert_per_class(
+            bundle,
+            shots.pixels,
+            shots.labels,
+            classifier.class_features,
+            config,
+            context.generator(100),
+            context.progress,
+        )
     sizes = [r.pl1 if r.reached else 1.0 for r in results]
     indices = anomaly_indices(sizes)
     median = float(torch.tensor(sizes).median())

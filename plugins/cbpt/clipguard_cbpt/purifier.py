@@ -10,11 +10,10 @@ from pydantic import BaseModel, Field
 from clipguard.components import Purifier, PurifyOutcome, RunContext, ShotSet
 from clipguard.model import ModelBundle
 from clipguard.prompts import PromptClassifier, PromptSet
-from clipguard.triggers import TriggerFile
+from clipguard.triggers import MaskPatternTrigger, TriggerFile
 from clipguard_cbpt import __version__
-from clipguard_cbpt.inversion import prediction_distribution
-from clipguard_cbpt.nc import per_class_inversion
-from clipguard_cbpt.scanner import ScanConfig, run_inversion
+from clipguard_cbpt.inversion import InversionConfig, invert_targeted, prediction_distribution
+from clipguard_cbpt.scanner import ScanConfig, decide, locate_trigger, run_inversion
 from clipguard_cbpt.tuning import TuningConfig, cache_features, random_mask_like, tune_prompts
 
 
@@ -22,16 +21,36 @@ class PurifyConfig(TuningConfig):
     """Options of the ``cbpt`` purifier: tuning, plus the inversion it runs without a trigger."""
 
     inversion_steps: int = Field(200, ge=1, description="contrastive inversion steps (kept run)")
-    inversion_restarts: int = Field(3, ge=1, description="inversion restarts")
+    inversion_restarts: int = Field(3, ge=1, description="contrastive inversion restarts")
     inversion_budget: int = Field(
-        30_000, ge=1, description="image-encoder images for the inversion"
+        60_000, ge=1, description="image-encoder images for the inversion"
     )
     refine: bool = Field(True, description="refine the inverted trigger towards its class")
-    inversion_method: Literal["contrastive", "per-class"] = Field(
-        "per-class",
+    extra_triggers: int = Field(
+        0,
+        ge=0,
         description=(
-            "how to invert a trigger when none is given: contrastive (cbpt scanner) or "
-            "per-class targeted (cbpt-nc scanner; the suspect class's trigger)"
+            "further triggers inverted towards the trigger's target class from random starts; "
+            "the tuning uses them all (one trigger covers the backdoor's region only in part)"
+        ),
+    )
+    extra_trigger_success: float = Field(
+        0.99, gt=0, le=1, description="share of a batch each further trigger must send to target"
+    )
+    gate_on_verdict: bool = Field(
+        True,
+        description=(
+            "drop L_trigger when the trigger's scan found no backdoor (its evidence below the "
+            "cbpt scanner's inconclusive level, or a clean verdict): on a clean model the "
+            "smallest trigger is a natural feature of a class, and pushing it away costs "
+            "clean accuracy (docs/method.md)"
+        ),
+    )
+    inversion_method: Literal["scan", "contrastive"] = Field(
+        "scan",
+        description=(
+            "how to invert a trigger when none is given: scan (the cbpt scanner's suspect "
+            "trigger) or contrastive (CBPT stage 1, refined towards its dominant class)"
         ),
     )
 
@@ -67,6 +86,8 @@ class CBPTPurifier(Purifier):
         torch.set_num_threads(min(torch.get_num_threads(), 2))
         start_images = bundle.image_encoder_images
         statistics: dict[str, Any] = {}
+        verdict: str | None = None
+        evidence: float | None = None
         if trigger is None:
             scan_config = ScanConfig(
                 steps=config.inversion_steps,
@@ -74,16 +95,12 @@ class CBPTPurifier(Purifier):
                 budget=config.inversion_budget,
                 refine=config.refine,
             )
-            if config.inversion_method == "per-class":
-                results, _, _, _, best = per_class_inversion(
-                    bundle,
-                    shots,
-                    scan_config.model_copy(
-                        update={"refine_steps": max(scan_config.refine_steps, 1)}
-                    ),
-                    context,
-                )
-                kept = results[best]
+            if config.inversion_method == "scan":
+                classifier = PromptClassifier(bundle, shots.classnames)
+                screening, kept, _ = locate_trigger(bundle, shots, scan_config, context, classifier)
+                verdict = decide(screening, list(shots.classnames), scan_config)[0]
+                evidence = screening.top_evidence
+                statistics["inversion_evidence"] = evidence
             else:
                 contrastive, refined, _, _ = run_inversion(bundle, shots, scan_config, context)
                 kept = refined if refined is not None else contrastive
@@ -93,6 +110,8 @@ class CBPTPurifier(Purifier):
                 classnames=list(shots.classnames),
                 settings={
                     "inverted_by": f"{self.name} purifier",
+                    **({"verdict": verdict} if verdict is not None else {}),
+                    **({"evidence": evidence} if evidence is not None else {}),
                     "seed": context.seed,
                     "options": scan_config.model_dump(mode="json"),
                 },
@@ -105,9 +124,19 @@ class CBPTPurifier(Purifier):
             baseline.predict, shots.pixels, shots.labels, trigger.trigger, shots.classnames
         )
         target = int(distribution["dominant_index"])
-        used = trigger.trigger
+        gated = config.gate_on_verdict and _says_clean(trigger.settings)
+        if gated:
+            config = config.model_copy(update={"no_trigger_loss": True})
+        statistics["trigger_verdict"] = trigger.settings.get("verdict")
+        statistics["trigger_loss_gated"] = gated
+        used = [trigger.trigger]
+        extra_start = bundle.image_encoder_images
+        if config.extra_triggers and not config.no_trigger_loss:
+            with context.stage("extra triggers"):
+                used += extra_triggers(bundle, shots, baseline, target, config, context)
+        statistics["extra_trigger_encoder_images"] = bundle.image_encoder_images - extra_start
         if config.random_mask:
-            used = random_mask_like(used, context.generator(7))
+            used = [random_mask_like(each, context.generator(7 + i)) for i, each in enumerate(used)]
         with context.stage("features"):
             cache = cache_features(
                 bundle,
@@ -124,13 +153,60 @@ class CBPTPurifier(Purifier):
             {
                 "trigger_target": shots.classnames[target],
                 "trigger_share": distribution["dominant_share"],
-                "trigger_pl1": float(used.mask.mean().item()),
+                "trigger_pl1": float(used[0].mask.mean().item()),
+                "extra_trigger_pl1": [float(each.mask.mean().item()) for each in used[1:]],
                 "inversion_encoder_images": inversion_images,
             }
         )
         outcome.trigger = trigger
         outcome.trigger_target = shots.classnames[target]
         return outcome
+
+
+def _says_clean(settings: dict[str, Any]) -> bool:
+    """Whether a trigger file's scan found no backdoor: its evidence under the ``cbpt``
+    scanner's default threshold (so files scanned before a recalibration follow the current
+    one), else its recorded verdict; False for a trigger without either."""
+    evidence = settings.get("evidence")
+    if isinstance(evidence, int | float):
+        default = ScanConfig()
+        return evidence < default.inconclusive_fraction * default.evidence_threshold
+    return settings.get("verdict") == "clean"
+
+
+def extra_triggers(
+    bundle: ModelBundle,
+    shots: ShotSet,
+    classifier: PromptClassifier,
+    target: int,
+    config: PurifyConfig,
+    context: RunContext,
+) -> list[MaskPatternTrigger]:
+    """``config.extra_triggers`` triggers towards ``target``, each from its own random start.
+
+    Each is a targeted inversion (augmented shots, mask weight schedule) that must send
+    ``config.extra_trigger_success`` of a batch to ``target``; the budget is
+    ``config.inversion_budget`` split between them. A trigger whose inversion never met the
+    share is dropped (it would teach the prompts nothing about the backdoor).
+    """
+    inversion = InversionConfig(refine_success=config.extra_trigger_success)
+    share = config.inversion_budget // max(config.extra_triggers, 1)
+    found = []
+    for index in range(config.extra_triggers):
+        result = invert_targeted(
+            bundle,
+            shots.pixels,
+            shots.labels,
+            classifier.class_features,
+            target,
+            inversion,
+            context.generator(20 + index),
+            progress=context.progress,
+            budget=share,
+        )
+        if result.reached:
+            found.append(result.trigger)
+    return found
 
 
 class CoOpPurifier(Purifier):

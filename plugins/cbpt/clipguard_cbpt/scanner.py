@@ -1,25 +1,38 @@
-"""The ``cbpt`` scanner: contrastive trigger inversion, then a verdict from mask size and collapse.
+"""The ``cbpt`` scanner: per-class trigger inversion and text alignment, judged by MAD.
 
 Procedure (see ``docs/method.md``):
 
-1. :func:`~clipguard_cbpt.inversion.invert_contrastive` finds the smallest mask/pattern that
-   collapses the features of the clean shots (restarts, adaptive mask weight).
-2. Zero-shot predictions (hand-crafted prompts) on the triggered shots give the dominant
-   class and its share.
-3. Optionally (``refine``, default on) the trigger is refined towards that class with a
-   Neural-Cleanse-like cross-entropy; its mask size ``refined_pl1`` is the second signal and
-   the refined trigger is the one written out (it serves purification better).
-4. Verdict: ``backdoor`` when the dominant share and the mask size both pass the backdoor
-   thresholds, ``clean`` when either is on the clean side of the clean thresholds, otherwise
-   ``inconclusive``. Thresholds are config fields; the report records the values used.
+1. **Per-class inversion** (:func:`~clipguard_cbpt.inversion.invert_per_class`): for every
+   class ``k`` the smallest trigger that sends the other classes' clean shots to ``k``, all
+   classes in one encoder call; its mask size is ``n_k``.
+2. **Text alignment** (:func:`~clipguard_cbpt.signals.text_alignment`): ``a_k``, the mean
+   cosine between the clean shots of ``k`` and the hand-crafted prompt of ``k``.
+3. **Evidence**: the low-side robust anomaly index of ``log n_k`` and of ``a_k`` (Neural
+   Cleanse's MAD index, only below the median); a class's evidence is the geometric mean of
+   its two indices, so it must stand out on both: on the lab zoo, clean models have classes
+   with a natural trigger (an anomalously small ``n_k``) or a drifted prompt (a low
+   ``a_k``), but not both on one class. The suspect is the class with the most evidence.
+4. **Refinement** (``refine``, default on): the suspect's trigger is refined towards it with
+   augmented shots (:func:`~clipguard_cbpt.inversion.invert_targeted`); that trigger is the
+   one written out, drawn, and reused by ``clipguard purify --trigger``.
+5. **Verdict**: ``backdoor`` when the suspect's evidence reaches ``evidence_threshold``,
+   ``inconclusive`` from ``inconclusive_fraction`` of it, else ``clean``. The threshold is
+   fitted on the lab zoo by ``benchmarks/calibrate.py``; the report records the values used.
+
+The contrastive inversion of CBPT's stage 1 (:func:`run_inversion`) stays available to the
+purifier (``inversion_method = "contrastive"``); on the lab models it sent the shots to a
+class with a natural trigger instead of the backdoor target (docs/method.md), so the verdict
+does not rest on it.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 
 from clipguard.components import RunContext, Scanner, ScanOutcome, ShotSet
 from clipguard.model import ModelBundle
@@ -29,11 +42,16 @@ from clipguard_cbpt import __version__
 from clipguard_cbpt.inversion import (
     InversionConfig,
     InversionResult,
+    encode_batched,
     invert_contrastive,
+    invert_per_class,
     invert_targeted,
+    mean_pairwise_cosine,
     prediction_distribution,
+    relative_collapse,
 )
 from clipguard_cbpt.render import render_trigger_png
+from clipguard_cbpt.signals import low_side_indices, text_alignment
 
 #: clean/triggered pairs shown in trigger.png
 N_PICTURE_PAIRS = 8
@@ -42,71 +60,143 @@ N_PICTURE_PAIRS = 8
 class ScanConfig(InversionConfig):
     """Options of the ``cbpt`` scanner: the inversion's, plus the verdict thresholds."""
 
-    share_backdoor: float = Field(
-        0.8, ge=0, le=1, description="dominant-class share at or above which a model is suspect"
-    )
-    share_clean: float = Field(
-        0.5, ge=0, le=1, description="dominant-class share below which a model is called clean"
-    )
-    pl1_backdoor: float = Field(
-        0.02, gt=0, le=1, description="mask size (PL1) at or below which a model is suspect"
-    )
-    pl1_clean: float = Field(
-        0.06, gt=0, le=1, description="mask size (PL1) above which a model is called clean"
-    )
-
-    @model_validator(mode="after")
-    def _ordered(self) -> ScanConfig:
-        if self.share_clean > self.share_backdoor:
-            raise ValueError("share_clean must not exceed share_backdoor")
-        if self.pl1_backdoor > self.pl1_clean:
-            raise ValueError("pl1_backdoor must not exceed pl1_clean")
-        return self
-
-
-def decide(share: float, pl1: float, config: ScanConfig) -> tuple[str, float, str]:
-    """Verdict, score in ``[0, 1]`` and a one-line explanation from the two signals.
-
-    The score is the mean of the share evidence (``share`` scaled between ``share_clean``
-    and ``share_backdoor``) and the mask evidence (``pl1`` scaled between ``pl1_clean`` and
-    ``pl1_backdoor``), each clipped to ``[0, 1]``; it is 1 when both pass the backdoor side.
-    """
-    share_ev = _ramp(share, config.share_clean, config.share_backdoor)
-    pl1_ev = _ramp(-pl1, -config.pl1_clean, -config.pl1_backdoor)
-    score = (share_ev + pl1_ev) / 2
-    facts = f"dominant share {share:.2f}, mask size PL1 {pl1:.4f}"
-    if share >= config.share_backdoor and pl1 <= config.pl1_backdoor:
-        return (
-            "backdoor",
-            score,
-            (
-                f"a small trigger ({facts}) sends the clean shots to one class: "
-                f"share >= {config.share_backdoor} and PL1 <= {config.pl1_backdoor}"
-            ),
-        )
-    if share < config.share_clean or pl1 > config.pl1_clean:
-        return (
-            "clean",
-            score,
-            (
-                f"no small trigger collapses the shots onto one class ({facts}; clean when share < "
-                f"{config.share_clean} or PL1 > {config.pl1_clean})"
-            ),
-        )
-    return (
-        "inconclusive",
-        score,
-        (
-            f"signals between the thresholds ({facts}); backdoor needs share >= "
-            f"{config.share_backdoor} and PL1 <= {config.pl1_backdoor}"
+    evidence_threshold: float = Field(
+        2.0,
+        gt=0,
+        description=(
+            "evidence (geometric mean of a class's size and alignment anomaly indices) from "
+            "which the verdict is backdoor"
         ),
     )
+    inconclusive_fraction: float = Field(
+        0.75,
+        gt=0,
+        le=1,
+        description="share of evidence_threshold from which the verdict is at least inconclusive",
+    )
 
 
-def _ramp(value: float, low: float, high: float) -> float:
-    if high <= low:
-        return 1.0 if value >= high else 0.0
-    return float(min(max((value - low) / (high - low), 0.0), 1.0))
+@dataclass
+class Screening:
+    """Both per-class signals, their anomaly indices, and the suspect class."""
+
+    inversions: list[InversionResult]
+    sizes: list[float]
+    size_index: list[float]
+    alignment: list[float]
+    alignment_index: list[float]
+    evidence: list[float]
+    suspect: int
+
+    @property
+    def top_evidence(self) -> float:
+        """The suspect's evidence: 1 or more is a backdoor under the thresholds used."""
+        return self.evidence[self.suspect]
+
+
+def screen(
+    bundle: ModelBundle,
+    shots: ShotSet,
+    config: ScanConfig,
+    context: RunContext,
+    classifier: PromptClassifier,
+    budget: int,
+) -> Screening:
+    """Per-class inversion and text alignment of every class, and the suspect (steps 1-3)."""
+    with context.stage("per-class inversion"):
+        inversions = invert_per_class(
+            bundle,
+            shots.pixels,
+            shots.labels,
+            classifier.class_features,
+            config,
+            context.generator(0),
+            context.progress,
+            budget=budget,
+        )
+    with context.stage("text alignment"):
+        alignment = text_alignment(bundle, shots, classifier.class_features)
+    sizes = [r.pl1 if r.reached else 1.0 for r in inversions]
+    size_index = low_side_indices(sizes, log=True)
+    alignment_index = low_side_indices(alignment)
+    evidence = [joint_evidence(s, a) for s, a in zip(size_index, alignment_index, strict=True)]
+    suspect = max(range(len(evidence)), key=lambda k: (evidence[k], -sizes[k]))
+    return Screening(inversions, sizes, size_index, alignment, alignment_index, evidence, suspect)
+
+
+def joint_evidence(size_index: float, alignment_index: float) -> float:
+    """A class's evidence: the geometric mean of its two low-side anomaly indices (>= 0)."""
+    return math.sqrt(max(size_index, 0.0) * max(alignment_index, 0.0))
+
+
+def decide(
+    screening: Screening, classnames: list[str], config: ScanConfig
+) -> tuple[str, float, str]:
+    """Verdict, score in ``[0, 1)`` and a one-line explanation.
+
+    The score is ``r / (1 + r)`` with ``r`` the suspect's evidence over the threshold, so it
+    is 0.5 exactly at the threshold.
+    """
+    k = screening.suspect
+    evidence = screening.top_evidence
+    ratio = evidence / config.evidence_threshold
+    facts = (
+        f"class {classnames[k]!r}: evidence {evidence:.2f} (backdoor from "
+        f"{config.evidence_threshold:g}) = geometric mean of the trigger-size index "
+        f"{screening.size_index[k]:.2f} (smallest trigger {screening.sizes[k]:.4f} of the "
+        f"image) and the text-alignment index {screening.alignment_index[k]:.2f}"
+    )
+    score = ratio / (1 + ratio)
+    if ratio >= 1:
+        return "backdoor", score, f"backdoor signal for {facts}"
+    if ratio >= config.inconclusive_fraction:
+        return "inconclusive", score, f"weak backdoor signal for {facts}"
+    return "clean", score, f"no class stands out; strongest is {facts}"
+
+
+def locate_trigger(
+    bundle: ModelBundle,
+    shots: ShotSet,
+    config: ScanConfig,
+    context: RunContext,
+    classifier: PromptClassifier,
+) -> tuple[Screening, InversionResult, InversionResult | None]:
+    """Steps 1-4: screen every class, then refine the suspect's trigger within the budget.
+
+    Returns the screening, the kept trigger (the refined one when its refinement met the
+    success share, else the suspect's per-class trigger) and the refinement (None when
+    ``refine`` is off or no budget is left).
+    """
+    start_images = bundle.image_encoder_images
+    refining = config.refine and config.refine_steps > 0
+    screening = screen(
+        bundle,
+        shots,
+        config,
+        context,
+        classifier,
+        budget=int(config.budget * 0.7) if refining else config.budget,
+    )
+    kept = screening.inversions[screening.suspect]
+    left = config.budget - (bundle.image_encoder_images - start_images)
+    refined: InversionResult | None = None
+    if refining and left > config.batch_size:
+        with context.stage("refinement"):
+            refined = invert_targeted(
+                bundle,
+                shots.pixels,
+                shots.labels,
+                classifier.class_features,
+                screening.suspect,
+                config,
+                context.generator(1),
+                start=kept.trigger,
+                progress=context.progress,
+                budget=left,
+            )
+        if refined.reached:
+            kept = refined
+    return screening, kept, refined
 
 
 def run_inversion(
@@ -161,13 +251,13 @@ def run_inversion(
 
 
 class CBPTScanner(Scanner):
-    """Contrastive trigger inversion (CBPT stage 1) with a verdict and a trigger picture."""
+    """Per-class trigger inversion and text alignment with a calibrated verdict and a picture."""
 
     name: ClassVar[str] = "cbpt"
     version: ClassVar[str] = __version__
     description: ClassVar[str] = (
-        "contrastive trigger inversion: smallest trigger that collapses clean shots; "
-        "verdict from its size and the share of shots sent to one class"
+        "per-class trigger inversion + text alignment; flags a class whose trigger is "
+        "anomalously small or whose prompt drifted from its images (calibrated MAD indices)"
     )
     Config: ClassVar[type[BaseModel]] = ScanConfig
 
@@ -178,66 +268,70 @@ class CBPTScanner(Scanner):
         assert isinstance(config, ScanConfig)
         torch.set_num_threads(min(torch.get_num_threads(), 2))
         start_images = bundle.image_encoder_images
-        contrastive, refined, stats, refined_stats = run_inversion(bundle, shots, config, context)
-        final = refined if refined is not None else contrastive
-        final_stats = refined_stats if refined is not None else stats
-        # the verdict: dominant share of the contrastive trigger (untargeted evidence) and the
-        # mask size of the trigger that sends the shots to that class
-        share = float(stats["dominant_share"])
-        pl1 = final.pl1 if (refined is None or refined.reached) else contrastive.pl1
-        verdict, score, explanation = decide(share, pl1, config)
-        target = stats["dominant_class"] if verdict != "clean" else None
-        settings = config.model_dump(mode="json")
+        classifier = PromptClassifier(bundle, shots.classnames)
+        screening, kept, refined = locate_trigger(bundle, shots, config, context, classifier)
+        verdict, score, explanation = decide(screening, list(shots.classnames), config)
+        suspect = shots.classnames[screening.suspect]
+        stats = prediction_distribution(
+            classifier.predict, shots.pixels, shots.labels, kept.trigger, shots.classnames
+        )
+        clean_cos = mean_pairwise_cosine(encode_batched(bundle, shots.pixels))
+        others = shots.pixels[shots.labels != screening.suspect]
+        collapse = relative_collapse(
+            mean_pairwise_cosine(encode_batched(bundle, kept.trigger.apply(others))), clean_cos
+        )
+        names = list(shots.classnames)
         trigger_file = TriggerFile(
-            trigger=final.trigger,
+            trigger=kept.trigger,
             model_sha256=bundle.sha256,
-            classnames=list(shots.classnames),
+            classnames=names,
             settings={
                 "scanner": self.name,
                 "version": self.version,
                 "seed": context.seed,
-                "dominant_class": final_stats["dominant_class"],
-                "options": settings,
+                "target_class": suspect,
+                "verdict": verdict,
+                "evidence": screening.top_evidence,
+                "dominant_class": stats["dominant_class"],
+                "options": config.model_dump(mode="json"),
             },
             producer=f"clipguard_cbpt {self.name} {self.version}",
         )
         statistics: dict[str, Any] = {
-            "pl1": pl1,
-            "contrastive_pl1": contrastive.pl1,
-            "collapse_score": contrastive.collapse,
-            "collapse_reached": contrastive.reached,
+            "suspect_class": suspect,
+            "evidence": screening.top_evidence,
+            "size_index": screening.size_index[screening.suspect],
+            "alignment_index": screening.alignment_index[screening.suspect],
+            "pl1": kept.pl1,
+            "collapse_score": collapse,
             "dominant_class": stats["dominant_class"],
-            "dominant_share": share,
+            "dominant_share": stats["dominant_share"],
             "dominant_share_others": stats["dominant_share_others"],
             "class_distribution": stats["distribution"],
-            "restarts": contrastive.restarts,
-            "contrastive_steps": contrastive.steps,
+            "class_pl1": dict(zip(names, screening.sizes, strict=True)),
+            "class_reached": {
+                c: r.reached for c, r in zip(names, screening.inversions, strict=True)
+            },
+            "class_size_index": dict(zip(names, screening.size_index, strict=True)),
+            "class_alignment": dict(zip(names, screening.alignment, strict=True)),
+            "class_alignment_index": dict(zip(names, screening.alignment_index, strict=True)),
+            "class_evidence": dict(zip(names, screening.evidence, strict=True)),
+            "refined": None
+            if refined is None
+            else {"pl1": refined.pl1, "reached": refined.reached, "steps": refined.steps},
             "thresholds": {
-                "share_backdoor": config.share_backdoor,
-                "share_clean": config.share_clean,
-                "pl1_backdoor": config.pl1_backdoor,
-                "pl1_clean": config.pl1_clean,
+                "evidence_threshold": config.evidence_threshold,
+                "inconclusive_fraction": config.inconclusive_fraction,
             },
             "image_encoder_images": bundle.image_encoder_images - start_images,
             "budget": config.budget,
             "seed": context.seed,
         }
-        if refined is not None:
-            statistics["refined"] = {
-                "pl1": refined.pl1,
-                "reached": refined.reached,
-                "steps": refined.steps,
-                "target_class": refined_stats["dominant_class"],
-                "dominant_share": refined_stats["dominant_share"],
-                "dominant_share_others": refined_stats["dominant_share_others"],
-            }
-        picture = picture_bytes(
-            bundle, shots, final.trigger, verdict, final_stats["dominant_class"]
-        )
+        picture = picture_bytes(bundle, shots, kept.trigger, verdict, stats["dominant_class"])
         return ScanOutcome(
             verdict=verdict,  # type: ignore[arg-type]
             score=score,
-            target_class=target,
+            target_class=suspect if verdict != "clean" else None,
             explanation=explanation,
             statistics=statistics,
             artifacts={

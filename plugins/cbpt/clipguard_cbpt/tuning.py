@@ -49,8 +49,8 @@ class TuningConfig(BaseModel):
     lr: float = Field(2e-3, gt=0, description="Adam learning rate of the context vectors")
     n_context: int = Field(4, ge=1, le=16, description="context vectors M per class")
     context_init: str = Field(DEFAULT_CONTEXT_INIT, description="text the context starts from")
-    trigger_weight: float = Field(0.5, ge=0, description="a: weight of L_trigger")
-    anchor_weight: float = Field(5.0, ge=0, description="b: weight of L_anchor")
+    trigger_weight: float = Field(1.0, ge=0, description="a: weight of L_trigger")
+    anchor_weight: float = Field(1.0, ge=0, description="b: weight of L_anchor")
     trigger_loss: TriggerLoss = Field(
         "away", description="true-class CE, push-away from the target, or both"
     )
@@ -90,7 +90,7 @@ def cache_features(
     bundle: ModelBundle,
     pixels: torch.Tensor,
     labels: torch.Tensor,
-    trigger: MaskPatternTrigger | None,
+    trigger: MaskPatternTrigger | list[MaskPatternTrigger] | None,
     augmentations: int,
     crop_scale: float,
     generator: torch.Generator,
@@ -100,26 +100,25 @@ def cache_features(
     Views: the shot itself plus ``augmentations`` random resized crops with flips. Triggered
     view ``v`` applies the trigger after the augmentation on even ``v`` (the trigger sits at a
     fixed place in the model's input) and before it on odd ``v`` (the trigger moved and
-    rescaled with the image). Runs the image encoder ``(1 + augmentations) * N`` times per
-    set; deterministic for ``generator``.
+    rescaled with the image). With several triggers, every trigger gets every view (the
+    triggered views are stacked trigger after trigger). Runs the image encoder
+    ``(1 + augmentations) * N`` times for the clean views and as often again per trigger;
+    deterministic for ``generator``.
     """
     start = bundle.image_encoder_images
+    triggers = [] if trigger is None else trigger if isinstance(trigger, list) else [trigger]
     clean_views, triggered_views = [], []
     for view in range(1 + augmentations):
-        if view == 0:
-            clean = pixels
-            triggered = trigger.apply(pixels) if trigger is not None else None
-        else:
-            theta = random_affine(pixels.shape[0], crop_scale, generator)
-            clean = apply_affine(pixels, theta)
-            if trigger is None:
-                triggered = None
-            elif view % 2 == 0:
-                triggered = trigger.apply(clean)
-            else:
-                triggered = apply_affine(trigger.apply(pixels), theta)
+        theta = None if view == 0 else random_affine(pixels.shape[0], crop_scale, generator)
+        clean = pixels if theta is None else apply_affine(pixels, theta)
         clean_views.append(encode_batched(bundle, clean))
-        if triggered is not None:
+        for each in triggers:
+            if theta is None:
+                triggered = each.apply(pixels)
+            elif view % 2 == 0:
+                triggered = each.apply(clean)
+            else:
+                triggered = apply_affine(each.apply(pixels), theta)
             triggered_views.append(encode_batched(bundle, triggered.clamp(0, 1)))
     return FeatureCache(
         clean=torch.stack(clean_views),
@@ -151,19 +150,19 @@ def prompt_losses(
     ``L_trigger`` is 0 without triggered features or when disabled; ``"away"`` needs a
     ``target`` (without one only the true-class part is used).
     """
-    c, n, e = cache.clean.shape[1], cache.clean.shape[0], cache.clean.shape[2]
-    del c
-    labels = cache.labels.repeat(n)
+    n_views, e = cache.clean.shape[0], cache.clean.shape[2]
+    labels = cache.labels.repeat(n_views)
     logits_clean = scale * cache.clean.reshape(-1, e) @ text.T
     losses = {"clean": F.cross_entropy(logits_clean, labels)}
     zero = text.new_zeros(())
     trigger_loss = zero
     if cache.triggered is not None and not config.no_trigger_loss:
         logits_trig = scale * cache.triggered.reshape(-1, e) @ text.T
+        trig_labels = cache.labels.repeat(cache.triggered.shape[0])
         if config.trigger_loss in ("true-class", "both") or target is None:
-            trigger_loss = trigger_loss + F.cross_entropy(logits_trig, labels)
+            trigger_loss = trigger_loss + F.cross_entropy(logits_trig, trig_labels)
         if config.trigger_loss in ("away", "both") and target is not None:
-            keep = labels != target
+            keep = trig_labels != target
             if bool(keep.any()):
                 p_target = logits_trig[keep].softmax(dim=1)[:, target]
                 trigger_loss = trigger_loss - torch.log1p(-p_target.clamp(max=1 - 1e-6)).mean()
