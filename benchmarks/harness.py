@@ -263,8 +263,21 @@ class Harness:
         self._save()
         return entry
 
-    def run(self, models: Iterable[ZooModel], defences: Sequence[str], progress: Progress) -> None:
-        pairs = [(model, defence) for model in models for defence in defences]
+    def run(
+        self,
+        models: Iterable[ZooModel],
+        defences: Sequence[str],
+        progress: Progress,
+        clean_defences: Sequence[str] | None = None,
+    ) -> None:
+        """Run every defence on every model; on clean models only ``clean_defences`` (all
+        ``defences`` when None)."""
+        pairs = [
+            (model, defence)
+            for model in models
+            for defence in defences
+            if model.backdoored or clean_defences is None or defence in clean_defences
+        ]
         for model, defence in progress.track(pairs, description="benchmark"):
             self.defend(model, defence)
 
@@ -289,8 +302,11 @@ def markdown_tables(results: dict[str, Any], defences: Sequence[str]) -> str:
     lines = [
         "### Backdoored models: CA / ASR after each defence (%)",
         "",
-        "| attack | " + " | ".join(present) + " |",
-        "|---|" + "---|" * len(present),
+        "The last column is the oracle ceiling of the lab models (model cards): a linear probe "
+        "trained on clean and really triggered features with their true labels.",
+        "",
+        "| attack | models | " + " | ".join(present) + " | oracle ceiling |",
+        "|---|---|" + "---|" * len(present) + "---|",
     ]
     for attack in [*attacks, "average"]:
         cells = []
@@ -306,7 +322,18 @@ def markdown_tables(results: dict[str, Any], defences: Sequence[str]) -> str:
             asr = _mean(r["asr_after"] for r in chosen)
             cells.append(f"{_pct(ca)} / {_pct(asr)}")
         label = f"**{attack}**" if attack == "average" else attack
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        reference = [
+            r
+            for r in runs
+            if r["defence"] == present[0]
+            and r["attack"] != "none"
+            and (attack == "average" or r["attack"] == attack)
+        ]
+        oracle = (
+            f"{_pct(_mean(r.get('oracle_ca') for r in reference))} / "
+            f"{_pct(_mean(r.get('oracle_asr') for r in reference))}"
+        )
+        lines.append(f"| {label} | {len(reference)} | " + " | ".join(cells) + f" | {oracle} |")
     clean_runs = [r for r in runs if r["attack"] == "none"]
     if clean_runs:
         lines += [

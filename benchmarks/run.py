@@ -47,6 +47,10 @@ def _quick_model(progress: Progress) -> list[ZooModel]:
 def main(
     zoo: Annotated[Path | None, typer.Option(help="zoo folder (models with .card.json)")] = None,
     defences: Annotated[str, typer.Option(help="comma list of defences")] = ",".join(DEFENCES),
+    clean_defences: Annotated[
+        str | None,
+        typer.Option(help="comma list of the defences also run on clean models (default: all)"),
+    ] = None,
     quick: Annotated[bool, typer.Option(help="one backdoored model, two defences")] = False,
     results: Annotated[Path | None, typer.Option(help="results JSON (resumable)")] = None,
     doc: Annotated[
@@ -84,7 +88,8 @@ def main(
         seed=seed,
         eval_limit=eval_limit,
     )
-    harness.run(models, chosen, progress)
+    on_clean = None if clean_defences is None else [d.strip() for d in clean_defences.split(",")]
+    harness.run(models, chosen, progress, clean_defences=on_clean)
     tables = markdown_tables(harness.results, chosen)
     typer.echo(tables)
     if doc is not None:

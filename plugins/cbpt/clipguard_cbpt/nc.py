@@ -24,10 +24,9 @@ from clipguard_cbpt import __version__
 from clipguard_cbpt.inversion import (
     InversionConfig,
     InversionResult,
-    invert_per_class,
     prediction_distribution,
 )
-from clipguard_cbpt.scanner import picture_bytes
+from clipguard_cbpt.scanner import class_triggers, picture_bytes
 from clipguard_cbpt.signals import anomaly_indices
 
 
@@ -60,17 +59,7 @@ def per_class_inversion(
     the suspect class (smallest size below the median, else the smallest size)."""
     classifier = classifier or PromptClassifier(bundle, shots.classnames)
     n_classes = shots.n_classes
-    with context.stage("inversion"):
-        results = invert_per_class(
-            bundle,
-            shots.pixels,
-            shots.labels,
-            classifier.class_features,
-            config,
-            context.generator(100),
-            context.progress,
-        )
-    sizes = [r.pl1 if r.reached else 1.0 for r in results]
+    results, sizes = class_triggers(bundle, shots, config, context, classifier)
     indices = anomaly_indices(sizes)
     median = float(torch.tensor(sizes).median())
     candidates = [k for k in range(n_classes) if sizes[k] < median]

@@ -94,15 +94,16 @@ class Screening:
         return self.evidence[self.suspect]
 
 
-def screen(
+def class_triggers(
     bundle: ModelBundle,
     shots: ShotSet,
-    config: ScanConfig,
+    config: InversionConfig,
     context: RunContext,
     classifier: PromptClassifier,
-    budget: int,
-) -> Screening:
-    """Per-class inversion and text alignment of every class, and the suspect (steps 1-3)."""
+    budget: int | None = None,
+) -> tuple[list[InversionResult], list[float]]:
+    """The per-class inversion of every class (stage "per-class inversion") and the sizes
+    ``n_k`` (the mask size, 1.0 where the class's success share was never met)."""
     with context.stage("per-class inversion"):
         inversions = invert_per_class(
             bundle,
@@ -114,9 +115,21 @@ def screen(
             context.progress,
             budget=budget,
         )
+    return inversions, [r.pl1 if r.reached else 1.0 for r in inversions]
+
+
+def screen(
+    bundle: ModelBundle,
+    shots: ShotSet,
+    config: ScanConfig,
+    context: RunContext,
+    classifier: PromptClassifier,
+    budget: int,
+) -> Screening:
+    """Per-class inversion and text alignment of every class, and the suspect (steps 1-3)."""
+    inversions, sizes = class_triggers(bundle, shots, config, context, classifier, budget)
     with context.stage("text alignment"):
         alignment = text_alignment(bundle, shots, classifier.class_features)
-    sizes = [r.pl1 if r.reached else 1.0 for r in inversions]
     size_index = low_side_indices(sizes, log=True)
     alignment_index = low_side_indices(alignment)
     evidence = [joint_evidence(s, a) for s, a in zip(size_index, alignment_index, strict=True)]
