@@ -85,6 +85,30 @@ def fit_threshold(scans: list[dict[str, Any]]) -> float:
     return (tied[0] + tied[-1]) / 2
 
 
+def _card_asr(model: ZooModel) -> float:
+    return float(model.card.get("attack_success_rate") or 0.0)
+
+
+def per_attack_table(models: list[ZooModel], scans: dict[str, Any], threshold: float) -> str:
+    """Detection and target accuracy per attack, with the top evidence of every model."""
+    lines = [
+        "",
+        "| attack | models | detected | target right | top evidence per model (seed: value) |",
+        "|---|---|---|---|---|",
+    ]
+    for attack in sorted({m.attack for m in models}):
+        chosen = [m for m in models if m.attack == attack]
+        judged = [(m, *judge(scans[m.name], threshold)) for m in chosen]
+        detected = [m for m, flagged, _ in judged if flagged]
+        right = [m for m, flagged, suspect in judged if flagged and suspect == m.target]
+        values = ", ".join(f"s{_seed(m)}: {_top_evidence(scans[m.name]):.2f}" for m in chosen)
+        lines.append(
+            f"| {attack} | {len(chosen)} | {len(detected)} | "
+            f"{len(right) if attack != 'none' else '-'} | {values} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _seed(model: ZooModel) -> int:
     return int(model.card.get("seed", 0))
 
@@ -94,23 +118,27 @@ def _fmt(value: float | None) -> str:
 
 
 def calibration_table(
-    fit: dict[str, Any],
+    fit: dict[str, Any] | None,
     held_out: dict[str, Any],
     everything: dict[str, Any],
     threshold: float,
+    fitted: bool = True,
 ) -> str:
+    how = "Fitted on the even seeds" if fitted else "Given (not fitted here)"
     lines = [
-        f"Fitted evidence threshold: {threshold:.2f}.",
+        f"{how}: evidence threshold {threshold:.2f}.",
         "",
         "| models | backdoored | clean | TPR | FPR | target right | missed | false alarms "
         "| wrong target |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, result in (
-        ("fit (even seeds)", fit),
-        ("held out (odd seeds)", held_out),
+        ("fit (even seeds)" if fitted else "even seeds", fit),
+        ("held out (odd seeds)" if fitted else "odd seeds", held_out),
         ("all", everything),
     ):
+        if result is None:
+            continue
         lines.append(
             f"| {name} | {result['n_backdoored']} | {result['n_clean']} | {_fmt(result['tpr'])} | "
             f"{_fmt(result['fpr'])} | {_fmt(result['target_accuracy'])} | "
@@ -127,13 +155,26 @@ def main(
     doc: Annotated[Path | None, typer.Option(help="markdown file to update")] = None,
     shots: int = 16,
     seed: int = 0,
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="evaluate this evidence threshold instead of fitting one"),
+    ] = None,
+    section: Annotated[
+        str, typer.Option(help="marker name of the section of --doc to regenerate")
+    ] = "scanner-calibration",
+    min_asr: Annotated[
+        float,
+        typer.Option(help="backdoored models whose card ASR is lower did not take the implant"),
+    ] = 0.5,
     quiet: bool = False,
 ) -> None:
     """Scan every zoo model, fit thresholds on even seeds, report on odd seeds."""
     progress = Progress(quiet=quiet)
-    models = [model for folder in zoo for model in find_models(folder)]
-    if not models:
+    found = [model for folder in zoo for model in find_models(folder)]
+    if not found:
         raise typer.BadParameter("no models with cards found")
+    failed = [m.name for m in found if m.backdoored and _card_asr(m) < min_asr]
+    models = [m for m in found if m.name not in failed]
     date = datetime.date.today().isoformat()
     results = results or ROOT / "benchmarks" / "results" / f"{date}-calibration.json"
     harness = Harness(
@@ -142,21 +183,33 @@ def main(
     scans = {m.name: harness.scan(m) for m in progress.track(models, description="scanning zoo")}
     fit_scans = [scans[m.name] for m in models if _seed(m) % 2 == 0]
     held_scans = [scans[m.name] for m in models if _seed(m) % 2 == 1]
-    threshold = fit_threshold(fit_scans)
+    fitted = threshold is None
+    if threshold is None:
+        threshold = fit_threshold(fit_scans)
     summary = {
+        "fitted": fitted,
         "thresholds": {"evidence_threshold": threshold},
-        "fit": rates(fit_scans, threshold),
+        "fit": rates(fit_scans, threshold) if fit_scans else None,
         "held_out": rates(held_scans, threshold),
         "all": rates(list(scans.values()), threshold),
     }
-    harness.results["calibration"] = summary
+    summary["not_implanted"] = failed
+    harness.results[section] = summary
     atomic_write_json(results, harness.results)
-    table = calibration_table(summary["fit"], summary["held_out"], summary["all"], threshold)
+    table = calibration_table(
+        summary["fit"], summary["held_out"], summary["all"], threshold, fitted
+    )
+    table += per_attack_table(models, scans, threshold)
+    if failed:
+        table += (
+            f"\nLeft out, their backdoor did not take (card ASR below {min_asr:.0%}): "
+            f"{', '.join(failed)}.\n"
+        )
     typer.echo(table)
     typer.echo(json.dumps(summary["thresholds"]))
     if doc is not None:
         command = shlex.join(["python", "benchmarks/calibrate.py", *sys.argv[1:]])
-        update_docs(doc, table, None, command, results, section="scanner-calibration")
+        update_docs(doc, table, None, command, results, section=section)
 
 
 if __name__ == "__main__":
