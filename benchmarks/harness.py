@@ -32,6 +32,8 @@ DEFENCES: dict[str, tuple[str, dict[str, Any], bool]] = {
     # CBPT reuses the trigger of the model's cbpt scan (run once per model, its seconds are
     # recorded with the scan), as `clipguard purify --trigger` does
     "cbpt": ("cbpt", {}, True),
+    # the trigger loss even when the scan found no backdoor (on a clean model it costs CA)
+    "cbpt-ungated": ("cbpt", {"gate_on_verdict": False}, True),
     "cbpt-no-trigger-loss": ("cbpt", {"no_trigger_loss": True}, True),
     "cbpt-no-anchor-loss": ("cbpt", {"no_anchor_loss": True}, True),
     "cbpt-random-mask": ("cbpt", {"random_mask": True}, True),
