@@ -345,7 +345,7 @@ def markdown_tables(results: dict[str, Any], defences: Sequence[str]) -> str:
             "| defence | CA before | CA after | change (points) |",
             "|---|---|---|---|",
         ]
-        for defence in present:
+        for defence in [d for d in present if any(r["defence"] == d for r in clean_runs)]:
             chosen = [r for r in clean_runs if r["defence"] == defence]
             before = _mean(r["ca_before"] for r in chosen)
             after = _mean(r["ca_after"] for r in chosen)
