@@ -15,7 +15,7 @@ import pytest
 from clipguard import api
 
 #: cbpt options small enough for the tiny test model
-FAST_SCAN = {"steps": 20, "restarts": 1, "refine_steps": 10, "batch_size": 8}
+FAST_SCAN = {"class_steps": 20, "refine_steps": 10, "batch_size": 8}
 FAST_PURIFY = {"steps": 20, "augmentations": 1}
 VOLATILE = {"started_at", "finished_at", "seconds", "stage_seconds"}
 
@@ -63,12 +63,19 @@ def test_same_seed_gives_identical_scan_and_purify_outputs(tiny_model_path, tiny
     assert _stable(_without_run_folder(purify_a)) == _stable(_without_run_folder(purify_b))
 
 
+def _default_signals() -> None:
+    # as from an interactive terminal: a test runner started in the background inherits an
+    # ignored SIGINT, and Python keeps ignoring it
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(arguments: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "clipguard", *arguments],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_signals,
     )
 
 
@@ -88,7 +95,10 @@ def test_interrupted_scan_leaves_nothing_and_rerun_completes(
     signal_number, tiny_model_path, tiny_data, tmp_path
 ):
     out = tmp_path / "out"
-    endless = ["-o", "steps=1000000", "-o", "early_stop_windows=1000000", "-o", "restarts=1"]
+    endless = [
+        *("-o", "class_steps=100000000", "-o", "class_patience=100000000"),
+        *("-o", "budget=1000000000000"),
+    ]
     process = _start(
         [
             "scan",
