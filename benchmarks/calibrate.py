@@ -36,13 +36,20 @@ ROOT = Path(__file__).resolve().parents[1]
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def judge(scan: dict[str, Any], threshold: float) -> tuple[bool, str]:
-    """``(flagged, suspect)`` of a scan under ``threshold`` (the scanner's own rule)."""
+def top_evidence(scan: dict[str, Any]) -> tuple[float, str]:
+    """The largest class evidence of a scan and its class, recomputed from the per-class
+    indices in the report (so scans made under other thresholds are judged alike)."""
     statistics = scan["statistics"]
     sizes, alignments = statistics["class_size_index"], statistics["class_alignment_index"]
     evidence = {k: joint_evidence(sizes[k], alignments[k]) for k in sizes}
     suspect = max(sorted(evidence), key=lambda k: evidence[k])
-    return evidence[suspect] >= threshold, suspect
+    return evidence[suspect], suspect
+
+
+def judge(scan: dict[str, Any], threshold: float) -> tuple[bool, str]:
+    """``(flagged, suspect)`` of a scan under ``threshold`` (the scanner's own rule)."""
+    evidence, suspect = top_evidence(scan)
+    return evidence >= threshold, suspect
 
 
 def rates(scans: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
@@ -65,19 +72,13 @@ def rates(scans: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
     }
 
 
-def _top_evidence(scan: dict[str, Any]) -> float:
-    statistics = scan["statistics"]
-    sizes, alignments = statistics["class_size_index"], statistics["class_alignment_index"]
-    return max(joint_evidence(sizes[k], alignments[k]) for k in sizes)
-
-
 def fit_threshold(scans: list[dict[str, Any]]) -> float:
     """The evidence threshold maximising TPR - FPR on ``scans``.
 
     Candidates are the midpoints between the models' top evidence values; among those with
     the best TPR - FPR the middle of the tied range is taken (the widest margin).
     """
-    tops = sorted({_top_evidence(s) for s in scans})
+    tops = sorted({top_evidence(s)[0] for s in scans})
     cuts = [(a + b) / 2 for a, b in pairwise(tops)] or [tops[0]]
     scored = [(((r := rates(scans, c))["tpr"] or 0) - (r["fpr"] or 0), c) for c in cuts]
     best = max(y for y, _ in scored)
@@ -101,7 +102,7 @@ def per_attack_table(models: list[ZooModel], scans: dict[str, Any], threshold: f
         judged = [(m, *judge(scans[m.name], threshold)) for m in chosen]
         detected = [m for m, flagged, _ in judged if flagged]
         right = [m for m, flagged, suspect in judged if flagged and suspect == m.target]
-        values = ", ".join(f"s{_seed(m)}: {_top_evidence(scans[m.name]):.2f}" for m in chosen)
+        values = ", ".join(f"s{_seed(m)}: {top_evidence(scans[m.name])[0]:.2f}" for m in chosen)
         lines.append(
             f"| {attack} | {len(chosen)} | {len(detected)} | "
             f"{len(right) if attack != 'none' else '-'} | {values} |"

@@ -25,7 +25,9 @@ def _screening(size_index: list[float], alignment_index: list[float]) -> Screeni
     evidence = [joint_evidence(s, a) for s, a in zip(size_index, alignment_index, strict=True)]
     suspect = max(range(len(evidence)), key=lambda k: evidence[k])
     n = len(size_index)
-    return Screening([], [0.01] * n, size_index, [0.8] * n, alignment_index, evidence, suspect)
+    return Screening(
+        [], torch.zeros(n, 4), [0.01] * n, size_index, [0.8] * n, alignment_index, evidence, suspect
+    )
 
 
 def test_decide_needs_both_signals_on_one_class() -> None:
@@ -154,3 +156,13 @@ def test_nc_scanner_runs_and_is_registered(bundle, shots) -> None:
     assert outcome.verdict in ("backdoor", "clean", "inconclusive")
     assert set(outcome.statistics["class_pl1"]) == set(shots.classnames)
     assert set(outcome.artifacts) == {"trigger.safetensors", "trigger.png"}
+
+
+def test_text_alignment_is_the_mean_cosine_of_each_class_with_its_prompt() -> None:
+    from clipguard_cbpt.signals import text_alignment
+
+    prompts = torch.eye(3)
+    features = torch.tensor([[1.0, 0, 0], [0.6, 0.8, 0], [0, 1.0, 0], [0, 0.8, 0.6]])
+    labels = torch.tensor([0, 0, 1, 1])
+    # class 2 has no shot: 0
+    assert text_alignment(features, labels, prompts) == pytest.approx([0.8, 0.9, 0.0])

@@ -114,6 +114,11 @@ class InversionConfig(BaseModel):
 # --------------------------------------------------------------------------- trigger params
 
 
+def to_unit(weight: torch.Tensor) -> torch.Tensor:
+    """The tanh parametrisation of masks and patterns: ``(tanh(w) + 1) / 2`` in ``[0, 1]``."""
+    return (torch.tanh(weight) + 1) / 2
+
+
 class TriggerParameters(torch.nn.Module):
     """A mask and a pattern in ``[0, 1]`` through ``(tanh(w) + 1) / 2``."""
 
@@ -139,11 +144,11 @@ class TriggerParameters(torch.nn.Module):
 
     def mask(self) -> torch.Tensor:
         """The mask ``1 x H x W`` in ``[0, 1]``."""
-        return (torch.tanh(self.mask_weight) + 1) / 2
+        return to_unit(self.mask_weight)
 
     def pattern(self) -> torch.Tensor:
         """The pattern ``3 x H x W`` in ``[0, 1]``."""
-        return (torch.tanh(self.pattern_weight) + 1) / 2
+        return to_unit(self.pattern_weight)
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         """``(1 - m) * x + m * p`` for images ``B x 3 x H x W`` (differentiable)."""
@@ -578,8 +583,7 @@ def invert_per_class(
                 else:
                     rows.append(pool[torch.randint(len(pool), (batch,), generator=generator)])
             chosen = torch.tensor(active)
-            mask = (torch.tanh(mask_weight[chosen]) + 1) / 2
-            pattern = (torch.tanh(pattern_weight[chosen]) + 1) / 2
+            mask, pattern = to_unit(mask_weight[chosen]), to_unit(pattern_weight[chosen])
             clean = pixels[torch.stack(rows)]
             triggered = (1 - mask.unsqueeze(1)) * clean + (mask * pattern).unsqueeze(1)
             logits = scale * bundle.encode_image(triggered.flatten(0, 1)) @ class_features.T
@@ -619,9 +623,7 @@ def invert_per_class(
     for k in range(n_classes):
         trigger = kept[k] if kept[k] is not None else top[k][1]
         if trigger is None:  # a class with no other-class shot, or no step at all
-            trigger = _class_trigger(
-                (torch.tanh(mask_weight[k]) + 1) / 2, (torch.tanh(pattern_weight[k]) + 1) / 2
-            )
+            trigger = _class_trigger(to_unit(mask_weight[k]), to_unit(pattern_weight[k]))
         results.append(
             InversionResult(
                 trigger=trigger,

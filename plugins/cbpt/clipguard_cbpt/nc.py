@@ -141,7 +141,7 @@ class NCScanner(Scanner):
             "seed": context.seed,
         }
         picture = picture_bytes(
-            bundle, shots, trigger, verdict, stats["dominant_class"], scanner=self.name
+            classifier, shots, trigger, verdict, stats["dominant_class"], scanner=self.name
         )
         return ScanOutcome(
             verdict=verdict,  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ from clipguard.prompts import PromptClassifier, PromptSet
 from clipguard.triggers import MaskPatternTrigger, TriggerFile
 from clipguard_cbpt import __version__
 from clipguard_cbpt.inversion import InversionConfig, invert_targeted, prediction_distribution
-from clipguard_cbpt.scanner import ScanConfig, decide, locate_trigger, run_inversion
+from clipguard_cbpt.scanner import ScanConfig, locate_trigger, run_inversion, verdict_of
 from clipguard_cbpt.tuning import TuningConfig, cache_features, random_mask_like, tune_prompts
 
 
@@ -86,6 +86,7 @@ class CBPTPurifier(Purifier):
         torch.set_num_threads(min(torch.get_num_threads(), 2))
         start_images = bundle.image_encoder_images
         statistics: dict[str, Any] = {}
+        baseline = PromptClassifier(bundle, shots.classnames)
         verdict: str | None = None
         evidence: float | None = None
         if trigger is None:
@@ -96,10 +97,9 @@ class CBPTPurifier(Purifier):
                 refine=config.refine,
             )
             if config.inversion_method == "scan":
-                classifier = PromptClassifier(bundle, shots.classnames)
-                screening, kept, _ = locate_trigger(bundle, shots, scan_config, context, classifier)
-                verdict = decide(screening, list(shots.classnames), scan_config)[0]
+                screening, kept, _ = locate_trigger(bundle, shots, scan_config, context, baseline)
                 evidence = screening.top_evidence
+                verdict = verdict_of(evidence, scan_config)
                 statistics["inversion_evidence"] = evidence
             else:
                 contrastive, refined, _, _ = run_inversion(bundle, shots, scan_config, context)
@@ -119,7 +119,6 @@ class CBPTPurifier(Purifier):
             )
             statistics["inversion_pl1"] = kept.pl1
         inversion_images = bundle.image_encoder_images - start_images
-        baseline = PromptClassifier(bundle, shots.classnames)
         distribution = prediction_distribution(
             baseline.predict, shots.pixels, shots.labels, trigger.trigger, shots.classnames
         )
@@ -169,8 +168,7 @@ def _says_clean(settings: dict[str, Any]) -> bool:
     one), else its recorded verdict; False for a trigger without either."""
     evidence = settings.get("evidence")
     if isinstance(evidence, int | float):
-        default = ScanConfig()
-        return evidence < default.inconclusive_fraction * default.evidence_threshold
+        return verdict_of(float(evidence), ScanConfig()) == "clean"
     return settings.get("verdict") == "clean"
 
 

@@ -81,6 +81,7 @@ class Screening:
     """Both per-class signals, their anomaly indices, and the suspect class."""
 
     inversions: list[InversionResult]
+    clean_features: torch.Tensor
     sizes: list[float]
     size_index: list[float]
     alignment: list[float]
@@ -129,17 +130,38 @@ def screen(
     """Per-class inversion and text alignment of every class, and the suspect (steps 1-3)."""
     inversions, sizes = class_triggers(bundle, shots, config, context, classifier, budget)
     with context.stage("text alignment"):
-        alignment = text_alignment(bundle, shots, classifier.class_features)
+        clean_features = encode_batched(bundle, shots.pixels)
+        alignment = text_alignment(clean_features, shots.labels, classifier.class_features)
     size_index = low_side_indices(sizes, log=True)
     alignment_index = low_side_indices(alignment)
     evidence = [joint_evidence(s, a) for s, a in zip(size_index, alignment_index, strict=True)]
     suspect = max(range(len(evidence)), key=lambda k: (evidence[k], -sizes[k]))
-    return Screening(inversions, sizes, size_index, alignment, alignment_index, evidence, suspect)
+    return Screening(
+        inversions,
+        clean_features,
+        sizes,
+        size_index,
+        alignment,
+        alignment_index,
+        evidence,
+        suspect,
+    )
 
 
 def joint_evidence(size_index: float, alignment_index: float) -> float:
     """A class's evidence: the geometric mean of its two low-side anomaly indices (>= 0)."""
     return math.sqrt(max(size_index, 0.0) * max(alignment_index, 0.0))
+
+
+def verdict_of(evidence: float, config: ScanConfig) -> str:
+    """``backdoor`` from ``evidence_threshold``, ``inconclusive`` from ``inconclusive_fraction``
+    of it, else ``clean``."""
+    ratio = evidence / config.evidence_threshold
+    if ratio >= 1:
+        return "backdoor"
+    if ratio >= config.inconclusive_fraction:
+        return "inconclusive"
+    return "clean"
 
 
 def decide(
@@ -159,12 +181,13 @@ def decide(
         f"{screening.size_index[k]:.2f} (smallest trigger {screening.sizes[k]:.4f} of the "
         f"image) and the text-alignment index {screening.alignment_index[k]:.2f}"
     )
-    score = ratio / (1 + ratio)
-    if ratio >= 1:
-        return "backdoor", score, f"backdoor signal for {facts}"
-    if ratio >= config.inconclusive_fraction:
-        return "inconclusive", score, f"weak backdoor signal for {facts}"
-    return "clean", score, f"no class stands out; strongest is {facts}"
+    verdict = verdict_of(evidence, config)
+    explanation = {
+        "backdoor": f"backdoor signal for {facts}",
+        "inconclusive": f"weak backdoor signal for {facts}",
+        "clean": f"no class stands out; strongest is {facts}",
+    }[verdict]
+    return verdict, ratio / (1 + ratio), explanation
 
 
 def locate_trigger(
@@ -288,7 +311,7 @@ class CBPTScanner(Scanner):
         stats = prediction_distribution(
             classifier.predict, shots.pixels, shots.labels, kept.trigger, shots.classnames
         )
-        clean_cos = mean_pairwise_cosine(encode_batched(bundle, shots.pixels))
+        clean_cos = mean_pairwise_cosine(screening.clean_features)
         others = shots.pixels[shots.labels != screening.suspect]
         collapse = relative_collapse(
             mean_pairwise_cosine(encode_batched(bundle, kept.trigger.apply(others))), clean_cos
@@ -340,7 +363,7 @@ class CBPTScanner(Scanner):
             "budget": config.budget,
             "seed": context.seed,
         }
-        picture = picture_bytes(bundle, shots, kept.trigger, verdict, stats["dominant_class"])
+        picture = picture_bytes(classifier, shots, kept.trigger, verdict, stats["dominant_class"])
         return ScanOutcome(
             verdict=verdict,  # type: ignore[arg-type]
             score=score,
@@ -356,14 +379,15 @@ class CBPTScanner(Scanner):
 
 
 def picture_bytes(
-    bundle: ModelBundle,
+    classifier: PromptClassifier,
     shots: ShotSet,
     trigger: Any,
     verdict: str,
     dominant: str,
     scanner: str = "cbpt",
 ) -> bytes:
-    """``trigger.png`` with up to :data:`N_PICTURE_PAIRS` shots of different classes."""
+    """``trigger.png`` with up to :data:`N_PICTURE_PAIRS` shots of different classes, labelled
+    with ``classifier``'s predictions."""
     chosen: list[int] = []
     seen: set[int] = set()
     for index, label in enumerate(shots.labels.tolist()):
@@ -373,7 +397,6 @@ def picture_bytes(
         if len(chosen) == N_PICTURE_PAIRS:
             break
     clean = shots.pixels[chosen]
-    classifier = PromptClassifier(bundle, shots.classnames)
     clean_pred = classifier.predict(clean).tolist()
     trig_pred = classifier.predict(trigger.apply(clean)).tolist()
     names = shots.classnames

@@ -11,7 +11,7 @@ Two signals, each one number per class, where a backdoor target stands out on th
   hand-crafted prompt feature of ``k``. Poisoning pairs triggered images with captions of the
   target class, which pulls the target's caption features towards the trigger's region of
   feature space and away from the target's own clean images: the target's alignment drops.
-  This costs one encoder pass over the shots and catches the full-image triggers (blended,
+  It needs only the shots' clean features and catches the full-image triggers (blended,
   SIG, WaNet, sample-specific noise) whose inverted masks are not small.
 
 :func:`low_side_indices` is the MAD anomaly index of Neural Cleanse restricted to values
@@ -24,9 +24,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-
-from clipguard.components import ShotSet
-from clipguard.model import ModelBundle
 
 #: makes ``1.4826 * MAD`` a consistent estimate of the standard deviation of normal data
 MAD_SCALE = 1.4826
@@ -69,14 +66,14 @@ def low_side_indices(values: Sequence[float], log: bool = False) -> list[float]:
     return [max(0.0, median - v) / scale for v in data]
 
 
-@torch.no_grad()
 def text_alignment(
-    bundle: ModelBundle, shots: ShotSet, class_features: torch.Tensor
+    features: torch.Tensor, labels: torch.Tensor, class_features: torch.Tensor
 ) -> list[float]:
-    """``a_k``: mean cosine between the clean shots of class ``k`` and its prompt feature."""
-    features = torch.cat([bundle.encode_image(chunk) for chunk in shots.pixels.split(256)])
+    """``a_k``: mean cosine between the clean shot features of class ``k`` (``features``,
+    normalised, with ``labels``) and its prompt feature (row ``k`` of ``class_features``);
+    0 for a class without shots."""
     similarity = features @ class_features.T
     return [
-        float(similarity[shots.labels == k, k].mean()) if bool((shots.labels == k).any()) else 0.0
-        for k in range(shots.n_classes)
+        float(similarity[labels == k, k].mean()) if bool((labels == k).any()) else 0.0
+        for k in range(class_features.shape[0])
     ]
