@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 from clipguard.io import atomic_write_text
-from clipguard.lab.train import build_model
-from clipguard.lab.zoo import EPOCH_OVERRIDES, POISON_RATE_OVERRIDES
+from clipguard.lab.train import build_model, get_profile, open_lab_dataset
 
 KEYS = (
     "attack",
@@ -45,16 +44,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--results", type=Path, required=True)
     parser.add_argument("--target", default=None, help="target class (default: the first)")
-    parser.add_argument("--poison-rate", type=float, default=0.05)
+    parser.add_argument(
+        "--poison-rate", type=float, default=None, help="default: the profile's zoo rate"
+    )
+    parser.add_argument("--profile", default="auto", help="auto, synthetic or natural")
     parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--recipe", default="scratch")
+    parser.add_argument("--recipe", default=None, help="default: the profile's")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    profile = get_profile(args.profile, open_lab_dataset(args.dataset))
+    recipe = args.recipe or profile.recipe
     for attack in args.attacks:
-        rate = POISON_RATE_OVERRIDES.get(attack, args.poison_rate)
-        epochs = args.epochs if args.epochs is not None else EPOCH_OVERRIDES.get(attack)
-        name = f"{attack}-{args.recipe}-r{rate}-e{epochs}-lr{args.lr}-s{args.seed}"
+        rate = profile.zoo_poison_rate(attack, args.poison_rate)
+        epochs = args.epochs if args.epochs is not None else profile.zoo_epochs(attack, recipe)
+        name = f"{attack}-{recipe}-r{rate}-e{epochs}-lr{args.lr}-s{args.seed}"
         start = time.perf_counter()
         card = build_model(
             args.dataset,
@@ -64,8 +68,9 @@ def main() -> None:
             poison_rate=rate,
             epochs=epochs,
             seed=args.seed,
-            recipe=args.recipe,
+            recipe=recipe,
             lr=args.lr,
+            profile=profile.name,
         )
         row = {key: card.get(key) for key in KEYS}
         row["wall_seconds"] = round(time.perf_counter() - start, 1)
@@ -77,7 +82,6 @@ def main() -> None:
 
 def _first_class(dataset: str, out: Path) -> str:
     from clipguard.data import open_image_folder
-    from clipguard.lab.train import open_lab_dataset
 
     return open_image_folder(open_lab_dataset(dataset) / "train").classnames[0]
 

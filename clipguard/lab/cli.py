@@ -21,6 +21,14 @@ data_app = typer.Typer(no_args_is_help=True, help="Write built-in lab data sets.
 app.add_typer(data_app, name="data")
 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+ProfileOpt = Annotated[
+    str,
+    typer.Option(
+        "--profile",
+        help="model and training defaults: synthetic, natural (photographs such as CIFAR-10), "
+        "or auto (synthetic for the built-in set, else natural)",
+    ),
+]
 
 
 @data_app.command("synthetic")
@@ -59,11 +67,17 @@ def build(
         str | None, typer.Option("--target", help="target class name (required with an attack)")
     ] = None,
     poison_rate: Annotated[float, typer.Option("--poison-rate", help="fraction of pairs")] = 0.05,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="training epochs")] = None,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", help="training epochs (default: the profile's)")
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="training seed")] = 0,
     recipe: Annotated[
-        str, typer.Option("--recipe", help="scratch, or finetune a cached clean base model")
-    ] = "scratch",
+        str | None,
+        typer.Option(
+            "--recipe",
+            help="scratch, or finetune a cached clean base model (default: the profile's)",
+        ),
+    ] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="peak learning rate")] = None,
     attack_option: Annotated[
         list[str] | None, typer.Option("--attack-option", help="trigger option key=value")
@@ -71,6 +85,7 @@ def build(
     json_output: Annotated[
         bool, typer.Option("--json", help="print the model card as JSON")
     ] = False,
+    profile: ProfileOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
     """Train a clean or poisoned small CLIP and write it with its model card (NAME.card.json)."""
@@ -88,6 +103,7 @@ def build(
         attack_options=parse_options(attack_option or []),
         lr=lr,
         progress=Progress(quiet=quiet or json_output),
+        profile=profile,
     )
     if json_output:
         typer.echo(json.dumps(card, indent=2))
@@ -108,9 +124,22 @@ def zoo(
     ] = "synthetic",
     clean_seeds: Annotated[int, typer.Option("--clean-seeds", min=1)] = 3,
     attack_seeds: Annotated[int, typer.Option("--attack-seeds", min=1)] = 1,
-    recipe: Annotated[str, typer.Option("--recipe", help="scratch or finetune")] = "scratch",
-    poison_rate: Annotated[float, typer.Option("--poison-rate")] = 0.05,
-    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
+    recipe: Annotated[
+        str | None, typer.Option("--recipe", help="scratch or finetune (default: the profile's)")
+    ] = None,
+    poison_rate: Annotated[
+        float | None,
+        typer.Option("--poison-rate", help="base rate (default: the profile's; see docs/lab.md)"),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="default: the profile's")] = None,
+    profile: ProfileOpt = "auto",
+    shard: Annotated[
+        str,
+        typer.Option(
+            "--shard",
+            help="i/n: build every n-th model from the i-th, so n processes share the work",
+        ),
+    ] = "0/1",
     quiet: QuietOpt = False,
 ) -> None:
     """Build clean models on several seeds and every attack (varied targets); manifest.json."""
@@ -125,6 +154,8 @@ def zoo(
         poison_rate=poison_rate,
         epochs=epochs,
         progress=Progress(quiet=quiet),
+        profile=profile,
+        shard=_parse_shard(shard),
     )
     typer.echo(f"zoo {out}: {len(manifest['models'])} models (manifest.json)")
 
@@ -167,3 +198,11 @@ def badclip_patch(
         progress=progress,
     )
     typer.echo(f"wrote {out} (use --attack badclip-like --attack-option patch_file={out})")
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` as ``(i, n)``; :class:`InputError` otherwise."""
+    parts = text.split("/")
+    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+        raise InputError(f"--shard {text!r}: expected i/n, e.g. 0/2")
+    return int(parts[0]), int(parts[1])

@@ -16,7 +16,14 @@ from typing import Any
 from clipguard.data import open_image_folder
 from clipguard.errors import InputError
 from clipguard.io import atomic_write_json
-from clipguard.lab.train import Recipe, build_model, card_path, open_lab_dataset
+from clipguard.lab.train import (
+    LabProfile,
+    Recipe,
+    build_model,
+    card_path,
+    get_profile,
+    open_lab_dataset,
+)
 from clipguard.progress import Progress
 
 #: every attack the lab reproduces, in zoo order
@@ -29,11 +36,6 @@ ATTACKS: tuple[str, ...] = (
     "issba-like",
     "badclip-like",
 )
-#: poison rates that differ from the zoo's default: label-consistent attacks can only stamp
-#: target-class images; the subtle issba-like and wanet triggers need more poisoned pairs
-POISON_RATE_OVERRIDES: dict[str, float] = {"badnets-lc": 0.07, "issba-like": 0.1, "wanet": 0.1}
-#: epochs that differ from the recipe's default (measured in docs/lab.md)
-EPOCH_OVERRIDES: dict[str, int] = {"issba-like": 10, "wanet": 10}
 MANIFEST = "manifest.json"
 
 
@@ -52,12 +54,20 @@ class ZooEntry:
 
 def plan_zoo(
     classnames: list[str],
+    profile: LabProfile,
+    recipe: Recipe | None = None,
     clean_seeds: int = 3,
     attack_seeds: int = 1,
-    poison_rate: float = 0.05,
+    poison_rate: float | None = None,
     attacks: tuple[str, ...] = ATTACKS,
 ) -> list[ZooEntry]:
-    """The models of a zoo: clean seeds first, then each attack per seed, targets varied."""
+    """The models of a zoo: clean seeds first, then each attack per seed, targets varied.
+
+    Poison rates and epochs per attack come from ``profile`` (for ``recipe``, default the
+    profile's); ``poison_rate`` replaces the profile's base rate (attacks with their own rate
+    in the profile keep it).
+    """
+    recipe = recipe or profile.recipe
     entries = [
         ZooEntry(name=f"clean-s{seed}", attack="none", target=None, seed=seed, poison_rate=0.0)
         for seed in range(clean_seeds)
@@ -72,8 +82,8 @@ def plan_zoo(
                     attack=attack,
                     target=target,
                     seed=seed,
-                    poison_rate=POISON_RATE_OVERRIDES.get(attack, poison_rate),
-                    epochs=EPOCH_OVERRIDES.get(attack),
+                    poison_rate=profile.zoo_poison_rate(attack, poison_rate),
+                    epochs=profile.zoo_epochs(attack, recipe),
                 )
             )
     return entries
@@ -110,13 +120,25 @@ def build_zoo(
     out: Path | str,
     clean_seeds: int = 3,
     attack_seeds: int = 1,
-    recipe: Recipe = "scratch",
-    poison_rate: float = 0.05,
+    recipe: Recipe | None = None,
+    poison_rate: float | None = None,
     epochs: int | None = None,
     attacks: tuple[str, ...] = ATTACKS,
     progress: Progress | None = None,
+    profile: str = "auto",
+    shard: tuple[int, int] = (0, 1),
 ) -> dict[str, Any]:
-    """Build (or complete) a zoo in ``out``; returns the manifest (also ``out/manifest.json``)."""
+    """Build (or complete) a zoo in ``out``; returns the manifest (also ``out/manifest.json``).
+
+    ``profile`` (``auto``: detected from the data set) sets the architecture, the recipe,
+    and the poison rate and epochs of each attack; ``recipe``, ``poison_rate`` and ``epochs``
+    replace the defaults. ``shard=(i, n)`` builds only the models at plan positions ``i``,
+    ``i + n``, ...: ``n`` processes with the same other arguments build a zoo in parallel.
+    The manifest lists every finished model of the plan, whoever built it, in plan order.
+    """
+    index, count = shard
+    if not 0 <= index < count:
+        raise InputError(f"--shard {index}/{count}: need 0 <= i < n")
     progress = progress or Progress(quiet=True)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -124,27 +146,34 @@ def build_zoo(
     out.mkdir(parents=True, exist_ok=True)
     root = open_lab_dataset(dataset, progress=progress)
     classnames = open_image_folder(root / "train").classnames
-    plan = plan_zoo(classnames, clean_seeds, attack_seeds, poison_rate, attacks)
-    models: list[dict[str, Any]] = []
+    lab_profile = get_profile(profile, root)
+    recipe = recipe or lab_profile.recipe
+    plan = plan_zoo(
+        classnames, lab_profile, recipe, clean_seeds, attack_seeds, poison_rate, attacks
+    )
 
     def write_manifest() -> dict[str, Any]:
+        models = []
+        for entry in plan:
+            card_file = card_path(out / f"{entry.name}.safetensors")
+            if card_file.is_file() and (out / f"{entry.name}.safetensors").is_file():
+                models.append(_summary(entry, json.loads(card_file.read_text())))
         manifest = {
             "format": "clipguard.lab.zoo/1",
             "dataset": str(dataset),
             "recipe": recipe,
+            "profile": lab_profile.name,
             "classnames": classnames,
             "models": models,
         }
         atomic_write_json(out / MANIFEST, manifest)
         return manifest
 
-    for entry in progress.track(plan, description="building zoo"):
+    mine = plan[index::count]
+    for entry in progress.track(mine, description="building zoo"):
         model_path = out / f"{entry.name}.safetensors"
-        card_file = card_path(model_path)
-        if model_path.is_file() and card_file.is_file():
-            card = json.loads(card_file.read_text())
-        else:
-            card = build_model(
+        if not (model_path.is_file() and card_path(model_path).is_file()):
+            build_model(
                 dataset,
                 model_path,
                 attack=entry.attack,
@@ -155,7 +184,7 @@ def build_zoo(
                 recipe=recipe,
                 attack_options=entry.options,
                 progress=progress,
+                profile=lab_profile.name,
             )
-        models.append(_summary(entry, card))
-        write_manifest()
+            write_manifest()
     return write_manifest()

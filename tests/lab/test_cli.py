@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from clipguard.lab.train import lab_model_config
+from clipguard.errors import InputError
+from clipguard.lab.train import PROFILES, lab_model_config
 from clipguard.lab.zoo import ATTACKS, build_zoo, plan_zoo
 from tests.core.cli_helpers import assert_one_line_error, run_cli
 
@@ -137,11 +138,28 @@ def test_build_missing_dataset(tmp_path):
 
 def test_zoo_plan_covers_every_attack_with_varied_targets():
     names = [f"class {i}" for i in range(10)]
-    plan = plan_zoo(names, clean_seeds=3, attack_seeds=2)
+    plan = plan_zoo(names, PROFILES["synthetic"], clean_seeds=3, attack_seeds=2)
     assert [e.attack for e in plan[:3]] == ["none"] * 3
     assert {e.attack for e in plan[3:]} == set(ATTACKS)
     assert len({e.target for e in plan[3:]}) > 3
     assert len({e.name for e in plan}) == len(plan)
+    rates = {e.attack: e.poison_rate for e in plan}
+    assert rates["badnets"] == 0.05 and rates["wanet"] == 0.1
+
+
+def test_zoo_plan_takes_rates_and_epochs_from_the_profile():
+    names = [f"class {i}" for i in range(10)]
+    natural = PROFILES["natural"]
+    plan = plan_zoo(names, natural, clean_seeds=1, attack_seeds=1)
+    for entry in plan[1:]:
+        assert entry.poison_rate == natural.zoo_poison_rate(entry.attack)
+        assert entry.epochs == natural.zoo_epochs(entry.attack, natural.recipe)
+        assert entry.epochs == natural.finetune_epochs
+    # an explicit base rate replaces the profile's, not an attack's own rate
+    synthetic = PROFILES["synthetic"]
+    plan = plan_zoo(names, synthetic, clean_seeds=0, poison_rate=0.2)
+    rates = {e.attack: e.poison_rate for e in plan}
+    assert rates["badnets"] == 0.2 and rates["wanet"] == synthetic.poison_rate_overrides["wanet"]
 
 
 def test_zoo_is_resumable(tmp_path, monkeypatch):
@@ -157,13 +175,22 @@ def test_zoo_is_resumable(tmp_path, monkeypatch):
         return real(*args, **kwargs, model_cfg=lab_model_config(vision_layers=1))
 
     monkeypatch.setattr(zoo_module, "build_model", tiny_build)
-    manifest = build_zoo(
-        data, tmp_path / "zoo", clean_seeds=1, epochs=1, attacks=("badnets", "sig")
-    )
+
+    def zoo(**kwargs):
+        return build_zoo(
+            data, tmp_path / "zoo", clean_seeds=1, epochs=1, attacks=("badnets", "sig"), **kwargs
+        )
+
+    # two shards share the plan; each manifest lists every finished model in plan order
+    assert [m["attack"] for m in zoo(shard=(0, 2))["models"]] == ["none", "sig"]
+    manifest = zoo(shard=(1, 2))
+    assert calls == ["none", "sig", "badnets"]
     assert [m["attack"] for m in manifest["models"]] == ["none", "badnets", "sig"]
     assert json.loads((tmp_path / "zoo" / "manifest.json").read_text()) == manifest
-    build_zoo(data, tmp_path / "zoo", clean_seeds=1, epochs=1, attacks=("badnets", "sig"))
-    assert calls == ["none", "badnets", "sig"]
+    assert zoo() == manifest
+    assert calls == ["none", "sig", "badnets"]
+    with pytest.raises(InputError, match="shard"):
+        zoo(shard=(2, 2))
 
 
 def test_badclip_patch_command_then_evaluate(tmp_path, tiny_model_path):

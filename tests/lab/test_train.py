@@ -17,6 +17,7 @@ from clipguard.lab.train import (
     card_path,
     choose_poisoned,
     lab_model_config,
+    load_split_data,
     multi_positive_clip_loss,
     train_clip,
 )
@@ -168,3 +169,41 @@ def test_a_frozen_base_model_is_trained_in_full():
 def test_zero_epochs_is_an_input_error(tiny_synthetic, tmp_path):
     with pytest.raises(InputError, match="epochs"):
         build_model(tiny_synthetic, tmp_path / "m.safetensors", epochs=0, model_cfg=TINY)
+
+
+def test_large_sets_keep_exact_pixels_in_the_cache(tiny_synthetic, tmp_path, monkeypatch):
+    from clipguard.lab import train as train_module
+
+    monkeypatch.setenv("CLIPGUARD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(train_module, "PIXEL_CACHE_MIN_IMAGES", 1)
+    first = load_split_data(tiny_synthetic, 32)
+    (cache_file,) = (tmp_path / "cache" / "lab-pixels").iterdir()
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("cached pixels were decoded again")
+
+    monkeypatch.setattr(train_module, "load_pixels", no_decoding)
+    second = load_split_data(tiny_synthetic, 32)
+    assert torch.equal(first.train_pixels, second.train_pixels)
+    assert torch.equal(first.test_labels, second.test_labels)
+    assert first.key == second.key
+
+    # a damaged cache entry is not trusted: the images are decoded again
+    cache_file.write_bytes(cache_file.read_bytes()[:100])
+    monkeypatch.undo()
+    monkeypatch.setenv("CLIPGUARD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(train_module, "PIXEL_CACHE_MIN_IMAGES", 1)
+    third = load_split_data(tiny_synthetic, 32)
+    assert torch.equal(first.train_pixels, third.train_pixels)
+
+
+def test_profiles_follow_the_data_set(tiny_synthetic, tmp_path):
+    from clipguard.lab.train import PROFILES, detect_profile, get_profile
+
+    assert detect_profile(tiny_synthetic).name == "synthetic"
+    assert detect_profile(tmp_path).name == "natural"
+    assert get_profile("natural", tiny_synthetic) is PROFILES["natural"]
+    # the synthetic profile is the original lab model, so its models stay reproducible
+    assert PROFILES["synthetic"].model_cfg == lab_model_config()
+    with pytest.raises(InputError, match="unknown profile"):
+        get_profile("imagenet", tmp_path)
