@@ -28,35 +28,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Harness, ZooModel, find_models, update_docs
 
+from clipguard.api import parse_options
 from clipguard.io import atomic_write_json
 from clipguard.progress import Progress
-from clipguard_cbpt.scanner import joint_evidence
+from clipguard_cbpt.scanner import Signals, class_evidence
 
 ROOT = Path(__file__).resolve().parents[1]
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def top_evidence(scan: dict[str, Any]) -> tuple[float, str]:
-    """The largest class evidence of a scan and its class, recomputed from the per-class
-    indices in the report (so scans made under other thresholds are judged alike)."""
+def top_evidence(scan: dict[str, Any], signals: Signals = "joint") -> tuple[float, str]:
+    """The largest class evidence of a scan under the rule ``signals`` and its class,
+    recomputed from the per-class indices in the report (so scans made under other rules and
+    thresholds are judged alike)."""
     statistics = scan["statistics"]
     sizes, alignments = statistics["class_size_index"], statistics["class_alignment_index"]
-    evidence = {k: joint_evidence(sizes[k], alignments[k]) for k in sizes}
+    evidence = {k: class_evidence(sizes[k], alignments[k], signals) for k in sizes}
     suspect = max(sorted(evidence), key=lambda k: evidence[k])
     return evidence[suspect], suspect
 
 
-def judge(scan: dict[str, Any], threshold: float) -> tuple[bool, str]:
+def judge(scan: dict[str, Any], threshold: float, signals: Signals = "joint") -> tuple[bool, str]:
     """``(flagged, suspect)`` of a scan under ``threshold`` (the scanner's own rule)."""
-    evidence, suspect = top_evidence(scan)
+    evidence, suspect = top_evidence(scan, signals)
     return evidence >= threshold, suspect
 
 
-def rates(scans: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
+def rates(
+    scans: list[dict[str, Any]], threshold: float, signals: Signals = "joint"
+) -> dict[str, Any]:
     """TPR, FPR and target accuracy of the verdict rule with ``threshold``."""
     backdoored = [s for s in scans if s["attack"] != "none"]
     clean = [s for s in scans if s["attack"] == "none"]
-    judged = {s["model"]: judge(s, threshold) for s in scans}
+    judged = {s["model"]: judge(s, threshold, signals) for s in scans}
     detected = [s for s in backdoored if judged[s["model"]][0]]
     false_alarms = [s for s in clean if judged[s["model"]][0]]
     right_target = [s for s in detected if judged[s["model"]][1] == s["target"]]
@@ -72,15 +76,15 @@ def rates(scans: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
     }
 
 
-def fit_threshold(scans: list[dict[str, Any]]) -> float:
+def fit_threshold(scans: list[dict[str, Any]], signals: Signals = "joint") -> float:
     """The evidence threshold maximising TPR - FPR on ``scans``.
 
     Candidates are the midpoints between the models' top evidence values; among those with
     the best TPR - FPR the middle of the tied range is taken (the widest margin).
     """
-    tops = sorted({top_evidence(s)[0] for s in scans})
+    tops = sorted({top_evidence(s, signals)[0] for s in scans})
     cuts = [(a + b) / 2 for a, b in pairwise(tops)] or [tops[0]]
-    scored = [(((r := rates(scans, c))["tpr"] or 0) - (r["fpr"] or 0), c) for c in cuts]
+    scored = [(((r := rates(scans, c, signals))["tpr"] or 0) - (r["fpr"] or 0), c) for c in cuts]
     best = max(y for y, _ in scored)
     tied = [c for y, c in scored if y == best]
     return (tied[0] + tied[-1]) / 2
@@ -90,7 +94,9 @@ def _card_asr(model: ZooModel) -> float:
     return float(model.card.get("attack_success_rate") or 0.0)
 
 
-def per_attack_table(models: list[ZooModel], scans: dict[str, Any], threshold: float) -> str:
+def per_attack_table(
+    models: list[ZooModel], scans: dict[str, Any], threshold: float, signals: Signals = "joint"
+) -> str:
     """Detection and target accuracy per attack, with the top evidence of every model."""
     lines = [
         "",
@@ -99,10 +105,12 @@ def per_attack_table(models: list[ZooModel], scans: dict[str, Any], threshold: f
     ]
     for attack in sorted({m.attack for m in models}):
         chosen = [m for m in models if m.attack == attack]
-        judged = [(m, *judge(scans[m.name], threshold)) for m in chosen]
+        judged = [(m, *judge(scans[m.name], threshold, signals)) for m in chosen]
         detected = [m for m, flagged, _ in judged if flagged]
         right = [m for m, flagged, suspect in judged if flagged and suspect == m.target]
-        values = ", ".join(f"s{_seed(m)}: {top_evidence(scans[m.name])[0]:.2f}" for m in chosen)
+        values = ", ".join(
+            f"s{_seed(m)}: {top_evidence(scans[m.name], signals)[0]:.2f}" for m in chosen
+        )
         lines.append(
             f"| {attack} | {len(chosen)} | {len(detected)} | "
             f"{len(right) if attack != 'none' else '-'} | {values} |"
@@ -124,10 +132,11 @@ def calibration_table(
     everything: dict[str, Any],
     threshold: float,
     fitted: bool = True,
+    signals: Signals = "joint",
 ) -> str:
     how = "Fitted on the even seeds" if fitted else "Given (not fitted here)"
     lines = [
-        f"{how}: evidence threshold {threshold:.2f}.",
+        f"{how}: evidence threshold {threshold:.2f}, rule `signals = {signals}`.",
         "",
         "| models | backdoored | clean | TPR | FPR | target right | missed | false alarms "
         "| wrong target |",
@@ -167,6 +176,13 @@ def main(
         float,
         typer.Option(help="backdoored models whose card ASR is lower did not take the implant"),
     ] = 0.5,
+    signals: Annotated[
+        str, typer.Option(help="verdict rule: joint (size and alignment) or size")
+    ] = "joint",
+    scan_option: Annotated[
+        list[str] | None,
+        typer.Option(help="option of every cbpt scan, key=value (as benchmarks/run.py)"),
+    ] = None,
     quiet: bool = False,
 ) -> None:
     """Scan every zoo model, fit thresholds on even seeds, report on odd seeds."""
@@ -179,28 +195,36 @@ def main(
     date = datetime.date.today().isoformat()
     results = results or ROOT / "benchmarks" / "results" / f"{date}-calibration.json"
     harness = Harness(
-        results_path=results, runs_dir=results.with_suffix("") / "runs", shots=shots, seed=seed
+        results_path=results,
+        runs_dir=results.with_suffix("") / "runs",
+        shots=shots,
+        seed=seed,
+        scan_options=parse_options(scan_option or []),
     )
     scans = {m.name: harness.scan(m) for m in progress.track(models, description="scanning zoo")}
     fit_scans = [scans[m.name] for m in models if _seed(m) % 2 == 0]
     held_scans = [scans[m.name] for m in models if _seed(m) % 2 == 1]
+    if signals not in ("joint", "size"):
+        raise typer.BadParameter(f"--signals {signals!r}: joint or size")
+    rule: Signals = "size" if signals == "size" else "joint"
     fitted = threshold is None
     if threshold is None:
-        threshold = fit_threshold(fit_scans)
+        threshold = fit_threshold(fit_scans, rule)
     summary = {
         "fitted": fitted,
+        "signals": rule,
         "thresholds": {"evidence_threshold": threshold},
-        "fit": rates(fit_scans, threshold) if fit_scans else None,
-        "held_out": rates(held_scans, threshold),
-        "all": rates(list(scans.values()), threshold),
+        "fit": rates(fit_scans, threshold, rule) if fit_scans else None,
+        "held_out": rates(held_scans, threshold, rule),
+        "all": rates(list(scans.values()), threshold, rule),
     }
     summary["not_implanted"] = failed
     harness.results[section] = summary
     atomic_write_json(results, harness.results)
     table = calibration_table(
-        summary["fit"], summary["held_out"], summary["all"], threshold, fitted
+        summary["fit"], summary["held_out"], summary["all"], threshold, fitted, rule
     )
-    table += per_attack_table(models, scans, threshold)
+    table += per_attack_table(models, scans, threshold, rule)
     if failed:
         table += (
             f"\nLeft out, their backdoor did not take (card ASR below {min_asr:.0%}): "

@@ -10,6 +10,7 @@ the figure in docs/benchmarks.md are regenerated from them (``--doc``).
 from __future__ import annotations
 
 import datetime
+import fnmatch
 import shlex
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ from harness import (
     write_figure,
 )
 
+from clipguard.api import parse_options
 from clipguard.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +61,24 @@ def main(
     shots: int = 16,
     seed: int = 0,
     eval_limit: Annotated[int, typer.Option(help="test images per evaluation")] = 2000,
+    only: Annotated[
+        str | None,
+        typer.Option(help="run only the zoo models whose name matches this glob, e.g. '*-s1'"),
+    ] = None,
+    merge: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="results JSON of another run (e.g. a parallel --only run) to add first; "
+            "its (model, defence) pairs are not run again; repeatable"
+        ),
+    ] = None,
+    scan_option: Annotated[
+        list[str] | None,
+        typer.Option(help="option of every cbpt scan, key=value (e.g. signals=size); repeatable"),
+    ] = None,
+    section: Annotated[
+        str, typer.Option(help="generated section of --doc to replace (its marker name)")
+    ] = "benchmark-tables",
     quiet: bool = False,
 ) -> None:
     """Run defences over a zoo and write results, tables and a figure."""
@@ -71,6 +91,8 @@ def main(
         raise typer.BadParameter(f"unknown defences {unknown}; known: {', '.join(DEFENCES)}")
     if zoo is not None:
         models = find_models(zoo)
+        if only is not None:
+            models = [m for m in models if fnmatch.fnmatch(m.name, only)]
         if quick:
             models = [m for m in models if m.backdoored][:1]
     elif quick:
@@ -87,8 +109,11 @@ def main(
         shots=shots,
         seed=seed,
         eval_limit=eval_limit,
+        scan_options=parse_options(scan_option or []),
     )
     on_clean = None if clean_defences is None else [d.strip() for d in clean_defences.split(",")]
+    for other in merge or []:
+        harness.merge(other)
     harness.run(models, chosen, progress, clean_defences=on_clean)
     tables = markdown_tables(harness.results, chosen)
     typer.echo(tables)
@@ -101,7 +126,7 @@ def main(
             else figure
         )
         command = shlex.join(["python", "benchmarks/run.py", *sys.argv[1:]])
-        update_docs(doc, tables, relative_figure, command, results)
+        update_docs(doc, tables, relative_figure, command, results, section=section)
 
 
 if __name__ == "__main__":

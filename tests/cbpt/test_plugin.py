@@ -11,7 +11,14 @@ from PIL import Image
 from clipguard.components import RunContext, ShotSet
 from clipguard.model import ModelBundle, build_clip_from_name
 from clipguard.plugins import get_registry
-from clipguard_cbpt.scanner import CBPTScanner, ScanConfig, Screening, decide, joint_evidence
+from clipguard_cbpt.scanner import (
+    DEFAULT_THRESHOLDS,
+    CBPTScanner,
+    ScanConfig,
+    Screening,
+    class_evidence,
+    decide,
+)
 from clipguard_cbpt.signals import low_side_indices
 
 
@@ -21,8 +28,13 @@ def test_plugin_registers_scanner_and_purifiers() -> None:
     assert "cbpt" in registry.purifiers and "coop" in registry.purifiers
 
 
-def _screening(size_index: list[float], alignment_index: list[float]) -> Screening:
-    evidence = [joint_evidence(s, a) for s, a in zip(size_index, alignment_index, strict=True)]
+def _screening(
+    size_index: list[float], alignment_index: list[float], signals: str = "joint"
+) -> Screening:
+    evidence = [
+        class_evidence(s, a, signals)  # type: ignore[arg-type]
+        for s, a in zip(size_index, alignment_index, strict=True)
+    ]
     suspect = max(range(len(evidence)), key=lambda k: evidence[k])
     n = len(size_index)
     return Screening(
@@ -45,6 +57,18 @@ def test_decide_needs_both_signals_on_one_class() -> None:
     assert decide(_screening([weak, 0, 0], [weak, 0, 0]), names, config)[0] == "inconclusive"
     verdict, score, _ = decide(_screening([0.1, 0.2, 0], [0.3, 0, 0]), names, config)
     assert verdict == "clean" and 0 <= score < 0.5
+
+
+def test_the_size_rule_judges_the_trigger_size_alone() -> None:
+    config = ScanConfig(signals="size")
+    assert config.evidence_threshold == DEFAULT_THRESHOLDS["size"]
+    assert ScanConfig(signals="size", evidence_threshold=9.0).evidence_threshold == 9.0
+    names = ["a", "b", "c"]
+    high = config.threshold * 1.1
+    # a small trigger without a drifted prompt: backdoor under "size", clean under "joint"
+    verdict, _, explanation = decide(_screening([high, 0, 0], [0, 0, 0], "size"), names, config)
+    assert verdict == "backdoor" and "'a'" in explanation and "not used" in explanation
+    assert decide(_screening([high, 0, 0], [0, 0, 0]), names, ScanConfig())[0] == "clean"
 
 
 def test_low_side_indices_are_scale_free_and_one_sided() -> None:

@@ -11,6 +11,7 @@ from clipguard.components import RunContext
 from clipguard.prompts import PromptClassifier, handcrafted_text_features
 from clipguard.triggers import MaskPatternTrigger, TriggerFile
 from clipguard_cbpt.purifier import CBPTPurifier, CoOpConfig, CoOpPurifier, PurifyConfig
+from clipguard_cbpt.scanner import DEFAULT_THRESHOLDS
 from clipguard_cbpt.tuning import (
     TuningConfig,
     cache_features,
@@ -60,9 +61,10 @@ def test_losses_are_scalars(bundle, shots, kind) -> None:
     anchor = handcrafted_text_features(bundle, shots.classnames)
     config = TuningConfig(trigger_loss=kind)
     losses = prompt_losses(anchor, anchor, cache, bundle.logit_scale, 0, config)
-    assert set(losses) == {"clean", "trigger", "anchor"}
+    assert set(losses) == {"clean", "trigger", "anchor", "distill"}
     assert all(v.shape == () and math.isfinite(float(v)) for v in losses.values())
     assert float(losses["anchor"]) == pytest.approx(0.0, abs=1e-5)
+    assert float(losses["distill"]) == 0  # off by default
     assert float(losses["trigger"]) > 0
     off = prompt_losses(
         anchor,
@@ -197,6 +199,9 @@ def test_several_triggers_share_the_views(bundle, shots) -> None:
         # the evidence is judged by the current default threshold, whatever the old verdict
         ({"verdict": "backdoor", "evidence": 0.0}, True),
         ({"verdict": "clean", "evidence": 100.0}, False),
+        # ... of the rule the scan used
+        ({"evidence": 0.5 * DEFAULT_THRESHOLDS["size"], "options": {"signals": "size"}}, True),
+        ({"evidence": 1.1 * DEFAULT_THRESHOLDS["size"], "options": {"signals": "size"}}, False),
     ],
 )
 def test_a_clean_scan_turns_the_trigger_loss_off(bundle, shots, settings, gated) -> None:
@@ -224,3 +229,16 @@ def test_extra_triggers_are_inverted_towards_the_target(bundle, shots) -> None:
     outcome = CBPTPurifier().purify(bundle, shots, config, RunContext(seed=0), trigger=trigger)
     assert 0 < outcome.statistics["extra_trigger_encoder_images"] <= 64 + 2 * 32
     assert len(outcome.statistics["extra_trigger_pl1"]) <= 2
+
+
+def test_distillation_is_zero_at_the_handcrafted_prompts_and_positive_away(bundle, shots) -> None:
+    cache = cache_features(
+        bundle, shots.pixels, shots.labels, None, 1, 0.7, torch.Generator().manual_seed(0)
+    )
+    anchor = handcrafted_text_features(bundle, shots.classnames)
+    config = TuningConfig(distill_weight=3.0)
+    at_anchor = prompt_losses(anchor, anchor, cache, bundle.logit_scale, None, config)
+    assert float(at_anchor["distill"]) == pytest.approx(0.0, abs=1e-5)
+    moved = torch.nn.functional.normalize(anchor + 0.5 * anchor.roll(1, dims=0), dim=1)
+    away = prompt_losses(moved, anchor, cache, bundle.logit_scale, None, config)
+    assert float(away["distill"]) > 1e-3

@@ -13,7 +13,13 @@ from clipguard.prompts import PromptClassifier, PromptSet
 from clipguard.triggers import MaskPatternTrigger, TriggerFile
 from clipguard_cbpt import __version__
 from clipguard_cbpt.inversion import InversionConfig, invert_targeted, prediction_distribution
-from clipguard_cbpt.scanner import ScanConfig, locate_trigger, run_inversion, verdict_of
+from clipguard_cbpt.scanner import (
+    DEFAULT_THRESHOLDS,
+    ScanConfig,
+    locate_trigger,
+    run_inversion,
+    verdict_of,
+)
 from clipguard_cbpt.tuning import TuningConfig, cache_features, random_mask_like, tune_prompts
 
 
@@ -164,11 +170,15 @@ class CBPTPurifier(Purifier):
 
 def _says_clean(settings: dict[str, Any]) -> bool:
     """Whether a trigger file's scan found no backdoor: its evidence under the ``cbpt``
-    scanner's default threshold (so files scanned before a recalibration follow the current
-    one), else its recorded verdict; False for a trigger without either."""
+    scanner's default threshold for the rule the scan used (so files scanned before a
+    recalibration follow the current one), else its recorded verdict; False for a trigger
+    without either."""
     evidence = settings.get("evidence")
     if isinstance(evidence, int | float):
-        return verdict_of(float(evidence), ScanConfig()) == "clean"
+        options = settings.get("options")
+        signals = options.get("signals", "joint") if isinstance(options, dict) else "joint"
+        rule = ScanConfig(signals=signals if signals in DEFAULT_THRESHOLDS else "joint")
+        return verdict_of(float(evidence), rule) == "clean"
     return settings.get("verdict") == "clean"
 
 

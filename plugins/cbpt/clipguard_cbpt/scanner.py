@@ -8,10 +8,14 @@ Procedure (see ``docs/method.md``):
 2. **Text alignment** (:func:`~clipguard_cbpt.signals.text_alignment`): ``a_k``, the mean
    cosine between the clean shots of ``k`` and the hand-crafted prompt of ``k``.
 3. **Evidence**: the low-side robust anomaly index of ``log n_k`` and of ``a_k`` (Neural
-   Cleanse's MAD index, only below the median); a class's evidence is the geometric mean of
-   its two indices, so it must stand out on both: on the lab zoo, clean models have classes
-   with a natural trigger (an anomalously small ``n_k``) or a drifted prompt (a low
-   ``a_k``), but not both on one class. The suspect is the class with the most evidence.
+   Cleanse's MAD index, only below the median). With ``signals = "joint"`` (default) a
+   class's evidence is the geometric mean of its two indices, so it must stand out on both:
+   on the synthetic lab zoo, clean models have classes with a natural trigger (an
+   anomalously small ``n_k``) or a drifted prompt (a low ``a_k``), but not both on one
+   class. With ``signals = "size"`` it is the size index alone: on the CIFAR-10 zoo no clean
+   class has a natural trigger, and the poisoned target's prompt is not drifted, so the
+   joint rule misses backdoors that the size index shows. The suspect is the class with
+   the most evidence.
 4. **Refinement** (``refine``, default on): the suspect's trigger is refined towards it with
    augmented shots (:func:`~clipguard_cbpt.inversion.invert_targeted`); that trigger is the
    one written out, drawn, and reused by ``clipguard purify --trigger``.
@@ -29,10 +33,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from clipguard.components import RunContext, Scanner, ScanOutcome, ShotSet
 from clipguard.model import ModelBundle
@@ -57,15 +61,30 @@ from clipguard_cbpt.signals import low_side_indices, text_alignment
 N_PICTURE_PAIRS = 8
 
 
-class ScanConfig(InversionConfig):
-    """Options of the ``cbpt`` scanner: the inversion's, plus the verdict thresholds."""
+Signals = Literal["joint", "size"]
 
-    evidence_threshold: float = Field(
-        2.0,
+#: the evidence threshold of each rule when none is given, fitted by benchmarks/calibrate.py
+#: (joint: synthetic zoo; size: CIFAR-10 zoo; docs/benchmarks.md)
+DEFAULT_THRESHOLDS: dict[str, float] = {"joint": 2.0, "size": 1.63}
+
+
+class ScanConfig(InversionConfig):
+    """Options of the ``cbpt`` scanner: the inversion's, plus the verdict rule and thresholds."""
+
+    signals: Signals = Field(
+        "joint",
+        description=(
+            "evidence of a class: 'joint' = geometric mean of its trigger-size and "
+            "text-alignment anomaly indices (robust where classes have natural triggers, as "
+            "in the synthetic set); 'size' = the trigger-size index alone (natural photographs)"
+        ),
+    )
+    evidence_threshold: float | None = Field(
+        None,
         gt=0,
         description=(
-            "evidence (geometric mean of a class's size and alignment anomaly indices) from "
-            "which the verdict is backdoor"
+            "evidence from which the verdict is backdoor (default: the calibrated value of "
+            "the rule in `signals`)"
         ),
     )
     inconclusive_fraction: float = Field(
@@ -74,6 +93,18 @@ class ScanConfig(InversionConfig):
         le=1,
         description="share of evidence_threshold from which the verdict is at least inconclusive",
     )
+
+    @model_validator(mode="after")
+    def _default_threshold(self) -> ScanConfig:
+        if self.evidence_threshold is None:
+            self.evidence_threshold = DEFAULT_THRESHOLDS[self.signals]
+        return self
+
+    @property
+    def threshold(self) -> float:
+        """The evidence threshold in force (never None once validated)."""
+        assert self.evidence_threshold is not None
+        return self.evidence_threshold
 
 
 @dataclass
@@ -134,7 +165,10 @@ def screen(
         alignment = text_alignment(clean_features, shots.labels, classifier.class_features)
     size_index = low_side_indices(sizes, log=True)
     alignment_index = low_side_indices(alignment)
-    evidence = [joint_evidence(s, a) for s, a in zip(size_index, alignment_index, strict=True)]
+    evidence = [
+        class_evidence(s, a, config.signals)
+        for s, a in zip(size_index, alignment_index, strict=True)
+    ]
     suspect = max(range(len(evidence)), key=lambda k: (evidence[k], -sizes[k]))
     return Screening(
         inversions,
@@ -148,15 +182,18 @@ def screen(
     )
 
 
-def joint_evidence(size_index: float, alignment_index: float) -> float:
-    """A class's evidence: the geometric mean of its two low-side anomaly indices (>= 0)."""
+def class_evidence(size_index: float, alignment_index: float, signals: Signals) -> float:
+    """A class's evidence (>= 0): the geometric mean of its two low-side anomaly indices
+    (``joint``), or its size index alone (``size``)."""
+    if signals == "size":
+        return max(size_index, 0.0)
     return math.sqrt(max(size_index, 0.0) * max(alignment_index, 0.0))
 
 
 def verdict_of(evidence: float, config: ScanConfig) -> str:
     """``backdoor`` from ``evidence_threshold``, ``inconclusive`` from ``inconclusive_fraction``
     of it, else ``clean``."""
-    ratio = evidence / config.evidence_threshold
+    ratio = evidence / config.threshold
     if ratio >= 1:
         return "backdoor"
     if ratio >= config.inconclusive_fraction:
@@ -174,12 +211,20 @@ def decide(
     """
     k = screening.suspect
     evidence = screening.top_evidence
-    ratio = evidence / config.evidence_threshold
+    ratio = evidence / config.threshold
+    size = (
+        f"the trigger-size index {screening.size_index[k]:.2f} (smallest trigger "
+        f"{screening.sizes[k]:.4f} of the image)"
+    )
+    rule = (
+        f"{size} (text-alignment index {screening.alignment_index[k]:.2f}, not used)"
+        if config.signals == "size"
+        else f"geometric mean of {size} and the text-alignment index "
+        f"{screening.alignment_index[k]:.2f}"
+    )
     facts = (
         f"class {classnames[k]!r}: evidence {evidence:.2f} (backdoor from "
-        f"{config.evidence_threshold:g}) = geometric mean of the trigger-size index "
-        f"{screening.size_index[k]:.2f} (smallest trigger {screening.sizes[k]:.4f} of the "
-        f"image) and the text-alignment index {screening.alignment_index[k]:.2f}"
+        f"{config.threshold:g}) = {rule}"
     )
     verdict = verdict_of(evidence, config)
     explanation = {
@@ -355,8 +400,9 @@ class CBPTScanner(Scanner):
             "refined": None
             if refined is None
             else {"pl1": refined.pl1, "reached": refined.reached, "steps": refined.steps},
+            "signals": config.signals,
             "thresholds": {
-                "evidence_threshold": config.evidence_threshold,
+                "evidence_threshold": config.threshold,
                 "inconclusive_fraction": config.inconclusive_fraction,
             },
             "image_encoder_images": bundle.image_encoder_images - start_images,

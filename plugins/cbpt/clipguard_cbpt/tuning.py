@@ -51,6 +51,12 @@ class TuningConfig(BaseModel):
     context_init: str = Field(DEFAULT_CONTEXT_INIT, description="text the context starts from")
     trigger_weight: float = Field(1.0, ge=0, description="a: weight of L_trigger")
     anchor_weight: float = Field(1.0, ge=0, description="b: weight of L_anchor")
+    distill_weight: float = Field(
+        0.0,
+        ge=0,
+        description="c: weight of L_distill, the KL divergence from the hand-crafted prompts' "
+        "class probabilities to the tuned prompts' on the clean views",
+    )
     trigger_loss: TriggerLoss = Field(
         "away", description="true-class CE, push-away from the target, or both"
     )
@@ -168,6 +174,12 @@ def prompt_losses(
                 trigger_loss = trigger_loss - torch.log1p(-p_target.clamp(max=1 - 1e-6)).mean()
     losses["trigger"] = trigger_loss
     losses["anchor"] = zero if config.no_anchor_loss else (1 - (text * anchor).sum(dim=1)).mean()
+    losses["distill"] = zero
+    if config.distill_weight > 0:
+        reference = (scale * cache.clean.reshape(-1, e) @ anchor.T).log_softmax(dim=1)
+        losses["distill"] = F.kl_div(
+            logits_clean.log_softmax(dim=1), reference, log_target=True, reduction="batchmean"
+        )
     return losses
 
 
@@ -212,7 +224,12 @@ def tune_prompts(
         for step in range(config.steps):
             text = encoder(context)
             losses = prompt_losses(text, anchor, cache, scale, target, config)
-            total = losses["clean"] + a * losses["trigger"] + b * losses["anchor"]
+            total = (
+                losses["clean"]
+                + a * losses["trigger"]
+                + b * losses["anchor"]
+                + config.distill_weight * losses["distill"]
+            )
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
