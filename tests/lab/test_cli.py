@@ -154,7 +154,9 @@ def test_zoo_plan_takes_rates_and_epochs_from_the_profile():
     for entry in plan[1:]:
         assert entry.poison_rate == natural.zoo_poison_rate(entry.attack)
         assert entry.epochs == natural.zoo_epochs(entry.attack, natural.recipe)
-        assert entry.epochs == natural.finetune_epochs
+    epochs = {e.attack: e.epochs for e in plan}
+    assert epochs["badnets"] == natural.finetune_epochs
+    assert epochs["wanet"] == natural.epoch_overrides["wanet"]
     # an explicit base rate replaces the profile's, not an attack's own rate
     synthetic = PROFILES["synthetic"]
     plan = plan_zoo(names, synthetic, clean_seeds=0, poison_rate=0.2)
