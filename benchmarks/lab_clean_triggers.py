@@ -19,10 +19,8 @@ from pathlib import Path
 
 import torch
 
-from clipguard.errors import InputError
-from clipguard.lab.train import load_split_data, open_lab_dataset
+from clipguard.lab.train import default_triggers, load_split_data, open_lab_dataset
 from clipguard.model import load_model
-from clipguard.plugins import get_registry
 from clipguard.prompts import PromptClassifier
 
 
@@ -32,14 +30,8 @@ def worst_class_rates(model: Path, dataset: str, chunk: int = 500) -> dict[str, 
     data = load_split_data(open_lab_dataset(dataset), bundle.image_size)
     classifier = PromptClassifier(bundle, data.classnames)
     pixels, labels = data.test_pixels, data.test_labels
-    registry = get_registry()
     rates: dict[str, list] = {}
-    for name in sorted(registry.triggers):
-        family = registry.trigger_family(name)
-        try:
-            trigger = family.build(family.Config(), bundle.image_size)
-        except InputError:
-            continue
+    for name, trigger in default_triggers(bundle.image_size):
         predictions = torch.cat(
             [
                 classifier.logits(trigger.apply(pixels[i : i + chunk])).argmax(dim=1)

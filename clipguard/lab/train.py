@@ -910,17 +910,23 @@ def clean_model_trigger_asr(
     cannot be built with default options (badclip-like needs its patch file) are skipped.
     """
     rates: dict[str, float | None] = {}
-    registry = get_registry()
-    for name in sorted(registry.triggers):
-        family = registry.trigger_family(name)
-        try:
-            trigger = family.build(family.Config(), bundle.image_size)
-        except InputError:
-            continue
+    for name, trigger in default_triggers(bundle.image_size):
         _, rates[name] = evaluate_zero_shot(
             bundle, data.classnames, data.test_pixels, data.test_labels, trigger, target
         )
     return rates
+
+
+def default_triggers(image_size: int) -> Iterator[tuple[str, Trigger]]:
+    """``(name, trigger)`` of every registered family that builds with its default options
+    at ``image_size``, by name; families that need more (a patch file) are skipped."""
+    registry = get_registry()
+    for name in sorted(registry.triggers):
+        family = registry.trigger_family(name)
+        try:
+            yield name, family.build(family.Config(), image_size)
+        except InputError:
+            continue
 
 
 def make_badclip_patch(
