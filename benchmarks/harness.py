@@ -437,13 +437,17 @@ def write_figure(results: dict[str, Any], defences: Sequence[str], path: Path) -
     runs = [r for r in results["runs"] if r["attack"] != "none"]
     present = [d for d in defences if any(r["defence"] == d for r in results["runs"])]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for defence in present:
+    colours = plt.get_cmap("tab20").colors  # distinct for up to 20 defences
+    markers = "osD^v<>"
+    for index, defence in enumerate(present):
         chosen = [r for r in runs if r["defence"] == defence]
         left.scatter(
             [100 * (r["asr_after"] or 0) for r in chosen],
             [100 * r["ca_after"] for r in chosen],
             label=defence,
             alpha=0.8,
+            color=colours[index % len(colours)],
+            marker=markers[index % len(markers)],
         )
     left.set_xlabel("ASR after (%)")
     left.set_ylabel("CA after (%)")
