@@ -186,6 +186,9 @@ def main(
     quiet: bool = False,
 ) -> None:
     """Scan every zoo model, fit thresholds on even seeds, report on odd seeds."""
+    if signals not in ("joint", "size"):
+        raise typer.BadParameter(f"--signals {signals!r}: joint or size")
+    rule: Signals = "size" if signals == "size" else "joint"
     progress = Progress(quiet=quiet)
     found = [model for folder in zoo for model in find_models(folder)]
     if not found:
@@ -204,9 +207,6 @@ def main(
     scans = {m.name: harness.scan(m) for m in progress.track(models, description="scanning zoo")}
     fit_scans = [scans[m.name] for m in models if _seed(m) % 2 == 0]
     held_scans = [scans[m.name] for m in models if _seed(m) % 2 == 1]
-    if signals not in ("joint", "size"):
-        raise typer.BadParameter(f"--signals {signals!r}: joint or size")
-    rule: Signals = "size" if signals == "size" else "joint"
     fitted = threshold is None
     if threshold is None:
         threshold = fit_threshold(fit_scans, rule)

@@ -101,6 +101,11 @@ class Measured:
     stderr: str = ""
 
 
+def option_arguments(flag: str, options: dict[str, Any]) -> list[str]:
+    """``[flag, "key=JSON", ...]`` for every option, as the clipguard CLI reads them."""
+    return [item for key, value in options.items() for item in (flag, f"{key}={json.dumps(value)}")]
+
+
 def run_measured(arguments: Sequence[str]) -> Measured:
     """Run ``clipguard ARGUMENTS`` in a subprocess; parse its stdout as JSON.
 
@@ -171,13 +176,12 @@ class Harness:
         payload = json.loads(Path(other).read_text())
         if payload.get("scan_options", {}) != self.results["scan_options"]:
             raise ValueError(f"{other}: its scans used other options; not merged")
-        for entry in payload.get("scans", []):
-            if not any(e["model"] == entry["model"] for e in self.results["scans"]):
-                self.results["scans"].append(entry)
-        for entry in payload.get("runs", []):
-            key = (entry["model"], entry["defence"])
-            if not any((e["model"], e["defence"]) == key for e in self.results["runs"]):
-                self.results["runs"].append(entry)
+        scanned = {e["model"] for e in self.results["scans"]}
+        self.results["scans"] += [e for e in payload.get("scans", []) if e["model"] not in scanned]
+        ran = {(e["model"], e["defence"]) for e in self.results["runs"]}
+        self.results["runs"] += [
+            e for e in payload.get("runs", []) if (e["model"], e["defence"]) not in ran
+        ]
         self._save()
 
     def scan(self, model: ZooModel) -> dict[str, Any]:
@@ -199,11 +203,7 @@ class Harness:
                 "--out",
                 str(out),
                 "--json",
-                *[
-                    argument
-                    for key, value in self.scan_options.items()
-                    for argument in ("--option", f"{key}={json.dumps(value)}")
-                ],
+                *option_arguments("--option", self.scan_options),
             ]
         )
         if measured.returncode not in (0, 1):
@@ -254,12 +254,10 @@ class Harness:
             str(self.runs_dir / model.name / defence),
             "--json",
         ]
-        for key, value in options.items():
-            arguments += ["--option", f"{key}={json.dumps(value)}"]
+        arguments += option_arguments("--option", options)
         if model.backdoored:
             arguments += ["--attack", model.attack, "--target", str(model.target)]
-            for key, value in model.trigger_options.items():
-                arguments += ["--attack-option", f"{key}={json.dumps(value)}"]
+            arguments += option_arguments("--attack-option", model.trigger_options)
         if needs_trigger:
             arguments += ["--trigger", self.scan(model)["trigger"]]
         else:

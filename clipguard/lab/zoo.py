@@ -152,12 +152,16 @@ def build_zoo(
         classnames, lab_profile, recipe, clean_seeds, attack_seeds, poison_rate, attacks
     )
 
+    def finished(entry: ZooEntry) -> bool:
+        model_path = out / f"{entry.name}.safetensors"
+        return model_path.is_file() and card_path(model_path).is_file()
+
     def write_manifest() -> dict[str, Any]:
-        models = []
-        for entry in plan:
-            card_file = card_path(out / f"{entry.name}.safetensors")
-            if card_file.is_file() and (out / f"{entry.name}.safetensors").is_file():
-                models.append(_summary(entry, json.loads(card_file.read_text())))
+        models = [
+            _summary(entry, json.loads(card_path(out / f"{entry.name}.safetensors").read_text()))
+            for entry in plan
+            if finished(entry)
+        ]
         manifest = {
             "format": "clipguard.lab.zoo/1",
             "dataset": str(dataset),
@@ -171,11 +175,10 @@ def build_zoo(
 
     mine = plan[index::count]
     for entry in progress.track(mine, description="building zoo"):
-        model_path = out / f"{entry.name}.safetensors"
-        if not (model_path.is_file() and card_path(model_path).is_file()):
+        if not finished(entry):
             build_model(
                 dataset,
-                model_path,
+                out / f"{entry.name}.safetensors",
                 attack=entry.attack,
                 target=entry.target,
                 poison_rate=entry.poison_rate,

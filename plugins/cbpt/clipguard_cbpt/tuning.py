@@ -143,6 +143,13 @@ def random_mask_like(trigger: MaskPatternTrigger, generator: torch.Generator) ->
     return MaskPatternTrigger(mask=mask, pattern=pattern, family="random-mask")
 
 
+def handcrafted_log_probs(cache: FeatureCache, anchor: torch.Tensor, scale: float) -> torch.Tensor:
+    """Log class probabilities of the hand-crafted prompts ``anchor`` on every clean view
+    (``V*N x C``): the reference of ``L_distill``, constant during tuning."""
+    e = cache.clean.shape[2]
+    return (scale * cache.clean.reshape(-1, e) @ anchor.T).log_softmax(dim=1)
+
+
 def prompt_losses(
     text: torch.Tensor,
     anchor: torch.Tensor,
@@ -150,11 +157,14 @@ def prompt_losses(
     scale: float,
     target: int | None,
     config: TuningConfig,
+    reference: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The three CBPT losses for text features ``text`` (``C x E``), as scalars.
+    """The CBPT losses for text features ``text`` (``C x E``), as scalars.
 
     ``L_trigger`` is 0 without triggered features or when disabled; ``"away"`` needs a
-    ``target`` (without one only the true-class part is used).
+    ``target`` (without one only the true-class part is used). ``L_distill`` is 0 unless
+    ``config.distill_weight`` is set; ``reference`` is :func:`handcrafted_log_probs`, passed
+    in by a loop that calls this many times (computed here otherwise).
     """
     n_views, e = cache.clean.shape[0], cache.clean.shape[2]
     labels = cache.labels.repeat(n_views)
@@ -176,7 +186,8 @@ def prompt_losses(
     losses["anchor"] = zero if config.no_anchor_loss else (1 - (text * anchor).sum(dim=1)).mean()
     losses["distill"] = zero
     if config.distill_weight > 0:
-        reference = (scale * cache.clean.reshape(-1, e) @ anchor.T).log_softmax(dim=1)
+        if reference is None:
+            reference = handcrafted_log_probs(cache, anchor, scale)
         losses["distill"] = F.kl_div(
             logits_clean.log_softmax(dim=1), reference, log_target=True, reduction="batchmean"
         )
@@ -214,6 +225,7 @@ def tune_prompts(
     )
     anchor = handcrafted_text_features(bundle, classnames).detach()
     scale = bundle.logit_scale
+    reference = handcrafted_log_probs(cache, anchor, scale) if config.distill_weight > 0 else None
     optimizer = torch.optim.Adam([context], lr=config.lr)
     a = 0.0 if config.no_trigger_loss else config.trigger_weight
     b = 0.0 if config.no_anchor_loss else config.anchor_weight
@@ -223,7 +235,7 @@ def tune_prompts(
     with _threads(config.threads), progress.task("prompt tuning", config.steps) as advance:
         for step in range(config.steps):
             text = encoder(context)
-            losses = prompt_losses(text, anchor, cache, scale, target, config)
+            losses = prompt_losses(text, anchor, cache, scale, target, config, reference)
             total = (
                 losses["clean"]
                 + a * losses["trigger"]
