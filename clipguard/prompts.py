@@ -32,13 +32,36 @@ DEFAULT_CONTEXT_INIT = "a photo of a"
 _PLACEHOLDER = "X"
 
 
+def pooled_prefix_length(model: nn.Module, token_ids: torch.Tensor) -> int:
+    """How many leading token positions determine the pooled text feature of ``token_ids``.
+
+    With a causal attention mask and end-of-text pooling (``argmax`` or ``eos``), the feature
+    at the end-of-text token depends only on the positions up to it, so the padding after the
+    longest prompt's end-of-text token can be dropped: the same features, for a fraction of
+    the transformer's work (a class-wise prompt has about 10 tokens, CLIP's context 77).
+    Any other model keeps its whole context.
+    """
+    full = int(token_ids.shape[1])
+    if getattr(model, "attn_mask", None) is None:
+        return full
+    pool_type = getattr(model, "text_pool_type", "argmax")
+    if pool_type == "argmax":
+        ends = token_ids.argmax(dim=1)
+    elif pool_type == "eos" and getattr(model, "text_eos_id", None) is not None:
+        ends = (token_ids == model.text_eos_id).int().argmax(dim=1)
+    else:
+        return full
+    return min(full, int(ends.max()) + 1)
+
+
 class PromptEncoder(nn.Module):
     """Text features of class-wise prompts from context vectors, through a frozen text tower.
 
     ``forward(context)`` takes ``C x M x D`` context vectors and returns ``C x E`` L2-normalised
     text features. Token embedding, positional embedding, the causal transformer (batch
     first, mask outside it, as in open_clip 3.x), ``ln_final``, end-of-text pooling and the
-    text projection are the model's own.
+    text projection are the model's own. Positions after the last end-of-text token are
+    dropped where that cannot change the result (:func:`pooled_prefix_length`).
     """
 
     def __init__(self, bundle: ModelBundle, classnames: Sequence[str], n_context: int) -> None:
@@ -59,6 +82,8 @@ class PromptEncoder(nn.Module):
                 )
         token_ids = bundle.tokenize(texts)
         model = bundle.model
+        self.length = pooled_prefix_length(model, token_ids)
+        token_ids = token_ids[:, : self.length]
         with torch.no_grad():
             embeddings = model.token_embedding(token_ids).float()
         self.register_buffer("token_ids", token_ids, persistent=False)
@@ -74,8 +99,11 @@ class PromptEncoder(nn.Module):
             )
         self.bundle.text_encoder_prompts += len(self.classnames)
         x = torch.cat([self.prefix, context.to(self.prefix), self.suffix], dim=1)
-        x = x + model.positional_embedding.to(x)
-        x = model.transformer(x, attn_mask=model.attn_mask)
+        x = x + model.positional_embedding[: self.length].to(x)
+        mask = model.attn_mask
+        x = model.transformer(
+            x, attn_mask=None if mask is None else mask[: self.length, : self.length]
+        )
         x = model.ln_final(x)
         x = text_global_pool(
             x,

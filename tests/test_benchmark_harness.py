@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from harness import Harness  # noqa: E402
+from harness import Harness, markdown_tables  # noqa: E402
 
 
 def _run(model: str, defence: str, asr: float) -> dict:
@@ -48,3 +48,32 @@ def test_scans_made_with_other_options_are_not_mixed(tmp_path):
     plain = Harness(results_path=tmp_path / "plain.json", runs_dir=tmp_path / "r")
     with pytest.raises(ValueError, match="not merged"):
         plain.merge(sized)
+
+
+def test_cost_compares_defences_on_the_same_models():
+    """A defence also run on clean models (cheaper there) is not averaged over more models
+    than one run only on backdoored ones."""
+
+    def run(model: str, attack: str, defence: str, seconds: float) -> dict:
+        return {
+            "model": model,
+            "attack": attack,
+            "defence": defence,
+            "ca_before": 0.5,
+            "asr_before": 0.9,
+            "ca_after": 0.5,
+            "asr_after": 0.1,
+            "purify_seconds": seconds,
+            "peak_rss_mb": 100.0,
+            "image_encoder_images": 10,
+        }
+
+    runs = [
+        run("bad", "badnets", "cbpt", 2.0),
+        run("bad", "badnets", "finetune", 8.0),
+        run("clean", "none", "cbpt", 0.5),
+    ]
+    cost = markdown_tables({"runs": runs, "scans": []}, ["cbpt", "finetune"]).split("### Cost")[1]
+    rows = {line.split("|")[1].strip(): line for line in cost.splitlines() if "|" in line}
+    assert rows["cbpt"].split("|")[2].strip() == "2.00"
+    assert rows["finetune"].split("|")[4].strip() == "4.00"

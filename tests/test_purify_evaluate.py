@@ -22,6 +22,7 @@ from clipguard.prompts import (
     handcrafted_text_features,
     initial_context,
     load_prompt_file,
+    pooled_prefix_length,
 )
 
 runner = CliRunner()
@@ -75,6 +76,26 @@ def test_prompt_encoder_matches_token_path(tiny_model_path):
     learned = encoder(initial_context(bundle, len(classes), 4))
     handcrafted = handcrafted_text_features(bundle, classes)
     torch.testing.assert_close(learned, handcrafted, atol=1e-5, rtol=1e-4)
+
+
+def test_prompt_encoder_drops_only_padding_after_end_of_text(tiny_model_path):
+    """With a causal mask the padding after the last end-of-text token is dropped (features
+    unchanged, see the test above); without one the whole context is kept."""
+    bundle: ModelBundle = load_model(tiny_model_path)
+    classes = ["red square", "a much longer blue circle name"]
+    token_ids = bundle.tokenize([f"X X X X {c}." for c in classes])
+    longest_end = int(token_ids.argmax(dim=1).max())
+    assert pooled_prefix_length(bundle.model, token_ids) == longest_end + 1
+    assert longest_end + 1 < bundle.model.context_length
+    encoder = PromptEncoder(bundle, classes, n_context=4)
+    torch.testing.assert_close(
+        encoder(initial_context(bundle, len(classes), 4)),
+        handcrafted_text_features(bundle, classes),
+        atol=1e-5,
+        rtol=1e-4,
+    )
+    bundle.model.attn_mask = None
+    assert pooled_prefix_length(bundle.model, token_ids) == bundle.model.context_length
 
 
 def test_purify_writes_prompts_and_evaluate_uses_them(

@@ -211,6 +211,11 @@ def test_a_clean_scan_turns_the_trigger_loss_off(bundle, shots, settings, gated)
     )
     assert outcome.statistics["trigger_loss_gated"] is gated
     assert (outcome.statistics["loss_last"]["trigger"] == 0) is gated
+    # gated: held to the hand-crafted predictions, and no triggered view is encoded
+    options = outcome.prompts.settings["options"]
+    assert options["distill_weight"] == (PurifyConfig().gated_distill_weight if gated else 0)
+    n = shots.pixels.shape[0]
+    assert outcome.statistics["feature_encoder_images"] == (n if gated else 2 * n)
     forced = CBPTPurifier().purify(
         bundle,
         shots,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, Field
@@ -21,6 +21,8 @@ from clipguard_cbpt.scanner import (
     verdict_of,
 )
 from clipguard_cbpt.tuning import TuningConfig, cache_features, random_mask_like, tune_prompts
+
+TuningConfigT = TypeVar("TuningConfigT", bound=TuningConfig)
 
 
 class PurifyConfig(TuningConfig):
@@ -50,6 +52,15 @@ class PurifyConfig(TuningConfig):
             "cbpt scanner's inconclusive level, or a clean verdict): on a clean model the "
             "smallest trigger is a natural feature of a class, and pushing it away costs "
             "clean accuracy (docs/method.md)"
+        ),
+    )
+    gated_distill_weight: float = Field(
+        3.0,
+        ge=0,
+        description=(
+            "weight of L_distill (at least; see distill_weight) when L_trigger is gated off: "
+            "with no backdoor found, the tuning is held to the hand-crafted prompts' "
+            "predictions so that it does not cost clean accuracy (docs/method.md)"
         ),
     )
     inversion_method: Literal["scan", "contrastive"] = Field(
@@ -131,10 +142,10 @@ class CBPTPurifier(Purifier):
         target = int(distribution["dominant_index"])
         gated = config.gate_on_verdict and _says_clean(trigger.settings)
         if gated:
-            config = config.model_copy(update={"no_trigger_loss": True})
+            config = without_trigger_loss(config, config.gated_distill_weight)
         statistics["trigger_verdict"] = trigger.settings.get("verdict")
         statistics["trigger_loss_gated"] = gated
-        used = [trigger.trigger]
+        used = [] if config.no_trigger_loss else [trigger.trigger]
         extra_start = bundle.image_encoder_images
         if config.extra_triggers and not config.no_trigger_loss:
             with context.stage("extra triggers"):
@@ -147,7 +158,7 @@ class CBPTPurifier(Purifier):
                 bundle,
                 shots.pixels,
                 shots.labels,
-                used,
+                used or None,
                 config.augmentations,
                 config.crop_scale,
                 context.generator(3),
@@ -158,7 +169,7 @@ class CBPTPurifier(Purifier):
             {
                 "trigger_target": shots.classnames[target],
                 "trigger_share": distribution["dominant_share"],
-                "trigger_pl1": float(used[0].mask.mean().item()),
+                "trigger_pl1": float(trigger.trigger.mask.mean().item()),
                 "extra_trigger_pl1": [float(each.mask.mean().item()) for each in used[1:]],
                 "inversion_encoder_images": inversion_images,
             }
@@ -166,6 +177,17 @@ class CBPTPurifier(Purifier):
         outcome.trigger = trigger
         outcome.trigger_target = shots.classnames[target]
         return outcome
+
+
+def without_trigger_loss(config: TuningConfigT, distill_weight: float) -> TuningConfigT:
+    """``config`` as the gate leaves it: no ``L_trigger``, and ``L_distill`` weighted at least
+    ``distill_weight`` (with no backdoor found, keep the hand-crafted predictions)."""
+    return config.model_copy(
+        update={
+            "no_trigger_loss": True,
+            "distill_weight": max(config.distill_weight, distill_weight),
+        }
+    )
 
 
 def _says_clean(settings: dict[str, Any]) -> bool:

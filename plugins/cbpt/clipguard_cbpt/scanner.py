@@ -63,9 +63,10 @@ N_PICTURE_PAIRS = 8
 
 Signals = Literal["joint", "size"]
 
-#: the evidence threshold of each rule when none is given, fitted by benchmarks/calibrate.py
-#: (joint: synthetic zoo; size: CIFAR-10 zoo; docs/benchmarks.md)
-DEFAULT_THRESHOLDS: dict[str, float] = {"joint": 2.0, "size": 1.63}
+#: the evidence threshold of each rule when none is given (docs/benchmarks.md): joint from
+#: the synthetic zoo; size = the middle of the gap between the clean and the backdoored
+#: models of the 24-model CIFAR-10 zoo (the rule of benchmarks/calibrate.py on all of it)
+DEFAULT_THRESHOLDS: dict[str, float] = {"joint": 2.0, "size": 1.99}
 
 
 class ScanConfig(InversionConfig):
