@@ -19,32 +19,8 @@ from pathlib import Path
 
 import torch
 
-from clipguard.lab.train import default_triggers, load_split_data, open_lab_dataset
+from clipguard.lab.train import load_split_data, open_lab_dataset, worst_class_trigger_asr
 from clipguard.model import load_model
-from clipguard.prompts import PromptClassifier
-
-
-def worst_class_rates(model: Path, dataset: str, chunk: int = 500) -> dict[str, list]:
-    """``{family: [asr_percent, class]}`` for the class each trigger sends most images to."""
-    bundle = load_model(model)
-    data = load_split_data(open_lab_dataset(dataset), bundle.image_size)
-    classifier = PromptClassifier(bundle, data.classnames)
-    pixels, labels = data.test_pixels, data.test_labels
-    rates: dict[str, list] = {}
-    for name, trigger in default_triggers(bundle.image_size):
-        predictions = torch.cat(
-            [
-                classifier.logits(trigger.apply(pixels[i : i + chunk])).argmax(dim=1)
-                for i in range(0, len(labels), chunk)
-            ]
-        )
-        shares = [
-            float(((predictions == k) & (labels != k)).sum() / (labels != k).sum())
-            for k in range(len(data.classnames))
-        ]
-        worst = max(range(len(shares)), key=shares.__getitem__)
-        rates[name] = [round(100 * shares[worst], 1), data.classnames[worst]]
-    return rates
 
 
 def main() -> None:
@@ -54,7 +30,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     for model in args.models:
-        print(json.dumps({"model": model.stem, **worst_class_rates(model, args.dataset)}))
+        bundle = load_model(model)
+        data = load_split_data(open_lab_dataset(args.dataset), bundle.image_size)
+        rates = worst_class_trigger_asr(bundle, data)
+        print(
+            json.dumps(
+                {
+                    "model": model.stem,
+                    **{k: [round(100 * float(v["asr"]), 1), v["class"]] for k, v in rates.items()},
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from clipguard.metrics import evaluate_zero_shot
 from clipguard.model import ModelBundle, build_clip_from_config, load_model, save_model
 from clipguard.plugins import get_registry
 from clipguard.progress import Progress
+from clipguard.prompts import PromptClassifier
 from clipguard.triggers import Trigger
 
 Recipe = Literal["scratch", "finetune"]
@@ -883,6 +884,8 @@ def build_model(
     }
     if trigger is None and target_index is not None:
         card["clean_model_trigger_asr"] = clean_model_trigger_asr(bundle, data, target_index)
+    if trigger is None and target_index is None:
+        card["clean_model_worst_trigger_asr"] = worst_class_trigger_asr(bundle, data)
     if trigger is not None and target_index is not None:
         card.update(
             oracle_ceiling(
@@ -914,6 +917,35 @@ def clean_model_trigger_asr(
         _, rates[name] = evaluate_zero_shot(
             bundle, data.classnames, data.test_pixels, data.test_labels, trigger, target
         )
+    return rates
+
+
+def worst_class_trigger_asr(
+    bundle: ModelBundle, data: SplitData, chunk: int = 500
+) -> dict[str, dict[str, float | str]]:
+    """For every registered trigger family (default options), the class its trigger sends
+    the most test images of other classes to, and that share: ``{family: {"asr", "class"}}``.
+
+    On a clean model, which has no target, this is the largest false "success" rate each
+    trigger reaches by distorting images alone (lab issue: at most 15 %).
+    """
+    classifier = PromptClassifier(bundle, data.classnames)
+    pixels, labels = data.test_pixels, data.test_labels
+    rates: dict[str, dict[str, float | str]] = {}
+    with torch.no_grad():
+        for name, trigger in default_triggers(bundle.image_size):
+            predictions = torch.cat(
+                [
+                    classifier.logits(trigger.apply(pixels[i : i + chunk])).argmax(dim=1)
+                    for i in range(0, len(labels), chunk)
+                ]
+            )
+            shares = [
+                float(((predictions == k) & (labels != k)).sum() / max(int((labels != k).sum()), 1))
+                for k in range(len(data.classnames))
+            ]
+            worst = max(range(len(shares)), key=shares.__getitem__)
+            rates[name] = {"asr": shares[worst], "class": data.classnames[worst]}
     return rates
 
 

@@ -139,6 +139,20 @@ def test_one_step_build_writes_model_and_card(tiny_synthetic, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_a_clean_model_card_lists_each_triggers_worst_class(tiny_synthetic, tmp_path):
+    """A clean model has no target, so its card holds, per trigger family, the class that
+    family's trigger sends the most other-class test images to, and that share."""
+    out = tmp_path / "clean.safetensors"
+    card = build_model(tiny_synthetic, out, epochs=1, model_cfg=TINY)
+    rates = json.loads(card_path(out).read_text())["clean_model_worst_trigger_asr"]
+    assert rates == card["clean_model_worst_trigger_asr"]
+    assert {"badnets", "blended", "sig", "wanet"} <= set(rates)
+    assert "badclip-like" not in rates  # needs a patch file
+    classnames = card["dataset"]["classnames"]
+    for entry in rates.values():
+        assert 0 <= entry["asr"] <= 1 and entry["class"] in classnames
+
+
 def test_build_errors_are_input_errors(tiny_synthetic, tmp_path):
     with pytest.raises(InputError, match="target"):
         build_model(tiny_synthetic, tmp_path / "m.safetensors", attack="badnets", model_cfg=TINY)
