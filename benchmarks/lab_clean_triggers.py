@@ -4,8 +4,9 @@ Usage::
 
     python benchmarks/lab_clean_triggers.py --dataset CIFAR ZOO/clean-s0.safetensors ...
 
-For each model and each registered trigger family (default options; families that need a
-file, such as badclip-like, are skipped) the test split is triggered once and the share of
+For each model and each registered trigger family (default options, or the data set's lab
+profile's, as its zoo uses them; families that need a file, such as badclip-like, are
+skipped) the test split is triggered once and the share of
 non-class images sent to each class is computed; the largest share and its class are
 printed, one JSON line per model. A clean model has no backdoor, so these are the false
 "success" rates a trigger reaches by distorting the image alone.
@@ -19,7 +20,12 @@ from pathlib import Path
 
 import torch
 
-from clipguard.lab.train import load_split_data, open_lab_dataset, worst_class_trigger_asr
+from clipguard.lab.train import (
+    detect_profile,
+    load_split_data,
+    open_lab_dataset,
+    worst_class_trigger_asr,
+)
 from clipguard.model import load_model
 
 
@@ -31,8 +37,9 @@ def main() -> None:
     torch.set_num_threads(1)
     for model in args.models:
         bundle = load_model(model)
-        data = load_split_data(open_lab_dataset(args.dataset), bundle.image_size)
-        rates = worst_class_trigger_asr(bundle, data)
+        root = open_lab_dataset(args.dataset)
+        data = load_split_data(root, bundle.image_size)
+        rates = worst_class_trigger_asr(bundle, data, detect_profile(root).trigger_option_overrides)
         print(
             json.dumps(
                 {

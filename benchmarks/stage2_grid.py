@@ -15,8 +15,10 @@ test split (for reporting). Gated models (scan verdict clean) tune without the t
 and with ``gated_distill_weight``, as the purifier does.
 
 Prints, per variant, one JSON line: mean CA change against the hand-crafted prompts (points),
-mean and largest ASR over the models whose scan was not clean, and the mean change of the
-target class's recall and of the other classes' recall (where the CA goes).
+mean and largest ASR over the models whose scan trigger points at the real target and was
+not gated (what the options do with a right trigger; a missed or misdirected scan leaves the
+backdoor whatever the options), and the mean change of the target class's recall and of the
+other classes' recall (where the CA goes).
 """
 
 from __future__ import annotations
@@ -166,7 +168,9 @@ def main() -> None:
     for text in args.variant or ["default"]:
         config = variant_config(text)
         rows = [(model, measure(model, config)) for model in models]
-        flagged = [row["asr"] for model, row in rows if not model.gated]
+        flagged = [
+            row["asr"] for model, row in rows if not model.gated and model.suspect == model.target
+        ]
         print(
             json.dumps(
                 {
@@ -174,8 +178,11 @@ def main() -> None:
                     "split": args.split,
                     "models": [model.name for model, _ in rows],
                     "ca_change": round(statistics.mean(r["ca_change"] for _, r in rows), 2),
-                    "asr_flagged_mean": round(statistics.mean(flagged), 2) if flagged else None,
-                    "asr_flagged_max": round(max(flagged), 2) if flagged else None,
+                    "asr_right_trigger_models": len(flagged),
+                    "asr_right_trigger_mean": round(statistics.mean(flagged), 2)
+                    if flagged
+                    else None,
+                    "asr_right_trigger_max": round(max(flagged), 2) if flagged else None,
                     "target_recall_change": round(
                         statistics.mean(r["target_recall_change"] for _, r in rows), 1
                     ),

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from clipguard.errors import InputError
-from clipguard.lab.synthetic import CLASSNAMES, generate_synthetic, write_synthetic
+from clipguard.lab.attacks import WaNetConfig
+from clipguard.lab.synthetic import (
+    CLASSNAMES,
+    MARKER_FILE,
+    generate_synthetic,
+    write_synthetic,
+)
 from clipguard.lab.train import (
     Poisoning,
     TrainSettings,
@@ -151,6 +158,28 @@ def test_a_clean_model_card_lists_each_triggers_worst_class(tiny_synthetic, tmp_
     classnames = card["dataset"]["classnames"]
     for entry in rates.values():
         assert 0 <= entry["asr"] <= 1 and entry["class"] in classnames
+
+
+def test_the_natural_profile_uses_a_gentler_warp(tiny_synthetic, tmp_path, monkeypatch):
+    """WaNet on photographs (the natural profile) defaults to strength 4; options given on
+    the command line still win; the synthetic profile keeps the family's default."""
+    monkeypatch.setenv("CLIPGUARD_CACHE", str(tmp_path / "cache"))
+    natural = tmp_path / "photos"
+    shutil.copytree(tiny_synthetic, natural)
+    (natural / MARKER_FILE).unlink()
+    common = {"attack": "wanet", "target": "red circle", "epochs": 1, "model_cfg": TINY}
+    card = build_model(natural, tmp_path / "n.safetensors", base_epochs=1, **common)
+    assert card["profile"] == "natural" and card["trigger_options"]["strength"] == 4.0
+    given = build_model(
+        natural,
+        tmp_path / "g.safetensors",
+        base_epochs=1,
+        attack_options={"strength": 9.0},
+        **common,
+    )
+    assert given["trigger_options"]["strength"] == 9.0
+    synthetic = build_model(tiny_synthetic, tmp_path / "s.safetensors", **common)
+    assert synthetic["trigger_options"]["strength"] == WaNetConfig().strength
 
 
 def test_build_errors_are_input_errors(tiny_synthetic, tmp_path):

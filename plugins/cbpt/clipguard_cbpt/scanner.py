@@ -64,8 +64,8 @@ N_PICTURE_PAIRS = 8
 Signals = Literal["joint", "size"]
 
 #: the evidence threshold of each rule when none is given (docs/benchmarks.md): joint from
-#: the synthetic zoo; size = the middle of the gap between the clean and the backdoored
-#: models of the 24-model CIFAR-10 zoo (the rule of benchmarks/calibrate.py on all of it)
+#: the synthetic zoo; size = the middle of the gap between the clean and the detected
+#: backdoored models of the CIFAR-10 zoo (the rule of benchmarks/calibrate.py on all of it)
 DEFAULT_THRESHOLDS: dict[str, float] = {"joint": 2.0, "size": 1.99}
 
 
