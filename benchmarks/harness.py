@@ -384,16 +384,20 @@ def markdown_tables(results: dict[str, Any], defences: Sequence[str]) -> str:
                 f"| {defence} | {_pct(before)} | {_pct(after)} | "
                 f"{'-' if change is None else f'{change:+.2f}'} |"
             )
+    costed = backdoored_runs(runs) or list(runs)
+    over = (
+        "the backdoored models, which every defence purified"
+        if backdoored_runs(runs)
+        else "the (clean) models"
+    )
     lines += [
         "",
-        "### Cost per purification (mean over the backdoored models, which every defence "
-        "purified; ratio to cbpt in the same run)",
+        f"### Cost per purification (mean over {over}; ratio to cbpt in the same run)",
         "",
         "| defence | purify s | of which inversion s | ratio | peak MB | ratio | "
         "image-encoder images |",
         "|---|---|---|---|---|---|---|",
     ]
-    costed = backdoored_runs(runs)
     cbpt_time = _mean(r["purify_seconds"] for r in costed if r["defence"] == "cbpt")
     cbpt_memory = _mean(r["peak_rss_mb"] for r in costed if r["defence"] == "cbpt")
     for defence in present:

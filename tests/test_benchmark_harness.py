@@ -73,7 +73,14 @@ def test_cost_compares_defences_on_the_same_models():
         run("bad", "badnets", "finetune", 8.0),
         run("clean", "none", "cbpt", 0.5),
     ]
-    cost = markdown_tables({"runs": runs, "scans": []}, ["cbpt", "finetune"]).split("### Cost")[1]
-    rows = {line.split("|")[1].strip(): line for line in cost.splitlines() if "|" in line}
+
+    def cost_rows(chosen: list[dict]) -> dict[str, str]:
+        tables = markdown_tables({"runs": chosen, "scans": []}, ["cbpt", "finetune"])
+        cost = tables.split("### Cost")[1]
+        return {line.split("|")[1].strip(): line for line in cost.splitlines() if "|" in line}
+
+    rows = cost_rows(runs)
     assert rows["cbpt"].split("|")[2].strip() == "2.00"
     assert rows["finetune"].split("|")[4].strip() == "4.00"
+    # a zoo of clean models only: the cost is over those
+    assert cost_rows(runs[2:])["cbpt"].split("|")[2].strip() == "0.50"
