@@ -384,12 +384,9 @@ def markdown_tables(results: dict[str, Any], defences: Sequence[str]) -> str:
                 f"| {defence} | {_pct(before)} | {_pct(after)} | "
                 f"{'-' if change is None else f'{change:+.2f}'} |"
             )
-    costed = backdoored_runs(runs) or list(runs)
-    over = (
-        "the backdoored models, which every defence purified"
-        if backdoored_runs(runs)
-        else "the (clean) models"
-    )
+    backdoored = backdoored_runs(runs)
+    costed = backdoored or list(runs)
+    over = "the backdoored models, which every defence purified" if backdoored else "the models"
     lines += [
         "",
         f"### Cost per purification (mean over {over}; ratio to cbpt in the same run)",

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from clipguard.lab.train import (
+    SplitData,
     detect_profile,
     load_split_data,
     open_lab_dataset,
@@ -35,11 +36,14 @@ def main() -> None:
     parser.add_argument("--dataset", required=True, help="'synthetic' or a train/ test/ folder")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    root = open_lab_dataset(args.dataset)
+    trigger_options = detect_profile(root).trigger_option_overrides
+    data_by_size: dict[int, SplitData] = {}
     for model in args.models:
         bundle = load_model(model)
-        root = open_lab_dataset(args.dataset)
-        data = load_split_data(root, bundle.image_size)
-        rates = worst_class_trigger_asr(bundle, data, detect_profile(root).trigger_option_overrides)
+        if bundle.image_size not in data_by_size:
+            data_by_size[bundle.image_size] = load_split_data(root, bundle.image_size)
+        rates = worst_class_trigger_asr(bundle, data_by_size[bundle.image_size], trigger_options)
         print(
             json.dumps(
                 {

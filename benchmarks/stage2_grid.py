@@ -32,14 +32,15 @@ from pathlib import Path
 
 import torch
 
+from clipguard.components import RunContext, ShotSet
 from clipguard.data import load_pixels, open_image_folder, split_shots, subsample
 from clipguard.lab.train import open_lab_dataset, resolve_trigger
 from clipguard.model import ModelBundle, load_model
 from clipguard.prompts import PromptClassifier, PromptEncoder, handcrafted_text_features
 from clipguard.triggers import load_trigger_file
 from clipguard_cbpt.inversion import encode_batched, prediction_distribution
-from clipguard_cbpt.purifier import PurifyConfig, without_trigger_loss
-from clipguard_cbpt.tuning import FeatureCache, TuningConfig, cache_features, tune_prompts
+from clipguard_cbpt.purifier import PurifyConfig, says_clean, shot_features, without_trigger_loss
+from clipguard_cbpt.tuning import FeatureCache, TuningConfig, tune_prompts
 
 SHOTS = 16
 
@@ -67,23 +68,17 @@ def prepare(model: Path, scan: dict, root: Path, split: str, eval_limit: int) ->
     train = open_image_folder(root / "train")
     shot_samples, rest = split_shots(train, SHOTS, 0)
     pixels, labels = load_pixels(shot_samples, bundle.pixel_transform)
-    trigger = load_trigger_file(Path(scan["trigger"])).trigger
+    trigger_file = load_trigger_file(Path(scan["trigger"]))
+    trigger = trigger_file.trigger
     classifier = PromptClassifier(bundle, train.classnames)
     suspect = int(
         prediction_distribution(classifier.predict, pixels, labels, trigger, train.classnames)[
             "dominant_index"
         ]
     )
-    gated = scan["verdict"] == "clean"
-    cache = cache_features(
-        bundle,
-        pixels,
-        labels,
-        None if gated else [trigger],
-        TuningConfig().augmentations,
-        TuningConfig().crop_scale,
-        torch.Generator().manual_seed(3),
-    )
+    gated = says_clean(trigger_file.settings)
+    shots = ShotSet(pixels, labels, train.classnames)
+    cache = shot_features(bundle, shots, [] if gated else [trigger], TuningConfig(), RunContext())
     pool = rest if split == "train" else open_image_folder(root / "test").samples
     eval_pixels, eval_labels = load_pixels(
         subsample(pool, eval_limit, 1 if split == "train" else 0), bundle.pixel_transform

@@ -931,19 +931,15 @@ def clean_model_trigger_asr(
     For a clean model these are the false "success" rates of each trigger. Families that
     cannot be built with default options (badclip-like needs its patch file) are skipped.
     """
-    rates: dict[str, float | None] = {}
-    for name, trigger in default_triggers(bundle.image_size, trigger_options):
-        _, rates[name] = evaluate_zero_shot(
-            bundle, data.classnames, data.test_pixels, data.test_labels, trigger, target
-        )
-    return rates
+    return {
+        name: shares[target] for name, shares in trigger_class_shares(bundle, data, trigger_options)
+    }
 
 
 def worst_class_trigger_asr(
     bundle: ModelBundle,
     data: SplitData,
     trigger_options: Mapping[str, dict[str, Any]] | None = None,
-    chunk: int = 500,
 ) -> dict[str, dict[str, float | str]]:
     """For every registered trigger family (options as in :func:`clean_model_trigger_asr`),
     the class its trigger sends the most test images of other classes to, and that share:
@@ -952,24 +948,33 @@ def worst_class_trigger_asr(
     On a clean model, which has no target, this is the largest false "success" rate each
     trigger reaches by distorting images alone (lab issue: at most 15 %).
     """
+    rates: dict[str, dict[str, float | str]] = {}
+    for name, shares in trigger_class_shares(bundle, data, trigger_options):
+        worst = max(range(len(shares)), key=lambda k: shares[k] or 0.0)
+        rates[name] = {"asr": shares[worst] or 0.0, "class": data.classnames[worst]}
+    return rates
+
+
+def trigger_class_shares(
+    bundle: ModelBundle,
+    data: SplitData,
+    trigger_options: Mapping[str, dict[str, Any]] | None = None,
+) -> Iterator[tuple[str, list[float | None]]]:
+    """For every trigger of :func:`default_triggers`, the share of the test images of other
+    classes that the hand-crafted classifier sends to each class once triggered (the ASR
+    towards that class; None for a class with no image of another class). Each trigger's
+    test images go through the image encoder once."""
     classifier = PromptClassifier(bundle, data.classnames)
     pixels, labels = data.test_pixels, data.test_labels
-    rates: dict[str, dict[str, float | str]] = {}
-    with torch.no_grad():
-        for name, trigger in default_triggers(bundle.image_size, trigger_options):
-            predictions = torch.cat(
-                [
-                    classifier.logits(trigger.apply(pixels[i : i + chunk])).argmax(dim=1)
-                    for i in range(0, len(labels), chunk)
-                ]
+    for name, trigger in default_triggers(bundle.image_size, trigger_options):
+        predictions = classifier.predict(trigger.apply(pixels))
+        shares: list[float | None] = []
+        for k in range(len(data.classnames)):
+            others = labels != k
+            shares.append(
+                float((predictions[others] == k).float().mean()) if bool(others.any()) else None
             )
-            shares = [
-                float(((predictions == k) & (labels != k)).sum() / max(int((labels != k).sum()), 1))
-                for k in range(len(data.classnames))
-            ]
-            worst = max(range(len(shares)), key=shares.__getitem__)
-            rates[name] = {"asr": shares[worst], "class": data.classnames[worst]}
-    return rates
+        yield name, shares
 
 
 def default_triggers(

@@ -20,7 +20,13 @@ from clipguard_cbpt.scanner import (
     run_inversion,
     verdict_of,
 )
-from clipguard_cbpt.tuning import TuningConfig, cache_features, random_mask_like, tune_prompts
+from clipguard_cbpt.tuning import (
+    FeatureCache,
+    TuningConfig,
+    cache_features,
+    random_mask_like,
+    tune_prompts,
+)
 
 TuningConfigT = TypeVar("TuningConfigT", bound=TuningConfig)
 
@@ -140,7 +146,7 @@ class CBPTPurifier(Purifier):
             baseline.predict, shots.pixels, shots.labels, trigger.trigger, shots.classnames
         )
         target = int(distribution["dominant_index"])
-        gated = config.gate_on_verdict and _says_clean(trigger.settings)
+        gated = config.gate_on_verdict and says_clean(trigger.settings)
         if gated:
             config = without_trigger_loss(config, config.gated_distill_weight)
         statistics["trigger_verdict"] = trigger.settings.get("verdict")
@@ -153,16 +159,7 @@ class CBPTPurifier(Purifier):
         statistics["extra_trigger_encoder_images"] = bundle.image_encoder_images - extra_start
         if config.random_mask:
             used = [random_mask_like(each, context.generator(7 + i)) for i, each in enumerate(used)]
-        with context.stage("features"):
-            cache = cache_features(
-                bundle,
-                shots.pixels,
-                shots.labels,
-                used or None,
-                config.augmentations,
-                config.crop_scale,
-                context.generator(3),
-            )
+        cache = shot_features(bundle, shots, used, config, context)
         outcome = _tune(bundle, shots, cache, target, config, context, self)
         outcome.statistics.update(statistics)
         outcome.statistics.update(
@@ -179,6 +176,28 @@ class CBPTPurifier(Purifier):
         return outcome
 
 
+def shot_features(
+    bundle: ModelBundle,
+    shots: ShotSet,
+    triggers: list[MaskPatternTrigger],
+    config: TuningConfig,
+    context: RunContext,
+) -> FeatureCache:
+    """The feature cache a purification tunes on (stage "features"): the shots' clean views
+    and, per trigger in ``triggers``, their triggered views; the augmentations are drawn from
+    ``context.generator(3)``, so every purifier with one seed sees the same views."""
+    with context.stage("features"):
+        return cache_features(
+            bundle,
+            shots.pixels,
+            shots.labels,
+            triggers or None,
+            config.augmentations,
+            config.crop_scale,
+            context.generator(3),
+        )
+
+
 def without_trigger_loss(config: TuningConfigT, distill_weight: float) -> TuningConfigT:
     """``config`` as the gate leaves it: no ``L_trigger``, and ``L_distill`` weighted at least
     ``distill_weight`` (with no backdoor found, keep the hand-crafted predictions)."""
@@ -190,7 +209,7 @@ def without_trigger_loss(config: TuningConfigT, distill_weight: float) -> Tuning
     )
 
 
-def _says_clean(settings: dict[str, Any]) -> bool:
+def says_clean(settings: dict[str, Any]) -> bool:
     """Whether a trigger file's scan found no backdoor: its evidence under the ``cbpt``
     scanner's default threshold for the rule the scan used (so files scanned before a
     recalibration follow the current one), else its recorded verdict; False for a trigger
@@ -261,16 +280,7 @@ class CoOpPurifier(Purifier):
         assert isinstance(config, CoOpConfig)
         torch.set_num_threads(min(torch.get_num_threads(), 2))
         config = config.model_copy(update={"no_trigger_loss": True})
-        with context.stage("features"):
-            cache = cache_features(
-                bundle,
-                shots.pixels,
-                shots.labels,
-                None,
-                config.augmentations,
-                config.crop_scale,
-                context.generator(3),
-            )
+        cache = shot_features(bundle, shots, [], config, context)
         return _tune(bundle, shots, cache, None, config, context, self)
 
 
