@@ -67,6 +67,11 @@ class ZooModel:
     def backdoored(self) -> bool:
         return self.attack != "none"
 
+    @property
+    def sha256(self) -> str | None:
+        """The model file's sha256 as its card records it."""
+        return self.card.get("model_sha256")
+
 
 def find_models(zoo: Path) -> list[ZooModel]:
     """Every ``*.safetensors`` model with a lab card (``NAME.card.json``) under ``zoo``."""
@@ -163,10 +168,24 @@ class Harness:
         }
 
     def _done(self, kind: str, model: ZooModel, name: str) -> dict[str, Any] | None:
+        """The stored entry of ``name`` on ``model``, if it was measured on this very model
+        file (same sha256): a model rebuilt under the same name is measured again."""
         for entry in self.results[kind]:
-            if entry["model"] == model.name and entry.get("defence", "scan") == name:
+            if (
+                entry["model"] == model.name
+                and entry.get("defence", "scan") == name
+                and entry.get("model_sha256") == model.sha256
+            ):
                 return entry
         return None
+
+    def _store(self, kind: str, entry: dict[str, Any]) -> None:
+        """Save ``entry``, replacing any earlier one of the same model and defence."""
+        key = (entry["model"], entry.get("defence", "scan"))
+        self.results[kind] = [
+            e for e in self.results[kind] if (e["model"], e.get("defence", "scan")) != key
+        ] + [entry]
+        self._save()
 
     def _save(self) -> None:
         atomic_write_json(self.results_path, self.results)
@@ -211,6 +230,7 @@ class Harness:
         finding = measured.payload["findings"][0]
         entry = {
             "model": model.name,
+            "model_sha256": model.sha256,
             "attack": model.attack,
             "target": model.target,
             "verdict": finding["verdict"],
@@ -223,10 +243,7 @@ class Harness:
             "peak_rss_mb": measured.peak_rss_mb,
             "image_encoder_images": measured.payload["run"]["image_encoder_images"],
         }
-        self.results["scans"] = [e for e in self.results["scans"] if e["model"] != model.name] + [
-            entry
-        ]
-        self._save()
+        self._store("scans", entry)
         return entry
 
     def defend(self, model: ZooModel, defence: str) -> dict[str, Any]:
@@ -269,6 +286,7 @@ class Harness:
         purification = report["purification"]
         entry = {
             "model": model.name,
+            "model_sha256": model.sha256,
             "attack": model.attack,
             "target": model.target,
             "defence": defence,
@@ -291,8 +309,7 @@ class Harness:
             "oracle_ca": model.card.get("oracle_clean_accuracy"),
             "oracle_asr": model.card.get("oracle_attack_success_rate"),
         }
-        self.results["runs"].append(entry)
-        self._save()
+        self._store("runs", entry)
         return entry
 
     def run(

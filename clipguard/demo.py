@@ -15,7 +15,7 @@ from rich.table import Table
 
 from clipguard import api
 from clipguard.lab.synthetic import CLASSNAMES, cache_dir, cached_synthetic
-from clipguard.lab.train import build_model, card_path
+from clipguard.lab.train import build_model, card_path, recipe_key
 from clipguard.progress import Progress
 from clipguard.report import EvaluationReport, Report
 
@@ -37,8 +37,12 @@ class DemoResult:
 
 
 def demo_model_path() -> Path:
-    """Where the demo's backdoored model is cached."""
-    return cache_dir() / "demo" / f"synthetic-{DEMO_ATTACK}-seed0.safetensors"
+    """Where the demo's backdoored model is cached; the name carries the build recipe's
+    fingerprint, so a model cached under another recipe is not reused."""
+    key = recipe_key(
+        "synthetic", attack=DEMO_ATTACK, target=DEMO_TARGET, poison_rate=DEMO_POISON_RATE, seed=0
+    )
+    return cache_dir() / "demo" / f"synthetic-{DEMO_ATTACK}-seed0-{key}.safetensors"
 
 
 def ensure_demo_model(progress: Progress) -> Path:

@@ -11,7 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from harness import Harness, markdown_tables  # noqa: E402
+import harness as harness_module  # noqa: E402
+from harness import Harness, ZooModel, markdown_tables  # noqa: E402
 
 
 def _run(model: str, defence: str, asr: float) -> dict:
@@ -38,6 +39,39 @@ def test_merge_adds_what_is_missing_and_keeps_what_is_there(tmp_path):
     verdicts = {s["model"]: s["verdict"] for s in harness.results["scans"]}
     assert verdicts == {"m1": "x", "m2": "z"}
     assert json.loads(mine.read_text())["runs"] == harness.results["runs"]
+
+
+def test_a_model_rebuilt_under_the_same_name_is_measured_again(tmp_path, monkeypatch):
+    """Stored results are reused only for the model file they were measured on (its sha256
+    in the card): a rebuilt model of the same name is run again, not served stale figures."""
+    results = tmp_path / "r.json"
+    stored = {**_run("m1", "zeroshot", 0.5), "model_sha256": "aaa"}
+    results.write_text(json.dumps({"runs": [stored], "scans": []}))
+    harness = Harness(results_path=results, runs_dir=tmp_path / "runs")
+
+    def model(sha: str) -> ZooModel:
+        return ZooModel(
+            path=tmp_path / "m1.safetensors",
+            name="m1",
+            attack="badnets",
+            target="cat",
+            trigger_options={},
+            data_root=tmp_path,
+            card={"model_sha256": sha},
+        )
+
+    assert harness.defend(model("aaa"), "zeroshot") == stored
+
+    class Measuring(Exception):
+        pass
+
+    def measure(arguments):
+        raise Measuring(arguments[0])
+
+    monkeypatch.setattr(harness, "scan", lambda m: {})
+    monkeypatch.setattr(harness_module, "run_measured", measure)
+    with pytest.raises(Measuring, match="purify"):
+        harness.defend(model("bbb"), "zeroshot")
 
 
 def test_scans_made_with_other_options_are_not_mixed(tmp_path):

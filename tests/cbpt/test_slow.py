@@ -28,7 +28,8 @@ def _lab_model(attack: str) -> tuple[Path, str | None, Path]:
         from clipguard.progress import Progress
 
         return demo_module.ensure_demo_model(Progress(quiet=True)), target, data_root
-    path = synthetic.cache_dir() / "cbpt-tests" / f"synthetic-{attack}-seed0.safetensors"
+    key = train.recipe_key("synthetic", attack=attack, target=target, poison_rate=0.01, seed=0)
+    path = synthetic.cache_dir() / "cbpt-tests" / f"synthetic-{attack}-seed0-{key}.safetensors"
     if not (path.is_file() and train.card_path(path).is_file()):
         train.build_model("synthetic", path, attack=attack, target=target, poison_rate=0.01, seed=0)
     return path, target, data_root

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
 
+from clipguard.demo import demo_model_path
 from clipguard.errors import InputError
-from clipguard.lab.attacks import WaNetConfig
+from clipguard.lab.attacks import SigConfig, WaNetConfig
 from clipguard.lab.synthetic import (
     CLASSNAMES,
     MARKER_FILE,
@@ -17,6 +19,7 @@ from clipguard.lab.synthetic import (
     write_synthetic,
 )
 from clipguard.lab.train import (
+    PROFILES,
     Poisoning,
     TrainSettings,
     augment,
@@ -26,6 +29,7 @@ from clipguard.lab.train import (
     lab_model_config,
     load_split_data,
     multi_positive_clip_loss,
+    recipe_key,
     train_clip,
 )
 from clipguard.model import build_clip_from_config, infer_openai_config, load_model
@@ -182,6 +186,17 @@ def test_the_natural_profile_uses_a_gentler_warp(tiny_synthetic, tmp_path, monke
     assert synthetic["trigger_options"]["strength"] == WaNetConfig().strength
 
 
+def test_the_natural_profile_uses_a_gentler_sinusoid():
+    """SIG on photographs: amplitude 15/255 at a 5 % zoo poison rate; the synthetic profile
+    keeps the family's default amplitude (20/255) and its base rate."""
+    natural, synthetic = PROFILES["natural"], PROFILES["synthetic"]
+    assert natural.trigger_options("sig") == {"delta": 0.06}
+    assert natural.trigger_options("sig", {"delta": 0.1}) == {"delta": 0.1}
+    assert natural.zoo_poison_rate("sig") == 0.05
+    assert synthetic.trigger_options("sig") == {}
+    assert SigConfig(**synthetic.trigger_options("sig")).delta == 0.08
+
+
 def test_build_errors_are_input_errors(tiny_synthetic, tmp_path):
     with pytest.raises(InputError, match="target"):
         build_model(tiny_synthetic, tmp_path / "m.safetensors", attack="badnets", model_cfg=TINY)
@@ -250,3 +265,17 @@ def test_profiles_follow_the_data_set(tiny_synthetic, tmp_path):
     assert PROFILES["synthetic"].model_cfg == lab_model_config()
     with pytest.raises(InputError, match="unknown profile"):
         get_profile("imagenet", tmp_path)
+
+
+def test_cached_lab_models_are_keyed_by_their_recipe(monkeypatch, tmp_path):
+    """The demo's cached model is named after its build recipe: changing the profile (an
+    upgrade that trains differently) or a build option names another file, so a stale
+    model is never reused; the same recipe always names the same file."""
+    monkeypatch.setenv("CLIPGUARD_CACHE", str(tmp_path))
+    before = demo_model_path()
+    assert demo_model_path() == before
+    options = {"attack": "badnets", "target": "blue star", "poison_rate": 0.05, "seed": 0}
+    assert recipe_key("synthetic", **options) != recipe_key("synthetic", **{**options, "seed": 1})
+    monkeypatch.setitem(PROFILES, "synthetic", replace(PROFILES["synthetic"], epochs=9))
+    assert demo_model_path() != before
+    assert demo_model_path().parent == before.parent
