@@ -18,6 +18,7 @@ import datetime
 import json
 import shlex
 import sys
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,9 +32,11 @@ from harness import Harness, ZooModel, find_models, update_docs
 from clipguard.api import parse_options
 from clipguard.io import atomic_write_json
 from clipguard.progress import Progress
-from clipguard_cbpt.scanner import Signals, class_evidence
+from clipguard_cbpt.scanner import ScanConfig, Signals, class_evidence
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the scanner's default additive-probe threshold
+SCANNER_ADDITIVE_THRESHOLD: float = ScanConfig.model_fields["additive_threshold"].default
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -48,19 +51,43 @@ def top_evidence(scan: dict[str, Any], signals: Signals = "joint") -> tuple[floa
     return evidence[suspect], suspect
 
 
-def judge(scan: dict[str, Any], threshold: float, signals: Signals = "joint") -> tuple[bool, str]:
-    """``(flagged, suspect)`` of a scan under ``threshold`` (the scanner's own rule)."""
-    evidence, suspect = top_evidence(scan, signals)
-    return evidence >= threshold, suspect
+def top_additive(scan: dict[str, Any]) -> tuple[float, str] | None:
+    """The largest additive-reach evidence of a scan and its class (None for a scan made
+    without the probe)."""
+    evidence = scan["statistics"].get("class_additive_evidence")
+    if not evidence:
+        return None
+    suspect = max(sorted(evidence), key=lambda k: evidence[k])
+    return evidence[suspect], suspect
 
 
-def rates(
-    scans: list[dict[str, Any]], threshold: float, signals: Signals = "joint"
-) -> dict[str, Any]:
-    """TPR, FPR and target accuracy of the verdict rule with ``threshold``."""
+@dataclass(frozen=True)
+class Rule:
+    """A verdict rule: the evidence of ``signals`` against ``threshold``, and the additive
+    probe against ``additive_threshold`` (None: the probe is ignored), as the scanner
+    combines them (the larger ratio decides; the probe alone can flag)."""
+
+    signals: Signals
+    threshold: float
+    additive_threshold: float | None = None
+
+
+def judge(scan: dict[str, Any], rule: Rule) -> tuple[bool, str]:
+    """``(flagged, suspect)`` of a scan under ``rule``."""
+    evidence, suspect = top_evidence(scan, rule.signals)
+    additive = top_additive(scan) if rule.additive_threshold is not None else None
+    if additive is not None and rule.additive_threshold is not None:
+        ratio = additive[0] / rule.additive_threshold
+        if ratio >= 1 and ratio > evidence / rule.threshold:
+            return True, additive[1]
+    return evidence >= rule.threshold, suspect
+
+
+def rates(scans: list[dict[str, Any]], rule: Rule) -> dict[str, Any]:
+    """TPR, FPR and target accuracy of ``rule``."""
     backdoored = [s for s in scans if s["attack"] != "none"]
     clean = [s for s in scans if s["attack"] == "none"]
-    judged = {s["model"]: judge(s, threshold, signals) for s in scans}
+    judged = {s["model"]: judge(s, rule) for s in scans}
     detected = [s for s in backdoored if judged[s["model"]][0]]
     false_alarms = [s for s in clean if judged[s["model"]][0]]
     right_target = [s for s in detected if judged[s["model"]][1] == s["target"]]
@@ -76,15 +103,21 @@ def rates(
     }
 
 
-def fit_threshold(scans: list[dict[str, Any]], signals: Signals = "joint") -> float:
-    """The evidence threshold maximising TPR - FPR on ``scans``.
+def fit_threshold(
+    scans: list[dict[str, Any]], signals: Signals = "joint", additive_threshold: float | None = None
+) -> float:
+    """The evidence threshold of ``signals`` maximising TPR - FPR on ``scans`` (the additive
+    probe held at ``additive_threshold``).
 
     Candidates are the midpoints between the models' top evidence values; among those with
     the best TPR - FPR the middle of the tied range is taken (the widest margin).
     """
     tops = sorted({top_evidence(s, signals)[0] for s in scans})
     cuts = [(a + b) / 2 for a, b in pairwise(tops)] or [tops[0]]
-    scored = [(((r := rates(scans, c, signals))["tpr"] or 0) - (r["fpr"] or 0), c) for c in cuts]
+    scored = []
+    for cut in cuts:
+        result = rates(scans, Rule(signals, cut, additive_threshold))
+        scored.append(((result["tpr"] or 0) - (result["fpr"] or 0), cut))
     best = max(y for y, _ in scored)
     tied = [c for y, c in scored if y == best]
     return (tied[0] + tied[-1]) / 2
@@ -94,27 +127,35 @@ def _card_asr(model: ZooModel) -> float:
     return float(model.card.get("attack_success_rate") or 0.0)
 
 
-def per_attack_table(
-    models: list[ZooModel], scans: dict[str, Any], threshold: float, signals: Signals = "joint"
-) -> str:
-    """Detection and target accuracy per attack, with the top evidence of every model."""
+def per_attack_table(models: list[ZooModel], scans: dict[str, Any], rule: Rule) -> str:
+    """Detection and target accuracy per attack, with the top evidence of every model (and
+    its top additive-reach evidence when the rule uses the probe)."""
+    additive = rule.additive_threshold is not None
     lines = [
         "",
-        "| attack | models | detected | target right | top evidence per model (seed: value) |",
-        "|---|---|---|---|---|",
+        "| attack | models | detected | target right | top evidence per model (seed: value) |"
+        + (" top additive evidence (seed: value, class) |" if additive else ""),
+        "|---|---|---|---|---|" + ("---|" if additive else ""),
     ]
     for attack in sorted({m.attack for m in models}):
         chosen = [m for m in models if m.attack == attack]
-        judged = [(m, *judge(scans[m.name], threshold, signals)) for m in chosen]
+        judged = [(m, *judge(scans[m.name], rule)) for m in chosen]
         detected = [m for m, flagged, _ in judged if flagged]
         right = [m for m, flagged, suspect in judged if flagged and suspect == m.target]
         values = ", ".join(
-            f"s{_seed(m)}: {top_evidence(scans[m.name], signals)[0]:.2f}" for m in chosen
+            f"s{_seed(m)}: {top_evidence(scans[m.name], rule.signals)[0]:.2f}" for m in chosen
         )
-        lines.append(
+        row = (
             f"| {attack} | {len(chosen)} | {len(detected)} | "
             f"{len(right) if attack != 'none' else '-'} | {values} |"
         )
+        if additive:
+            cells = []
+            for m in chosen:
+                top = top_additive(scans[m.name])
+                cells.append(f"s{_seed(m)}: {top[0]:.2f} {top[1]}" if top else f"s{_seed(m)}: -")
+            row += " " + ", ".join(cells) + " |"
+        lines.append(row)
     return "\n".join(lines) + "\n"
 
 
@@ -130,13 +171,18 @@ def calibration_table(
     fit: dict[str, Any] | None,
     held_out: dict[str, Any],
     everything: dict[str, Any],
-    threshold: float,
+    rule: Rule,
     fitted: bool = True,
-    signals: Signals = "joint",
 ) -> str:
     how = "Fitted on the even seeds" if fitted else "Given (not fitted here)"
+    probe = (
+        "additive probe ignored"
+        if rule.additive_threshold is None
+        else f"additive probe from {rule.additive_threshold:g}"
+    )
     lines = [
-        f"{how}: evidence threshold {threshold:.2f}, rule `signals = {signals}`.",
+        f"{how}: evidence threshold {rule.threshold:.2f}, rule `signals = {rule.signals}`; "
+        f"{probe}.",
         "",
         "| models | backdoored | clean | TPR | FPR | target right | missed | false alarms "
         "| wrong target |",
@@ -183,12 +229,22 @@ def main(
         list[str] | None,
         typer.Option(help="option of every cbpt scan, key=value (as benchmarks/run.py)"),
     ] = None,
+    additive_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="additive-probe threshold (default: the scanner's); ignored for scans "
+            "without the probe"
+        ),
+    ] = None,
+    no_additive: Annotated[
+        bool, typer.Option(help="judge by the rule alone, ignoring the additive probe")
+    ] = False,
     quiet: bool = False,
 ) -> None:
     """Scan every zoo model, fit thresholds on even seeds, report on odd seeds."""
     if signals not in ("joint", "size"):
         raise typer.BadParameter(f"--signals {signals!r}: joint or size")
-    rule: Signals = "size" if signals == "size" else "joint"
+    signals_rule: Signals = "size" if signals == "size" else "joint"
     progress = Progress(quiet=quiet)
     found = [model for folder in zoo for model in find_models(folder)]
     if not found:
@@ -207,24 +263,24 @@ def main(
     scans = {m.name: harness.scan(m) for m in progress.track(models, description="scanning zoo")}
     fit_scans = [scans[m.name] for m in models if _seed(m) % 2 == 0]
     held_scans = [scans[m.name] for m in models if _seed(m) % 2 == 1]
+    probe = None if no_additive else (additive_threshold or SCANNER_ADDITIVE_THRESHOLD)
     fitted = threshold is None
     if threshold is None:
-        threshold = fit_threshold(fit_scans, rule)
+        threshold = fit_threshold(fit_scans, signals_rule, probe)
+    rule = Rule(signals_rule, threshold, probe)
     summary = {
         "fitted": fitted,
-        "signals": rule,
-        "thresholds": {"evidence_threshold": threshold},
-        "fit": rates(fit_scans, threshold, rule) if fit_scans else None,
-        "held_out": rates(held_scans, threshold, rule),
-        "all": rates(list(scans.values()), threshold, rule),
+        "signals": signals_rule,
+        "thresholds": {"evidence_threshold": threshold, "additive_threshold": probe},
+        "fit": rates(fit_scans, rule) if fit_scans else None,
+        "held_out": rates(held_scans, rule),
+        "all": rates(list(scans.values()), rule),
     }
     summary["not_implanted"] = failed
     harness.results[section] = summary
     atomic_write_json(results, harness.results)
-    table = calibration_table(
-        summary["fit"], summary["held_out"], summary["all"], threshold, fitted, rule
-    )
-    table += per_attack_table(models, scans, threshold, rule)
+    table = calibration_table(summary["fit"], summary["held_out"], summary["all"], rule, fitted)
+    table += per_attack_table(models, scans, rule)
     if failed:
         table += (
             f"\nLeft out, their backdoor did not take (card ASR below {min_asr:.0%}): "

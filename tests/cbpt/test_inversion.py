@@ -15,8 +15,10 @@ from clipguard_cbpt.inversion import (
     InversionConfig,
     LambdaSchedule,
     TriggerParameters,
+    additive_reach,
     apply_affine,
     contrastive_loss,
+    encode_batched,
     invert_contrastive,
     invert_targeted,
     mean_pairwise_cosine,
@@ -154,3 +156,34 @@ def test_targeted_refinement_and_distribution(bundle, shots) -> None:
 def test_config_forbids_unknown_options() -> None:
     with pytest.raises(ValueError):
         InversionConfig(stepz=3)
+
+
+def test_additive_reach_measures_what_a_bounded_shift_does(bundle, shots) -> None:
+    """With no room to move (epsilon 0) a class's reach is the share of the other classes'
+    held-out (odd) shots the model already gives it; with the whole pixel range every
+    class is reached on all of them. Deterministic, and within its encoder budget."""
+    text = PromptClassifier(bundle, shots.classnames).class_features
+    still = additive_reach(bundle, shots.pixels, shots.labels, text, 0.0, 3, 96, budget=10_000)
+    predicted = (encode_batched(bundle, shots.pixels) @ text.T).argmax(dim=1)
+    odd = torch.arange(len(shots.labels)) % 2 == 1
+    for k in range(3):
+        held = odd & (shots.labels != k)
+        assert still.reach[k] == pytest.approx(float((predicted[held] == k).float().mean()))
+    start = bundle.image_encoder_images
+    free = additive_reach(bundle, shots.pixels, shots.labels, text, 1.0, 60, 96, budget=10_000)
+    assert free.reach == [1.0, 1.0, 1.0] and free.skipped is None
+    assert bundle.image_encoder_images - start <= 10_000
+    again = additive_reach(bundle, shots.pixels, shots.labels, text, 1.0, 60, 96, budget=10_000)
+    assert again.reach == free.reach
+
+
+def test_additive_reach_fits_its_budget(bundle, shots) -> None:
+    text = PromptClassifier(bundle, shots.classnames).class_features
+    # 12 shots, 3 classes: 4 fitted and 4 measured per class, 12 + 12 images per step / at end
+    start = bundle.image_encoder_images
+    short = additive_reach(bundle, shots.pixels, shots.labels, text, 0.02, 30, 96, budget=12 * 5)
+    assert short.steps == 4 and bundle.image_encoder_images - start <= 60
+    none = additive_reach(bundle, shots.pixels, shots.labels, text, 0.02, 30, 96, budget=20)
+    assert none.steps == 0 and none.skipped is not None and none.evidence() == [0.0] * 3
+    capped = additive_reach(bundle, shots.pixels, shots.labels, text, 0.02, 1, 2, budget=100)
+    assert capped.steps == 1

@@ -11,6 +11,7 @@ from PIL import Image
 from clipguard.components import RunContext, ShotSet
 from clipguard.model import ModelBundle, build_clip_from_name
 from clipguard.plugins import get_registry
+from clipguard_cbpt.inversion import AdditiveReach
 from clipguard_cbpt.scanner import (
     DEFAULT_THRESHOLDS,
     CBPTScanner,
@@ -18,6 +19,7 @@ from clipguard_cbpt.scanner import (
     Screening,
     class_evidence,
     decide,
+    suspicion,
 )
 from clipguard_cbpt.signals import low_side_indices
 
@@ -42,20 +44,29 @@ def _screening(
     )
 
 
+def _decide(
+    screening: Screening,
+    names: list[str],
+    config: ScanConfig,
+    additive: AdditiveReach | None = None,
+) -> tuple[str, float, str]:
+    return decide(screening, suspicion(screening, additive, config), names, config)
+
+
 def test_decide_needs_both_signals_on_one_class() -> None:
     config = ScanConfig()
     names = ["a", "b", "c"]
     both = config.evidence_threshold * 1.1
-    verdict, score, explanation = decide(_screening([both, 0, 0], [both, 0, 0]), names, config)
+    verdict, score, explanation = _decide(_screening([both, 0, 0], [both, 0, 0]), names, config)
     assert verdict == "backdoor" and score > 0.5 and "'a'" in explanation
     exact = _screening([config.evidence_threshold] * 3, [0, config.evidence_threshold, 0])
-    assert decide(exact, names, config)[:2] == ("backdoor", pytest.approx(0.5))
+    assert _decide(exact, names, config)[:2] == ("backdoor", pytest.approx(0.5))
     # a natural trigger on one class and a drifted prompt on another: no backdoor
     split = _screening([10.0, 0, 0], [0, 10.0, 0])
-    assert decide(split, names, config)[0] == "clean"
+    assert _decide(split, names, config)[0] == "clean"
     weak = config.evidence_threshold * 0.8
-    assert decide(_screening([weak, 0, 0], [weak, 0, 0]), names, config)[0] == "inconclusive"
-    verdict, score, _ = decide(_screening([0.1, 0.2, 0], [0.3, 0, 0]), names, config)
+    assert _decide(_screening([weak, 0, 0], [weak, 0, 0]), names, config)[0] == "inconclusive"
+    verdict, score, _ = _decide(_screening([0.1, 0.2, 0], [0.3, 0, 0]), names, config)
     assert verdict == "clean" and 0 <= score < 0.5
 
 
@@ -66,9 +77,31 @@ def test_the_size_rule_judges_the_trigger_size_alone() -> None:
     names = ["a", "b", "c"]
     high = config.threshold * 1.1
     # a small trigger without a drifted prompt: backdoor under "size", clean under "joint"
-    verdict, _, explanation = decide(_screening([high, 0, 0], [0, 0, 0], "size"), names, config)
+    verdict, _, explanation = _decide(_screening([high, 0, 0], [0, 0, 0], "size"), names, config)
     assert verdict == "backdoor" and "'a'" in explanation and "not used" in explanation
-    assert decide(_screening([high, 0, 0], [0, 0, 0]), names, ScanConfig())[0] == "clean"
+    assert _decide(_screening([high, 0, 0], [0, 0, 0]), names, ScanConfig())[0] == "clean"
+
+
+def test_the_additive_probe_decides_only_above_its_own_threshold() -> None:
+    """A class that a small additive perturbation reaches far beyond the median class makes
+    the verdict backdoor and names that class; below its threshold the probe stays out of
+    the verdict (never merely inconclusive); a stronger rule signal keeps its own class."""
+    config = ScanConfig(signals="size")
+    names = ["a", "b", "c", "d"]
+    quiet = _screening([0.2, 0.1, 0.0, 0.0], [0, 0, 0, 0], "size")
+    far = AdditiveReach([0.1, 0.12, 0.55, 0.1], steps=30)
+    assert far.evidence() == pytest.approx([0.0, 0.01, 0.44, 0.0])  # median 0.11
+    verdict, score, explanation = _decide(quiet, names, config, far)
+    assert verdict == "backdoor" and score == pytest.approx(2.2 / 3.2)
+    assert "'c'" in explanation and "full-image" in explanation
+    near = AdditiveReach([0.1, 0.12, 0.11 + 0.9 * config.additive_threshold, 0.1], steps=30)
+    assert _decide(quiet, names, config, near)[0] == "clean"
+    strong = _screening([0.0, config.threshold * 3, 0.0, 0.0], [0, 0, 0, 0], "size")
+    chosen = suspicion(strong, far, config)
+    assert (chosen.suspect, chosen.decided_by) == (1, "rule")
+    skipped = AdditiveReach([0.9, 0.0, 0.0, 0.0], steps=0, skipped="encoder budget too small")
+    assert skipped.evidence() == [0.0] * 4
+    assert _decide(quiet, names, config, skipped)[0] == "clean"
 
 
 def test_low_side_indices_are_scale_free_and_one_sided() -> None:

@@ -202,6 +202,8 @@ def test_several_triggers_share_the_views(bundle, shots) -> None:
         # ... of the rule the scan used
         ({"evidence": 0.5 * DEFAULT_THRESHOLDS["size"], "options": {"signals": "size"}}, True),
         ({"evidence": 1.1 * DEFAULT_THRESHOLDS["size"], "options": {"signals": "size"}}, False),
+        # a backdoor found by the additive probe stands, whatever the rule's evidence
+        ({"verdict": "backdoor", "evidence": 0.0, "decided_by": "additive"}, False),
     ],
 )
 def test_a_clean_scan_turns_the_trigger_loss_off(bundle, shots, settings, gated) -> None:

@@ -18,6 +18,7 @@ counts the cost and an encoder-pass ``budget`` bounds it.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -636,6 +637,108 @@ def invert_per_class(
             )
         )
     return results
+
+
+# --------------------------------------------------------------------------- additive reach
+
+
+@dataclass
+class AdditiveReach:
+    """The additive-reach probe of every class (:func:`additive_reach`)."""
+
+    #: per class, the share of held-out other-class shots its perturbation sends to it
+    reach: list[float]
+    #: optimisation steps run (fewer than asked when the budget ran short)
+    steps: int
+    #: why the probe did not run (the encoder budget), else None
+    skipped: str | None = None
+
+    def evidence(self) -> list[float]:
+        """Per class, its reach above the median reach of all classes (>= 0)."""
+        if self.skipped is not None:
+            return [0.0] * len(self.reach)
+        median = statistics.median(self.reach)
+        return [max(0.0, r - median) for r in self.reach]
+
+
+def _spread_rows(rows: torch.Tensor, limit: int) -> torch.Tensor:
+    """At most ``limit`` of ``rows``, evenly spaced (deterministic, every class represented
+    when ``rows`` are grouped by class)."""
+    if len(rows) <= limit:
+        return rows
+    return rows[torch.linspace(0, len(rows) - 1, limit).round().long()]
+
+
+def additive_reach(
+    bundle: ModelBundle,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    class_features: torch.Tensor,
+    epsilon: float,
+    steps: int,
+    max_images: int,
+    budget: int,
+    chunk_images: int = 1024,
+) -> AdditiveReach:
+    """For every class ``k``, how far a small universal *additive* perturbation reaches.
+
+    The shots are split by position (even / odd). A perturbation ``d_k`` with
+    ``|d_k| <= epsilon`` everywhere, from zero, is fitted with Adam (lr ``epsilon / 10``) for
+    ``steps`` steps to send the even shots of the other classes (at most ``max_images``) to
+    ``k`` through ``clamp(x + d_k, 0, 1)``; the reach of ``k`` is the share of the odd shots of
+    the other classes (at most ``max_images``) that ``d_k`` sends to ``k``. A full-image
+    additive or blended backdoor makes its target reachable far beyond the other classes;
+    a clean model's classes are reached alike (docs/method.md). All classes are optimised
+    together (each loss depends on its own ``d_k`` only), in encoder calls of at most
+    ``chunk_images`` images. Costs ``steps`` times the fitted images plus the held-out ones,
+    and runs fewer steps, or none (``skipped``), when ``budget`` encoder images do not allow
+    them. Deterministic.
+    """
+    n_classes = int(class_features.shape[0])
+    even = torch.arange(len(labels)) % 2 == 0
+    fit = [
+        _spread_rows(torch.nonzero((labels != k) & even).flatten(), max_images)
+        for k in range(n_classes)
+    ]
+    held = [
+        _spread_rows(torch.nonzero((labels != k) & ~even).flatten(), max_images)
+        for k in range(n_classes)
+    ]
+    per_step, to_measure = sum(len(r) for r in fit), sum(len(r) for r in held)
+    if per_step == 0 or to_measure == 0 or budget < per_step + to_measure:
+        return AdditiveReach([0.0] * n_classes, 0, "encoder budget too small or no shots")
+    steps = min(steps, (budget - to_measure) // per_step)
+    delta = torch.zeros(n_classes, *pixels.shape[1:], requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=epsilon / 10)
+    scale = bundle.logit_scale
+    groups: list[list[int]] = [[]]
+    for k in range(n_classes):
+        if groups[-1] and sum(len(fit[j]) for j in groups[-1]) + len(fit[k]) > chunk_images:
+            groups.append([])
+        groups[-1].append(k)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        for group in groups:
+            images = torch.cat([(pixels[fit[k]] + delta[k]).clamp(0, 1) for k in group])
+            goal = torch.cat([torch.full((len(fit[k]),), k) for k in group])
+            logits = scale * bundle.encode_image(images) @ class_features.T
+            losses = F.cross_entropy(logits, goal, reduction="none")
+            # each class's mean loss, summed: the classes' gradients do not mix
+            weights = torch.cat([torch.full((len(fit[k]),), 1.0 / len(fit[k])) for k in group])
+            (losses * weights).sum().backward()
+        optimizer.step()
+        with torch.no_grad():
+            delta.clamp_(-epsilon, epsilon)
+    reach = []
+    with torch.no_grad():
+        for k in range(n_classes):
+            if len(held[k]) == 0:
+                reach.append(0.0)
+                continue
+            triggered = (pixels[held[k]] + delta[k]).clamp(0, 1)
+            predicted = (encode_batched(bundle, triggered) @ class_features.T).argmax(dim=1)
+            reach.append(float((predicted == k).float().mean()))
+    return AdditiveReach(reach, steps)
 
 
 def _class_trigger(mask: torch.Tensor, pattern: torch.Tensor) -> MaskPatternTrigger:

@@ -120,9 +120,11 @@ class CBPTPurifier(Purifier):
                 refine=config.refine,
             )
             if config.inversion_method == "scan":
-                screening, kept, _ = locate_trigger(bundle, shots, scan_config, context, baseline)
+                screening, suspected, kept, _ = locate_trigger(
+                    bundle, shots, scan_config, context, baseline
+                )
                 evidence = screening.top_evidence
-                verdict = verdict_of(evidence, scan_config)
+                verdict = verdict_of(suspected.ratio, scan_config)
                 statistics["inversion_evidence"] = evidence
             else:
                 contrastive, refined, _, _ = run_inversion(bundle, shots, scan_config, context)
@@ -210,16 +212,17 @@ def without_trigger_loss(config: TuningConfigT, distill_weight: float) -> Tuning
 
 
 def says_clean(settings: dict[str, Any]) -> bool:
-    """Whether a trigger file's scan found no backdoor: its evidence under the ``cbpt``
-    scanner's default threshold for the rule the scan used (so files scanned before a
-    recalibration follow the current one), else its recorded verdict; False for a trigger
-    without either."""
+    """Whether a trigger file's scan found no backdoor: its rule's evidence under the
+    ``cbpt`` scanner's default threshold for the rule the scan used (so files scanned before
+    a recalibration follow the current one), unless the additive-reach probe decided the
+    scan (then, as without evidence, its recorded verdict); False for a trigger with
+    neither."""
     evidence = settings.get("evidence")
-    if isinstance(evidence, int | float):
+    if isinstance(evidence, int | float) and settings.get("decided_by") != "additive":
         options = settings.get("options")
         signals = options.get("signals", "joint") if isinstance(options, dict) else "joint"
         rule = ScanConfig(signals=signals if signals in DEFAULT_THRESHOLDS else "joint")
-        return verdict_of(float(evidence), rule) == "clean"
+        return verdict_of(float(evidence) / rule.threshold, rule) == "clean"
     return settings.get("verdict") == "clean"
 
 

@@ -16,11 +16,21 @@ Procedure (see ``docs/method.md``):
    class has a natural trigger, and the poisoned target's prompt is not drifted, so the
    joint rule misses backdoors that the size index shows. The suspect is the class with
    the most evidence.
+3b. **Additive reach** (:func:`~clipguard_cbpt.inversion.additive_reach`, on unless
+   ``additive_epsilon`` is 0): per class, the share of held-out shots of the other classes
+   that a universal additive perturbation of at most ``additive_epsilon`` per pixel, fitted
+   on the other shots, sends to it. Full-image triggers (SIG, blended, sample-specific
+   noise) are not small masks, but they make their target reachable by a small additive
+   change far beyond the other classes. When its reach above the median class reaches
+   ``additive_threshold``, and by a larger ratio than the rule's evidence, the probe's class
+   becomes the suspect and the verdict is ``backdoor`` (the probe never makes a scan merely
+   ``inconclusive``).
 4. **Refinement** (``refine``, default on): the suspect's trigger is refined towards it with
    augmented shots (:func:`~clipguard_cbpt.inversion.invert_targeted`); that trigger is the
    one written out, drawn, and reused by ``clipguard purify --trigger``.
-5. **Verdict**: ``backdoor`` when the suspect's evidence reaches ``evidence_threshold``,
-   ``inconclusive`` from ``inconclusive_fraction`` of it, else ``clean``. The threshold is
+5. **Verdict**: ``backdoor`` when the suspect's evidence reaches ``evidence_threshold`` (or
+   the additive probe decided, 3b), ``inconclusive`` from ``inconclusive_fraction`` of it,
+   else ``clean``. The threshold is
    fitted on the lab zoo by ``benchmarks/calibrate.py``; the report records the values used.
 
 The contrastive inversion of CBPT's stage 1 (:func:`run_inversion`) stays available to the
@@ -44,8 +54,10 @@ from clipguard.prompts import PromptClassifier
 from clipguard.triggers import TriggerFile, trigger_file_bytes
 from clipguard_cbpt import __version__
 from clipguard_cbpt.inversion import (
+    AdditiveReach,
     InversionConfig,
     InversionResult,
+    additive_reach,
     encode_batched,
     invert_contrastive,
     invert_per_class,
@@ -94,6 +106,28 @@ class ScanConfig(InversionConfig):
         le=1,
         description="share of evidence_threshold from which the verdict is at least inconclusive",
     )
+    additive_epsilon: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description=(
+            "L-inf bound (pixels in [0, 1]) of the additive-reach probe, which catches "
+            "full-image triggers (SIG, blended); 0 turns the probe off"
+        ),
+    )
+    additive_steps: int = Field(30, ge=1, description="Adam steps of the additive-reach probe")
+    additive_images: int = Field(
+        96, ge=1, description="most shots per class fitted, and measured, by the probe"
+    )
+    additive_threshold: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description=(
+            "reach above the median class's from which the additive probe alone makes the "
+            "verdict backdoor (calibrated on both lab zoos)"
+        ),
+    )
 
     @model_validator(mode="after")
     def _default_threshold(self) -> ScanConfig:
@@ -110,7 +144,8 @@ class ScanConfig(InversionConfig):
 
 @dataclass
 class Screening:
-    """Both per-class signals, their anomaly indices, and the suspect class."""
+    """Both per-class signals, their anomaly indices, and the suspect class of the rule in
+    ``signals`` (:attr:`suspect`); the additive-reach probe is added by :func:`suspicion`."""
 
     inversions: list[InversionResult]
     clean_features: torch.Tensor
@@ -123,8 +158,37 @@ class Screening:
 
     @property
     def top_evidence(self) -> float:
-        """The suspect's evidence: 1 or more is a backdoor under the thresholds used."""
+        """The suspect's evidence under the rule in ``signals``."""
         return self.evidence[self.suspect]
+
+
+@dataclass
+class Suspicion:
+    """The class the scan suspects and how strongly: the rule in ``signals`` and the
+    additive-reach probe each give a ratio of evidence to threshold; the larger decides."""
+
+    suspect: int
+    #: the deciding ratio: 1 or more is a backdoor
+    ratio: float
+    #: "rule" (the size / joint evidence) or "additive" (the additive-reach probe)
+    decided_by: str
+    additive: AdditiveReach | None
+
+
+def suspicion(
+    screening: Screening, additive: AdditiveReach | None, config: ScanConfig
+) -> Suspicion:
+    """Combine the rule's evidence with the additive probe: the probe decides only when it
+    reaches its own threshold and exceeds the rule's ratio (it never makes a scan merely
+    ``inconclusive``, so its noise on clean models stays out of the verdict)."""
+    rule_ratio = screening.top_evidence / config.threshold
+    if additive is not None:
+        evidence = additive.evidence()
+        top = max(range(len(evidence)), key=lambda k: evidence[k])
+        additive_ratio = evidence[top] / config.additive_threshold
+        if additive_ratio >= 1 and additive_ratio > rule_ratio:
+            return Suspicion(top, additive_ratio, "additive", additive)
+    return Suspicion(screening.suspect, rule_ratio, "rule", additive)
 
 
 def class_triggers(
@@ -191,10 +255,9 @@ def class_evidence(size_index: float, alignment_index: float, signals: Signals) 
     return math.sqrt(max(size_index, 0.0) * max(alignment_index, 0.0))
 
 
-def verdict_of(evidence: float, config: ScanConfig) -> str:
-    """``backdoor`` from ``evidence_threshold``, ``inconclusive`` from ``inconclusive_fraction``
-    of it, else ``clean``."""
-    ratio = evidence / config.threshold
+def verdict_of(ratio: float, config: ScanConfig) -> str:
+    """From the ratio of evidence to threshold: ``backdoor`` from 1, ``inconclusive`` from
+    ``inconclusive_fraction``, else ``clean``."""
     if ratio >= 1:
         return "backdoor"
     if ratio >= config.inconclusive_fraction:
@@ -203,16 +266,30 @@ def verdict_of(evidence: float, config: ScanConfig) -> str:
 
 
 def decide(
-    screening: Screening, classnames: list[str], config: ScanConfig
+    screening: Screening, suspected: Suspicion, classnames: list[str], config: ScanConfig
 ) -> tuple[str, float, str]:
     """Verdict, score in ``[0, 1)`` and a one-line explanation.
 
-    The score is ``r / (1 + r)`` with ``r`` the suspect's evidence over the threshold, so it
-    is 0.5 exactly at the threshold.
+    The score is ``r / (1 + r)`` with ``r`` the deciding ratio of evidence to threshold, so
+    it is 0.5 exactly at the threshold.
     """
+    ratio = suspected.ratio
+    verdict = verdict_of(ratio, config)
+    if suspected.decided_by == "additive":
+        assert suspected.additive is not None
+        k = suspected.suspect
+        reach = suspected.additive.reach
+        facts = (
+            f"class {classnames[k]!r}: a perturbation of at most {config.additive_epsilon:g} "
+            f"per pixel sends {reach[k]:.0%} of held-out shots of other classes to it, "
+            f"{suspected.additive.evidence()[k]:.2f} above the median class (backdoor from "
+            f"{config.additive_threshold:g}; the {config.signals} rule's evidence "
+            f"{screening.top_evidence:.2f}, from {config.threshold:g}, "
+            f"class {classnames[screening.suspect]!r})"
+        )
+        return verdict, ratio / (1 + ratio), f"full-image backdoor signal for {facts}"
     k = screening.suspect
     evidence = screening.top_evidence
-    ratio = evidence / config.threshold
     size = (
         f"the trigger-size index {screening.size_index[k]:.2f} (smallest trigger "
         f"{screening.sizes[k]:.4f} of the image)"
@@ -227,7 +304,6 @@ def decide(
         f"class {classnames[k]!r}: evidence {evidence:.2f} (backdoor from "
         f"{config.threshold:g}) = {rule}"
     )
-    verdict = verdict_of(evidence, config)
     explanation = {
         "backdoor": f"backdoor signal for {facts}",
         "inconclusive": f"weak backdoor signal for {facts}",
@@ -242,12 +318,14 @@ def locate_trigger(
     config: ScanConfig,
     context: RunContext,
     classifier: PromptClassifier,
-) -> tuple[Screening, InversionResult, InversionResult | None]:
-    """Steps 1-4: screen every class, then refine the suspect's trigger within the budget.
+) -> tuple[Screening, Suspicion, InversionResult, InversionResult | None]:
+    """Steps 1-4: screen every class, probe additive reach, then refine the suspect's
+    trigger within the budget.
 
-    Returns the screening, the kept trigger (the refined one when its refinement met the
-    success share, else the suspect's per-class trigger) and the refinement (None when
-    ``refine`` is off or no budget is left).
+    Returns the screening, the suspicion, the kept trigger (the refined one when its
+    refinement met the success share, else the suspect's per-class trigger) and the
+    refinement (None when ``refine`` is off or no budget is left). The probe gets what the
+    screening left, less the refinement's share (``refine_steps`` batches).
     """
     start_images = bundle.image_encoder_images
     refining = config.refine and config.refine_steps > 0
@@ -259,7 +337,23 @@ def locate_trigger(
         classifier,
         budget=int(config.budget * 0.7) if refining else config.budget,
     )
-    kept = screening.inversions[screening.suspect]
+    additive: AdditiveReach | None = None
+    if config.additive_epsilon > 0:
+        reserve = config.refine_steps * config.batch_size if refining else 0
+        left = config.budget - (bundle.image_encoder_images - start_images) - reserve
+        with context.stage("additive reach"):
+            additive = additive_reach(
+                bundle,
+                shots.pixels,
+                shots.labels,
+                classifier.class_features,
+                config.additive_epsilon,
+                config.additive_steps,
+                config.additive_images,
+                budget=max(left, 0),
+            )
+    suspected = suspicion(screening, additive, config)
+    kept = screening.inversions[suspected.suspect]
     left = config.budget - (bundle.image_encoder_images - start_images)
     refined: InversionResult | None = None
     if refining and left > config.batch_size:
@@ -269,7 +363,7 @@ def locate_trigger(
                 shots.pixels,
                 shots.labels,
                 classifier.class_features,
-                screening.suspect,
+                suspected.suspect,
                 config,
                 context.generator(1),
                 start=kept.trigger,
@@ -278,7 +372,7 @@ def locate_trigger(
             )
         if refined.reached:
             kept = refined
-    return screening, kept, refined
+    return screening, suspected, kept, refined
 
 
 def run_inversion(
@@ -338,8 +432,9 @@ class CBPTScanner(Scanner):
     name: ClassVar[str] = "cbpt"
     version: ClassVar[str] = __version__
     description: ClassVar[str] = (
-        "per-class trigger inversion + text alignment; flags a class whose trigger is "
-        "anomalously small or whose prompt drifted from its images (calibrated MAD indices)"
+        "per-class trigger inversion + text alignment + additive reach; flags a class whose "
+        "trigger is anomalously small or whose prompt drifted from its images (calibrated "
+        "MAD indices), or that a small full-image change reaches far beyond the others"
     )
     Config: ClassVar[type[BaseModel]] = ScanConfig
 
@@ -351,14 +446,16 @@ class CBPTScanner(Scanner):
         torch.set_num_threads(min(torch.get_num_threads(), 2))
         start_images = bundle.image_encoder_images
         classifier = PromptClassifier(bundle, shots.classnames)
-        screening, kept, refined = locate_trigger(bundle, shots, config, context, classifier)
-        verdict, score, explanation = decide(screening, list(shots.classnames), config)
-        suspect = shots.classnames[screening.suspect]
+        screening, suspected, kept, refined = locate_trigger(
+            bundle, shots, config, context, classifier
+        )
+        verdict, score, explanation = decide(screening, suspected, list(shots.classnames), config)
+        suspect = shots.classnames[suspected.suspect]
         stats = prediction_distribution(
             classifier.predict, shots.pixels, shots.labels, kept.trigger, shots.classnames
         )
         clean_cos = mean_pairwise_cosine(screening.clean_features)
-        others = shots.pixels[shots.labels != screening.suspect]
+        others = shots.pixels[shots.labels != suspected.suspect]
         collapse = relative_collapse(
             mean_pairwise_cosine(encode_batched(bundle, kept.trigger.apply(others))), clean_cos
         )
@@ -374,16 +471,22 @@ class CBPTScanner(Scanner):
                 "target_class": suspect,
                 "verdict": verdict,
                 "evidence": screening.top_evidence,
+                "decided_by": suspected.decided_by,
                 "dominant_class": stats["dominant_class"],
                 "options": config.model_dump(mode="json"),
             },
             producer=f"clipguard_cbpt {self.name} {self.version}",
         )
+        additive = suspected.additive
         statistics: dict[str, Any] = {
             "suspect_class": suspect,
+            "decided_by": suspected.decided_by,
             "evidence": screening.top_evidence,
-            "size_index": screening.size_index[screening.suspect],
-            "alignment_index": screening.alignment_index[screening.suspect],
+            "size_index": screening.size_index[suspected.suspect],
+            "alignment_index": screening.alignment_index[suspected.suspect],
+            "additive_evidence": None
+            if additive is None
+            else additive.evidence()[suspected.suspect],
             "pl1": kept.pl1,
             "collapse_score": collapse,
             "dominant_class": stats["dominant_class"],
@@ -398,6 +501,20 @@ class CBPTScanner(Scanner):
             "class_alignment": dict(zip(names, screening.alignment, strict=True)),
             "class_alignment_index": dict(zip(names, screening.alignment_index, strict=True)),
             "class_evidence": dict(zip(names, screening.evidence, strict=True)),
+            "class_additive_reach": None
+            if additive is None
+            else dict(zip(names, additive.reach, strict=True)),
+            "class_additive_evidence": None
+            if additive is None
+            else dict(zip(names, additive.evidence(), strict=True)),
+            "additive": None
+            if additive is None
+            else {
+                "epsilon": config.additive_epsilon,
+                "steps": additive.steps,
+                "skipped": additive.skipped,
+                "threshold": config.additive_threshold,
+            },
             "refined": None
             if refined is None
             else {"pl1": refined.pl1, "reached": refined.reached, "steps": refined.steps},
