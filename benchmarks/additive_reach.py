@@ -5,29 +5,29 @@ Usage::
     python benchmarks/additive_reach.py --dataset CIFAR ZOO/*.safetensors [--epsilon 0.02]
         [--steps 30] [--shots 16]
 
-A candidate scanner signal for full-image triggers (SIG, blended), which a mask-and-pattern
-trigger does not express (docs/method.md). For every model and every class ``k``: a
+The ``cbpt`` scanner's signal for full-image triggers (SIG, blended), which a
+mask-and-pattern trigger does not express (docs/method.md). For every model and every class ``k``: a
 perturbation ``d`` with ``|d| <= epsilon`` everywhere (pixels in [0, 1]) is fitted with Adam
 to send half of the other classes' shots to ``k`` (``clamp(x + d)``), and its *reach* is the
-share of the other half of those shots it sends to ``k``. The shots are ``--shots`` training
-images per class, drawn with a fixed seed. Prints one JSON line per model: the reach of every
-class, the top class, ``top - median`` (the candidate evidence) and, for a backdoored lab
-model, the reach of its target. Only a measurement: the scanner does not use it yet.
+share of the other half of those shots it sends to ``k`` (the ``cbpt`` scanner's probe,
+:func:`clipguard_cbpt.inversion.additive_reach`, on fixed shots, without a budget). The
+shots are ``--shots`` training images per class, drawn with a fixed seed. Prints one JSON
+line per model: the reach of every class, the top class, ``top - median`` (the probe's
+evidence) and, for a backdoored lab model, the reach of its target.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from clipguard.lab.train import SplitData, card_path, load_split_data, open_lab_dataset
-from clipguard.model import ModelBundle, load_model
+from clipguard.model import load_model
 from clipguard.prompts import PromptClassifier
+from clipguard_cbpt.inversion import additive_reach
 
 
 def fixed_shots(data: SplitData, shots: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,47 +39,6 @@ def fixed_shots(data: SplitData, shots: int, seed: int = 0) -> tuple[torch.Tenso
         chosen.append(members[torch.randperm(len(members), generator=generator)[:shots]])
     index = torch.cat(chosen)
     return data.train_pixels[index], data.train_labels[index]
-
-
-def additive_reach(
-    bundle: ModelBundle,
-    classnames: list[str],
-    pixels: torch.Tensor,
-    labels: torch.Tensor,
-    epsilon: float,
-    steps: int,
-) -> list[float]:
-    """Per class, the held-out share of other-class shots that a universal additive
-    perturbation of L-inf norm ``epsilon``, fitted on the other half, sends to it."""
-    for parameter in bundle.model.parameters():
-        parameter.requires_grad_(False)
-    text = PromptClassifier(bundle, classnames).class_features.detach()
-    text = text / text.norm(dim=-1, keepdim=True)
-    scale = float(bundle.model.logit_scale.exp())
-
-    def logits(images: torch.Tensor) -> torch.Tensor:
-        features = bundle.encode_image(images)
-        return scale * (features / features.norm(dim=-1, keepdim=True)) @ text.T
-
-    fit_half = torch.arange(len(labels)) % 2 == 0
-    reach = []
-    for k in range(len(classnames)):
-        fit = pixels[(labels != k) & fit_half]
-        held_out = pixels[(labels != k) & ~fit_half]
-        delta = torch.zeros(1, *pixels.shape[1:], requires_grad=True)
-        optimiser = torch.optim.Adam([delta], lr=epsilon / 10)
-        wanted = torch.full((len(fit),), k)
-        for _ in range(steps):
-            loss = F.cross_entropy(logits((fit + delta).clamp(0, 1)), wanted)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            with torch.no_grad():
-                delta.clamp_(-epsilon, epsilon)
-        with torch.no_grad():
-            sent = logits((held_out + delta).clamp(0, 1)).argmax(dim=1) == k
-        reach.append(float(sent.float().mean()))
-    return reach
 
 
 def main() -> None:
@@ -101,8 +60,20 @@ def main() -> None:
             data_by_size[bundle.image_size] = (data, *fixed_shots(data, args.shots))
         data, pixels, labels = data_by_size[bundle.image_size]
         names = list(data.classnames)
-        reach = additive_reach(bundle, names, pixels, labels, args.epsilon, args.steps)
-        top = max(range(len(reach)), key=lambda k: reach[k])
+        for parameter in bundle.model.parameters():
+            parameter.requires_grad_(False)
+        probe = additive_reach(
+            bundle,
+            pixels,
+            labels,
+            PromptClassifier(bundle, names).class_features,
+            args.epsilon,
+            args.steps,
+            max_images=len(labels),
+            budget=10**9,
+        )
+        reach, evidence = probe.reach, probe.evidence()
+        top = max(range(len(reach)), key=lambda k: evidence[k])
         card = json.loads(card_path(path).read_text()) if card_path(path).is_file() else {}
         target = card.get("target")
         print(
@@ -112,7 +83,7 @@ def main() -> None:
                     "attack": card.get("attack"),
                     "target": target,
                     "top": names[top],
-                    "top_minus_median": round(reach[top] - statistics.median(reach), 3),
+                    "top_minus_median": round(evidence[top], 3),
                     "target_reach": None if target is None else reach[names.index(target)],
                     "reach": dict(zip(names, [round(r, 3) for r in reach], strict=True)),
                 }

@@ -32,7 +32,7 @@ from harness import Harness, ZooModel, find_models, update_docs
 from clipguard.api import parse_options
 from clipguard.io import atomic_write_json
 from clipguard.progress import Progress
-from clipguard_cbpt.scanner import ScanConfig, Signals, class_evidence
+from clipguard_cbpt.scanner import ScanConfig, Signals, class_evidence, deciding_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the scanner's default additive-probe threshold
@@ -77,8 +77,10 @@ def judge(scan: dict[str, Any], rule: Rule) -> tuple[bool, str]:
     evidence, suspect = top_evidence(scan, rule.signals)
     additive = top_additive(scan) if rule.additive_threshold is not None else None
     if additive is not None and rule.additive_threshold is not None:
-        ratio = additive[0] / rule.additive_threshold
-        if ratio >= 1 and ratio > evidence / rule.threshold:
+        _, by_additive = deciding_ratio(
+            evidence / rule.threshold, additive[0], rule.additive_threshold
+        )
+        if by_additive:
             return True, additive[1]
     return evidence >= rule.threshold, suspect
 

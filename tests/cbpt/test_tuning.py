@@ -10,7 +10,13 @@ import torch
 from clipguard.components import RunContext
 from clipguard.prompts import PromptClassifier, handcrafted_text_features
 from clipguard.triggers import MaskPatternTrigger, TriggerFile
-from clipguard_cbpt.purifier import CBPTPurifier, CoOpConfig, CoOpPurifier, PurifyConfig
+from clipguard_cbpt.purifier import (
+    CBPTPurifier,
+    CoOpConfig,
+    CoOpPurifier,
+    PurifyConfig,
+    says_clean,
+)
 from clipguard_cbpt.scanner import DEFAULT_THRESHOLDS
 from clipguard_cbpt.tuning import (
     TuningConfig,
@@ -169,6 +175,11 @@ def test_purifier_inverts_with_the_scan_procedure(bundle, shots) -> None:
     assert outcome.trigger_target in shots.classnames
     assert 0 < outcome.statistics["inversion_encoder_images"] <= 60 + 4 * 12
     assert outcome.trigger.settings["verdict"] in ("backdoor", "clean", "inconclusive")
+    # its trigger records both signals, so the gate judges it as the scan did
+    settings = outcome.trigger.settings
+    assert {"evidence", "additive_evidence", "decided_by"} <= set(settings)
+    assert says_clean(settings) is (settings["verdict"] == "clean")
+    assert outcome.statistics["trigger_loss_gated"] is says_clean(settings)
 
 
 def test_several_triggers_share_the_views(bundle, shots) -> None:
@@ -202,8 +213,9 @@ def test_several_triggers_share_the_views(bundle, shots) -> None:
         # ... of the rule the scan used
         ({"evidence": 0.5 * DEFAULT_THRESHOLDS["size"], "options": {"signals": "size"}}, True),
         ({"evidence": 1.1 * DEFAULT_THRESHOLDS["size"], "options": {"signals": "size"}}, False),
-        # a backdoor found by the additive probe stands, whatever the rule's evidence
-        ({"verdict": "backdoor", "evidence": 0.0, "decided_by": "additive"}, False),
+        # the additive probe's evidence is judged too: at its threshold it flags alone
+        ({"verdict": "backdoor", "evidence": 0.0, "additive_evidence": 0.3}, False),
+        ({"verdict": "backdoor", "evidence": 0.0, "additive_evidence": 0.1}, True),
     ],
 )
 def test_a_clean_scan_turns_the_trigger_loss_off(bundle, shots, settings, gated) -> None:

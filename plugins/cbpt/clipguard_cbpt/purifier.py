@@ -16,6 +16,7 @@ from clipguard_cbpt.inversion import InversionConfig, invert_targeted, predictio
 from clipguard_cbpt.scanner import (
     DEFAULT_THRESHOLDS,
     ScanConfig,
+    deciding_ratio,
     locate_trigger,
     run_inversion,
     verdict_of,
@@ -110,8 +111,7 @@ class CBPTPurifier(Purifier):
         start_images = bundle.image_encoder_images
         statistics: dict[str, Any] = {}
         baseline = PromptClassifier(bundle, shots.classnames)
-        verdict: str | None = None
-        evidence: float | None = None
+        judged: dict[str, Any] = {}
         if trigger is None:
             scan_config = ScanConfig(
                 steps=config.inversion_steps,
@@ -123,9 +123,13 @@ class CBPTPurifier(Purifier):
                 screening, suspected, kept, _ = locate_trigger(
                     bundle, shots, scan_config, context, baseline
                 )
-                evidence = screening.top_evidence
-                verdict = verdict_of(suspected.ratio, scan_config)
-                statistics["inversion_evidence"] = evidence
+                judged = {
+                    "verdict": verdict_of(suspected.ratio, scan_config),
+                    "evidence": screening.top_evidence,
+                    "additive_evidence": suspected.top_additive_evidence,
+                    "decided_by": suspected.decided_by,
+                }
+                statistics["inversion_evidence"] = screening.top_evidence
             else:
                 contrastive, refined, _, _ = run_inversion(bundle, shots, scan_config, context)
                 kept = refined if refined is not None else contrastive
@@ -135,8 +139,7 @@ class CBPTPurifier(Purifier):
                 classnames=list(shots.classnames),
                 settings={
                     "inverted_by": f"{self.name} purifier",
-                    **({"verdict": verdict} if verdict is not None else {}),
-                    **({"evidence": evidence} if evidence is not None else {}),
+                    **judged,
                     "seed": context.seed,
                     "options": scan_config.model_dump(mode="json"),
                 },
@@ -212,17 +215,23 @@ def without_trigger_loss(config: TuningConfigT, distill_weight: float) -> Tuning
 
 
 def says_clean(settings: dict[str, Any]) -> bool:
-    """Whether a trigger file's scan found no backdoor: its rule's evidence under the
-    ``cbpt`` scanner's default threshold for the rule the scan used (so files scanned before
-    a recalibration follow the current one), unless the additive-reach probe decided the
-    scan (then, as without evidence, its recorded verdict); False for a trigger with
-    neither."""
+    """Whether a trigger file's scan found no backdoor: its recorded evidence (the rule's,
+    and the additive probe's when it ran) judged as the ``cbpt`` scanner judges it, under the
+    current default thresholds of the rule the scan used (so files scanned before a
+    recalibration follow the current one), else its recorded verdict; False for a trigger
+    with neither."""
     evidence = settings.get("evidence")
-    if isinstance(evidence, int | float) and settings.get("decided_by") != "additive":
+    if isinstance(evidence, int | float):
         options = settings.get("options")
         signals = options.get("signals", "joint") if isinstance(options, dict) else "joint"
         rule = ScanConfig(signals=signals if signals in DEFAULT_THRESHOLDS else "joint")
-        return verdict_of(float(evidence) / rule.threshold, rule) == "clean"
+        additive = settings.get("additive_evidence")
+        ratio, _ = deciding_ratio(
+            float(evidence) / rule.threshold,
+            float(additive) if isinstance(additive, int | float) else None,
+            rule.additive_threshold,
+        )
+        return verdict_of(ratio, rule) == "clean"
     return settings.get("verdict") == "clean"
 
 

@@ -174,21 +174,42 @@ class Suspicion:
     decided_by: str
     additive: AdditiveReach | None
 
+    @property
+    def top_additive_evidence(self) -> float | None:
+        """The additive probe's largest class evidence (None when it did not run)."""
+        return None if self.additive is None else max(self.additive.evidence())
+
+
+def deciding_ratio(
+    rule_ratio: float, additive_evidence: float | None, additive_threshold: float
+) -> tuple[float, bool]:
+    """The ratio of evidence to threshold that decides a scan, and whether the additive
+    probe decided it: the probe (its top evidence, None when it did not run) decides only
+    when it reaches its own threshold and exceeds the rule's ratio, so it never makes a scan
+    merely ``inconclusive`` and its noise on clean models stays out of the verdict."""
+    if additive_evidence is not None:
+        additive_ratio = additive_evidence / additive_threshold
+        if additive_ratio >= 1 and additive_ratio > rule_ratio:
+            return additive_ratio, True
+    return rule_ratio, False
+
 
 def suspicion(
     screening: Screening, additive: AdditiveReach | None, config: ScanConfig
 ) -> Suspicion:
-    """Combine the rule's evidence with the additive probe: the probe decides only when it
-    reaches its own threshold and exceeds the rule's ratio (it never makes a scan merely
-    ``inconclusive``, so its noise on clean models stays out of the verdict)."""
-    rule_ratio = screening.top_evidence / config.threshold
+    """Combine the rule's evidence with the additive probe (:func:`deciding_ratio`)."""
+    top = 0
+    top_evidence: float | None = None
     if additive is not None:
         evidence = additive.evidence()
         top = max(range(len(evidence)), key=lambda k: evidence[k])
-        additive_ratio = evidence[top] / config.additive_threshold
-        if additive_ratio >= 1 and additive_ratio > rule_ratio:
-            return Suspicion(top, additive_ratio, "additive", additive)
-    return Suspicion(screening.suspect, rule_ratio, "rule", additive)
+        top_evidence = evidence[top]
+    ratio, by_additive = deciding_ratio(
+        screening.top_evidence / config.threshold, top_evidence, config.additive_threshold
+    )
+    if by_additive:
+        return Suspicion(top, ratio, "additive", additive)
+    return Suspicion(screening.suspect, ratio, "rule", additive)
 
 
 def class_triggers(
@@ -471,22 +492,19 @@ class CBPTScanner(Scanner):
                 "target_class": suspect,
                 "verdict": verdict,
                 "evidence": screening.top_evidence,
+                "additive_evidence": suspected.top_additive_evidence,
                 "decided_by": suspected.decided_by,
                 "dominant_class": stats["dominant_class"],
                 "options": config.model_dump(mode="json"),
             },
             producer=f"clipguard_cbpt {self.name} {self.version}",
         )
-        additive = suspected.additive
         statistics: dict[str, Any] = {
             "suspect_class": suspect,
             "decided_by": suspected.decided_by,
             "evidence": screening.top_evidence,
             "size_index": screening.size_index[suspected.suspect],
             "alignment_index": screening.alignment_index[suspected.suspect],
-            "additive_evidence": None
-            if additive is None
-            else additive.evidence()[suspected.suspect],
             "pl1": kept.pl1,
             "collapse_score": collapse,
             "dominant_class": stats["dominant_class"],
@@ -501,20 +519,7 @@ class CBPTScanner(Scanner):
             "class_alignment": dict(zip(names, screening.alignment, strict=True)),
             "class_alignment_index": dict(zip(names, screening.alignment_index, strict=True)),
             "class_evidence": dict(zip(names, screening.evidence, strict=True)),
-            "class_additive_reach": None
-            if additive is None
-            else dict(zip(names, additive.reach, strict=True)),
-            "class_additive_evidence": None
-            if additive is None
-            else dict(zip(names, additive.evidence(), strict=True)),
-            "additive": None
-            if additive is None
-            else {
-                "epsilon": config.additive_epsilon,
-                "steps": additive.steps,
-                "skipped": additive.skipped,
-                "threshold": config.additive_threshold,
-            },
+            **additive_statistics(suspected, names, config),
             "refined": None
             if refined is None
             else {"pl1": refined.pl1, "reached": refined.reached, "steps": refined.steps},
@@ -540,6 +545,29 @@ class CBPTScanner(Scanner):
             },
             trigger=trigger_file,
         )
+
+
+def additive_statistics(
+    suspected: Suspicion, names: list[str], config: ScanConfig
+) -> dict[str, Any]:
+    """The additive probe's part of the report: the suspect's evidence, every class's reach
+    and evidence, and the probe's settings (all None when the probe did not run)."""
+    additive = suspected.additive
+    keys = ("additive_evidence", "class_additive_reach", "class_additive_evidence", "additive")
+    if additive is None:
+        return dict.fromkeys(keys)
+    evidence = additive.evidence()
+    return {
+        "additive_evidence": evidence[suspected.suspect],
+        "class_additive_reach": dict(zip(names, additive.reach, strict=True)),
+        "class_additive_evidence": dict(zip(names, evidence, strict=True)),
+        "additive": {
+            "epsilon": config.additive_epsilon,
+            "steps": additive.steps,
+            "skipped": additive.skipped,
+            "threshold": config.additive_threshold,
+        },
+    }
 
 
 def picture_bytes(
