@@ -18,7 +18,7 @@ import datetime
 import json
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,11 +32,9 @@ from harness import Harness, ZooModel, find_models, update_docs
 from clipguard.api import parse_options
 from clipguard.io import atomic_write_json
 from clipguard.progress import Progress
-from clipguard_cbpt.scanner import ScanConfig, Signals, class_evidence, deciding_ratio
+from clipguard_cbpt.scanner import PROBES, ScanConfig, Signals, class_evidence, deciding_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
-#: the scanner's default additive-probe threshold
-SCANNER_ADDITIVE_THRESHOLD: float = ScanConfig.model_fields["additive_threshold"].default
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -51,10 +49,10 @@ def top_evidence(scan: dict[str, Any], signals: Signals = "joint") -> tuple[floa
     return evidence[suspect], suspect
 
 
-def top_additive(scan: dict[str, Any]) -> tuple[float, str] | None:
-    """The largest additive-reach evidence of a scan and its class (None for a scan made
-    without the probe)."""
-    evidence = scan["statistics"].get("class_additive_evidence")
+def top_probe(scan: dict[str, Any], probe: str) -> tuple[float, str] | None:
+    """The largest evidence of the reach probe ``probe`` ("additive", "warp") in a scan and its
+    class (None for a scan made without that probe)."""
+    evidence = scan["statistics"].get(f"class_{probe}_evidence")
     if not evidence:
         return None
     suspect = max(sorted(evidence), key=lambda k: evidence[k])
@@ -63,25 +61,25 @@ def top_additive(scan: dict[str, Any]) -> tuple[float, str] | None:
 
 @dataclass(frozen=True)
 class Rule:
-    """A verdict rule: the evidence of ``signals`` against ``threshold``, and the additive
-    probe against ``additive_threshold`` (None: the probe is ignored), as the scanner
-    combines them (the larger ratio decides; the probe alone can flag)."""
+    """A verdict rule: the evidence of ``signals`` against ``threshold``, and each reach probe
+    in ``probe_thresholds`` against its threshold (a probe not listed is ignored), as the
+    scanner combines them (the largest ratio decides; a probe alone can flag)."""
 
     signals: Signals
     threshold: float
-    additive_threshold: float | None = None
+    probe_thresholds: dict[str, float] = field(default_factory=dict)
 
 
 def judge(scan: dict[str, Any], rule: Rule) -> tuple[bool, str]:
     """``(flagged, suspect)`` of a scan under ``rule``."""
     evidence, suspect = top_evidence(scan, rule.signals)
-    additive = top_additive(scan) if rule.additive_threshold is not None else None
-    if additive is not None and rule.additive_threshold is not None:
-        _, by_additive = deciding_ratio(
-            evidence / rule.threshold, additive[0], rule.additive_threshold
-        )
-        if by_additive:
-            return True, additive[1]
+    tops = {
+        name: top for name in rule.probe_thresholds if (top := top_probe(scan, name)) is not None
+    }
+    ratios = {name: value / rule.probe_thresholds[name] for name, (value, _) in tops.items()}
+    _, decided_by = deciding_ratio(evidence / rule.threshold, ratios)
+    if decided_by != "rule":
+        return True, tops[decided_by][1]
     return evidence >= rule.threshold, suspect
 
 
@@ -106,10 +104,12 @@ def rates(scans: list[dict[str, Any]], rule: Rule) -> dict[str, Any]:
 
 
 def fit_threshold(
-    scans: list[dict[str, Any]], signals: Signals = "joint", additive_threshold: float | None = None
+    scans: list[dict[str, Any]],
+    signals: Signals = "joint",
+    probe_thresholds: dict[str, float] | None = None,
 ) -> float:
-    """The evidence threshold of ``signals`` maximising TPR - FPR on ``scans`` (the additive
-    probe held at ``additive_threshold``).
+    """The evidence threshold of ``signals`` maximising TPR - FPR on ``scans`` (the reach
+    probes held at ``probe_thresholds``).
 
     Candidates are the midpoints between the models' top evidence values; among those with
     the best TPR - FPR the middle of the tied range is taken (the widest margin).
@@ -118,7 +118,7 @@ def fit_threshold(
     cuts = [(a + b) / 2 for a, b in pairwise(tops)] or [tops[0]]
     scored = []
     for cut in cuts:
-        result = rates(scans, Rule(signals, cut, additive_threshold))
+        result = rates(scans, Rule(signals, cut, dict(probe_thresholds or {})))
         scored.append(((result["tpr"] or 0) - (result["fpr"] or 0), cut))
     best = max(y for y, _ in scored)
     tied = [c for y, c in scored if y == best]
@@ -131,13 +131,13 @@ def _card_asr(model: ZooModel) -> float:
 
 def per_attack_table(models: list[ZooModel], scans: dict[str, Any], rule: Rule) -> str:
     """Detection and target accuracy per attack, with the top evidence of every model (and
-    its top additive-reach evidence when the rule uses the probe)."""
-    additive = rule.additive_threshold is not None
+    its top evidence of every reach probe the rule uses)."""
+    probes = sorted(rule.probe_thresholds)
     lines = [
         "",
         "| attack | models | detected | target right | top evidence per model (seed: value) |"
-        + (" top additive evidence (seed: value, class) |" if additive else ""),
-        "|---|---|---|---|---|" + ("---|" if additive else ""),
+        + "".join(f" top {name} evidence (seed: value, class) |" for name in probes),
+        "|---|---|---|---|---|" + "---|" * len(probes),
     ]
     for attack in sorted({m.attack for m in models}):
         chosen = [m for m in models if m.attack == attack]
@@ -151,10 +151,10 @@ def per_attack_table(models: list[ZooModel], scans: dict[str, Any], rule: Rule) 
             f"| {attack} | {len(chosen)} | {len(detected)} | "
             f"{len(right) if attack != 'none' else '-'} | {values} |"
         )
-        if additive:
+        for name in probes:
             cells = []
             for m in chosen:
-                top = top_additive(scans[m.name])
+                top = top_probe(scans[m.name], name)
                 cells.append(f"s{_seed(m)}: {top[0]:.2f} {top[1]}" if top else f"s{_seed(m)}: -")
             row += " " + ", ".join(cells) + " |"
         lines.append(row)
@@ -178,9 +178,10 @@ def calibration_table(
 ) -> str:
     how = "Fitted on the even seeds" if fitted else "Given (not fitted here)"
     probe = (
-        "additive probe ignored"
-        if rule.additive_threshold is None
-        else f"additive probe from {rule.additive_threshold:g}"
+        "; ".join(
+            f"{name} probe from {value:g}" for name, value in sorted(rule.probe_thresholds.items())
+        )
+        or "reach probes ignored"
     )
     lines = [
         f"{how}: evidence threshold {rule.threshold:.2f}, rule `signals = {rule.signals}`; "
@@ -238,9 +239,15 @@ def main(
             "without the probe"
         ),
     ] = None,
-    no_additive: Annotated[
-        bool, typer.Option(help="judge by the rule alone, ignoring the additive probe")
-    ] = False,
+    warp_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="warp-probe threshold (default: the scanner's); ignored for scans without "
+            "the probe"
+        ),
+    ] = None,
+    no_additive: Annotated[bool, typer.Option(help="ignore the additive probe")] = False,
+    no_warp: Annotated[bool, typer.Option(help="ignore the warp probe")] = False,
     quiet: bool = False,
 ) -> None:
     """Scan every zoo model, fit thresholds on even seeds, report on odd seeds."""
@@ -265,15 +272,23 @@ def main(
     scans = {m.name: harness.scan(m) for m in progress.track(models, description="scanning zoo")}
     fit_scans = [scans[m.name] for m in models if _seed(m) % 2 == 0]
     held_scans = [scans[m.name] for m in models if _seed(m) % 2 == 1]
-    probe = None if no_additive else (additive_threshold or SCANNER_ADDITIVE_THRESHOLD)
+    defaults = ScanConfig()
+    given = {"additive": additive_threshold, "warp": warp_threshold}
+    ignored = {"additive": no_additive, "warp": no_warp}
+    probes = {
+        name: given[name] or defaults.probe_threshold(name) for name in PROBES if not ignored[name]
+    }
     fitted = threshold is None
     if threshold is None:
-        threshold = fit_threshold(fit_scans, signals_rule, probe)
-    rule = Rule(signals_rule, threshold, probe)
+        threshold = fit_threshold(fit_scans, signals_rule, probes)
+    rule = Rule(signals_rule, threshold, probes)
     summary = {
         "fitted": fitted,
         "signals": signals_rule,
-        "thresholds": {"evidence_threshold": threshold, "additive_threshold": probe},
+        "thresholds": {
+            "evidence_threshold": threshold,
+            **{f"{name}_threshold": probes.get(name) for name in PROBES},
+        },
         "fit": rates(fit_scans, rule) if fit_scans else None,
         "held_out": rates(held_scans, rule),
         "all": rates(list(scans.values()), rule),

@@ -1,4 +1,4 @@
-"""The calibration script's verdict rule: the scanner's rule evidence and its additive probe."""
+"""The calibration script's verdict rule: the scanner's rule evidence and its reach probes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from calibrate import Rule, fit_threshold, judge, rates  # noqa: E402
 
 
-def _scan(model: str, attack: str, target: str | None, size: dict, additive: dict | None) -> dict:
+def _scan(
+    model: str,
+    attack: str,
+    target: str | None,
+    size: dict,
+    additive: dict | None,
+    warp: dict | None = None,
+) -> dict:
     names = list(size)
     return {
         "model": model,
@@ -21,22 +28,28 @@ def _scan(model: str, attack: str, target: str | None, size: dict, additive: dic
             "class_size_index": size,
             "class_alignment_index": dict.fromkeys(names, 0.0),
             "class_additive_evidence": additive,
+            "class_warp_evidence": warp,
         },
     }
 
 
-def test_judge_combines_the_rule_and_the_additive_probe_as_the_scanner_does():
+def test_judge_combines_the_rule_and_the_probes_as_the_scanner_does():
     patch = _scan("badnets-s0", "badnets", "a", {"a": 4.0, "b": 0.5}, {"a": 0.0, "b": 0.05})
     sinus = _scan("sig-s0", "sig", "b", {"a": 1.0, "b": 0.8}, {"a": 0.0, "b": 0.3})
     clean = _scan("clean-s0", "none", None, {"a": 1.2, "b": 0.3}, {"a": 0.1, "b": 0.0})
     old = _scan("sig-s1", "sig", "b", {"a": 1.0, "b": 0.8}, None)  # scanned without the probe
-    rule = Rule("size", 2.0, 0.2)
+    warped = _scan(
+        "wanet-s0", "wanet", "a", {"a": 1.0, "b": 0.8}, {"a": 0.1, "b": 0.0}, {"a": 0.6, "b": 0.0}
+    )
+    rule = Rule("size", 2.0, {"additive": 0.2, "warp": 0.2})
     assert judge(patch, rule) == (True, "a")
     assert judge(sinus, rule) == (True, "b")
     assert judge(clean, rule)[0] is False
     assert judge(old, rule)[0] is False
-    assert judge(sinus, Rule("size", 2.0))[0] is False  # probe ignored
+    assert judge(warped, rule) == (True, "a")
+    assert judge(sinus, Rule("size", 2.0))[0] is False  # probes ignored
+    assert judge(warped, Rule("size", 2.0, {"additive": 0.2}))[0] is False  # warp ignored
     result = rates([patch, sinus, clean], rule)
     assert (result["tpr"], result["fpr"], result["target_accuracy"]) == (1.0, 0.0, 1.0)
     # with the probe held, the rule's threshold is fitted between clean and patch
-    assert 1.2 < fit_threshold([patch, sinus, clean], "size", 0.2) < 4.0
+    assert 1.2 < fit_threshold([patch, sinus, clean], "size", {"additive": 0.2}) < 4.0

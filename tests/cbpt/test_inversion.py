@@ -12,10 +12,12 @@ from hypothesis import strategies as st
 from clipguard.prompts import PromptClassifier
 from clipguard.triggers import MaskPatternTrigger
 from clipguard_cbpt.inversion import (
+    AdditivePerturbation,
     InversionConfig,
     LambdaSchedule,
+    ProbeReach,
+    SmoothWarp,
     TriggerParameters,
-    additive_reach,
     apply_affine,
     contrastive_loss,
     encode_batched,
@@ -23,6 +25,7 @@ from clipguard_cbpt.inversion import (
     invert_targeted,
     mean_pairwise_cosine,
     prediction_distribution,
+    probe_reach,
     random_affine,
     relative_collapse,
 )
@@ -163,27 +166,62 @@ def test_additive_reach_measures_what_a_bounded_shift_does(bundle, shots) -> Non
     held-out (odd) shots the model already gives it; with the whole pixel range every
     class is reached on all of them. Deterministic, and within its encoder budget."""
     text = PromptClassifier(bundle, shots.classnames).class_features
-    still = additive_reach(bundle, shots.pixels, shots.labels, text, 0.0, 3, 96, budget=10_000)
+
+    def reach(epsilon: float, steps: int) -> ProbeReach:
+        family = AdditivePerturbation(epsilon)
+        return probe_reach(bundle, shots.pixels, shots.labels, text, family, steps, 96, 10_000)
+
+    still = reach(0.0, 3)
     predicted = (encode_batched(bundle, shots.pixels) @ text.T).argmax(dim=1)
     odd = torch.arange(len(shots.labels)) % 2 == 1
     for k in range(3):
         held = odd & (shots.labels != k)
         assert still.reach[k] == pytest.approx(float((predicted[held] == k).float().mean()))
     start = bundle.image_encoder_images
-    free = additive_reach(bundle, shots.pixels, shots.labels, text, 1.0, 60, 96, budget=10_000)
-    assert free.reach == [1.0, 1.0, 1.0] and free.skipped is None
+    free = reach(1.0, 60)
+    assert free.reach == [1.0, 1.0, 1.0] and free.skipped is None and free.probe == "additive"
     assert bundle.image_encoder_images - start <= 10_000
-    again = additive_reach(bundle, shots.pixels, shots.labels, text, 1.0, 60, 96, budget=10_000)
-    assert again.reach == free.reach
+    assert reach(1.0, 60).reach == free.reach
 
 
-def test_additive_reach_fits_its_budget(bundle, shots) -> None:
+def test_a_smooth_warp_moves_pixels_within_its_bound() -> None:
+    """The warp probe's family: zero displacement is the identity; a uniform displacement of
+    one pixel shifts the image by one pixel (edges repeated); the bound clamps per axis."""
+    warp = SmoothWarp(grid=4, max_pixels=2.0)
+    images = torch.rand(2, 3, 8, 8)
+    identity = warp.initial(1, (3, 8, 8))[0]
+    assert identity.shape == (2, 4, 4)
+    assert torch.allclose(warp.apply(images, identity), images, atol=1e-6)
+    right = torch.zeros(2, 4, 4)
+    right[0] = 1.0  # x displacement of one pixel: each output pixel samples its right neighbour
+    shifted = warp.apply(images, right)
+    assert torch.allclose(shifted[..., :-1], images[..., 1:], atol=1e-5)
+    assert torch.allclose(shifted[..., -1], images[..., -1], atol=1e-5)
+    far = torch.full((1, 2, 4, 4), 5.0)
+    warp.bound(far)
+    assert float(far.max()) == 2.0
+
+
+def test_the_warp_probe_reaches_within_its_budget(bundle, shots) -> None:
     text = PromptClassifier(bundle, shots.classnames).class_features
+    family = SmoothWarp(grid=4, max_pixels=2.0)
+    start = bundle.image_encoder_images
+    result = probe_reach(bundle, shots.pixels, shots.labels, text, family, 5, 96, 10_000)
+    assert result.probe == "warp" and result.steps == 5 and result.skipped is None
+    assert all(0.0 <= r <= 1.0 for r in result.reach)
+    assert bundle.image_encoder_images - start == 5 * 12 + 12
+    again = probe_reach(bundle, shots.pixels, shots.labels, text, family, 5, 96, 10_000)
+    assert again.reach == result.reach
+
+
+def test_probe_reach_fits_its_budget(bundle, shots) -> None:
+    text = PromptClassifier(bundle, shots.classnames).class_features
+    family = AdditivePerturbation(0.02)
     # 12 shots, 3 classes: 4 fitted and 4 measured per class, 12 + 12 images per step / at end
     start = bundle.image_encoder_images
-    short = additive_reach(bundle, shots.pixels, shots.labels, text, 0.02, 30, 96, budget=12 * 5)
+    short = probe_reach(bundle, shots.pixels, shots.labels, text, family, 30, 96, budget=12 * 5)
     assert short.steps == 4 and bundle.image_encoder_images - start <= 60
-    none = additive_reach(bundle, shots.pixels, shots.labels, text, 0.02, 30, 96, budget=20)
+    none = probe_reach(bundle, shots.pixels, shots.labels, text, family, 30, 96, budget=20)
     assert none.steps == 0 and none.skipped is not None and none.evidence() == [0.0] * 3
-    capped = additive_reach(bundle, shots.pixels, shots.labels, text, 0.02, 1, 2, budget=100)
+    capped = probe_reach(bundle, shots.pixels, shots.labels, text, family, 1, 2, budget=100)
     assert capped.steps == 1

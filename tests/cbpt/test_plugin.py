@@ -11,7 +11,7 @@ from PIL import Image
 from clipguard.components import RunContext, ShotSet
 from clipguard.model import ModelBundle, build_clip_from_name
 from clipguard.plugins import get_registry
-from clipguard_cbpt.inversion import AdditiveReach
+from clipguard_cbpt.inversion import ProbeReach
 from clipguard_cbpt.scanner import (
     DEFAULT_THRESHOLDS,
     CBPTScanner,
@@ -48,9 +48,10 @@ def _decide(
     screening: Screening,
     names: list[str],
     config: ScanConfig,
-    additive: AdditiveReach | None = None,
+    *probes: ProbeReach,
 ) -> tuple[str, float, str]:
-    return decide(screening, suspicion(screening, additive, config), names, config)
+    found = {probe.probe: probe for probe in probes}
+    return decide(screening, suspicion(screening, found, config), names, config)
 
 
 def test_decide_needs_both_signals_on_one_class() -> None:
@@ -82,26 +83,44 @@ def test_the_size_rule_judges_the_trigger_size_alone() -> None:
     assert _decide(_screening([high, 0, 0], [0, 0, 0]), names, ScanConfig())[0] == "clean"
 
 
-def test_the_additive_probe_decides_only_above_its_own_threshold() -> None:
+def test_a_reach_probe_decides_only_above_its_own_threshold() -> None:
     """A class that a small additive perturbation reaches far beyond the median class makes
     the verdict backdoor and names that class; below its threshold the probe stays out of
     the verdict (never merely inconclusive); a stronger rule signal keeps its own class."""
     config = ScanConfig(signals="size")
     names = ["a", "b", "c", "d"]
     quiet = _screening([0.2, 0.1, 0.0, 0.0], [0, 0, 0, 0], "size")
-    far = AdditiveReach([0.1, 0.12, 0.55, 0.1], steps=30)
+    far = ProbeReach("additive", [0.1, 0.12, 0.55, 0.1], steps=30)
     assert far.evidence() == pytest.approx([0.0, 0.01, 0.44, 0.0])  # median 0.11
     verdict, score, explanation = _decide(quiet, names, config, far)
     assert verdict == "backdoor" and score == pytest.approx(2.2 / 3.2)
     assert "'c'" in explanation and "full-image" in explanation
-    near = AdditiveReach([0.1, 0.12, 0.11 + 0.9 * config.additive_threshold, 0.1], steps=30)
+    near = ProbeReach("additive", [0.1, 0.12, 0.11 + 0.9 * config.additive_threshold, 0.1], 30)
     assert _decide(quiet, names, config, near)[0] == "clean"
     strong = _screening([0.0, config.threshold * 3, 0.0, 0.0], [0, 0, 0, 0], "size")
-    chosen = suspicion(strong, far, config)
+    chosen = suspicion(strong, {"additive": far}, config)
     assert (chosen.suspect, chosen.decided_by) == (1, "rule")
-    skipped = AdditiveReach([0.9, 0.0, 0.0, 0.0], steps=0, skipped="encoder budget too small")
+    skipped = ProbeReach("additive", [0.9, 0.0, 0.0, 0.0], steps=0, skipped="budget too small")
     assert skipped.evidence() == [0.0] * 4
     assert _decide(quiet, names, config, skipped)[0] == "clean"
+
+
+def test_the_strongest_probe_names_the_class() -> None:
+    """With both probes above their thresholds, the larger ratio decides and names its class;
+    a warp verdict says so."""
+    config = ScanConfig(signals="size")
+    names = ["a", "b", "c", "d"]
+    quiet = _screening([0.2, 0.1, 0.0, 0.0], [0, 0, 0, 0], "size")
+    additive = ProbeReach("additive", [0.1, 0.1, 0.4, 0.1], steps=30)  # evidence 0.3
+    warp = ProbeReach("warp", [0.8, 0.1, 0.1, 0.1], steps=20)  # evidence 0.7
+    chosen = suspicion(quiet, {"additive": additive, "warp": warp}, config)
+    assert (chosen.suspect, chosen.decided_by) == (0, "warp")
+    assert chosen.ratio == pytest.approx(0.7 / config.warp_threshold)
+    assert chosen.top_probe_evidence() == pytest.approx({"additive": 0.3, "warp": 0.7})
+    verdict, _, explanation = _decide(quiet, names, config, additive, warp)
+    assert verdict == "backdoor" and "'a'" in explanation and "warp" in explanation
+    assert [family.name for family, _ in config.probes()] == ["additive", "warp"]
+    assert ScanConfig(warp_pixels=0, additive_epsilon=0).probes() == []
 
 
 def test_low_side_indices_are_scale_free_and_one_sided() -> None:

@@ -177,7 +177,7 @@ def test_purifier_inverts_with_the_scan_procedure(bundle, shots) -> None:
     assert outcome.trigger.settings["verdict"] in ("backdoor", "clean", "inconclusive")
     # its trigger records both signals, so the gate judges it as the scan did
     settings = outcome.trigger.settings
-    assert {"evidence", "additive_evidence", "decided_by"} <= set(settings)
+    assert {"evidence", "additive_evidence", "warp_evidence", "decided_by"} <= set(settings)
     assert says_clean(settings) is (settings["verdict"] == "clean")
     assert outcome.statistics["trigger_loss_gated"] is says_clean(settings)
 
@@ -216,6 +216,9 @@ def test_several_triggers_share_the_views(bundle, shots) -> None:
         # the additive probe's evidence is judged too: at its threshold it flags alone
         ({"verdict": "backdoor", "evidence": 0.0, "additive_evidence": 0.3}, False),
         ({"verdict": "backdoor", "evidence": 0.0, "additive_evidence": 0.1}, True),
+        # ... and the warp probe's
+        ({"verdict": "backdoor", "evidence": 0.0, "warp_evidence": 0.5}, False),
+        ({"evidence": 0.0, "additive_evidence": 0.1, "warp_evidence": 0.05}, True),
     ],
 )
 def test_a_clean_scan_turns_the_trigger_loss_off(bundle, shots, settings, gated) -> None:

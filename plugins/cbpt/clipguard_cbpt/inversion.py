@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import math
 import statistics
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -639,14 +640,105 @@ def invert_per_class(
     return results
 
 
-# --------------------------------------------------------------------------- additive reach
+# --------------------------------------------------------------------------- reach probes
+
+
+class ProbeFamily(ABC):
+    """A family of small universal image transformations, one per class, for :func:`probe_reach`.
+
+    Each class ``k`` gets its own parameters (row ``k`` of :meth:`initial`), starting at the
+    identity transformation; :meth:`bound` projects them back into the family after every step.
+    """
+
+    #: the probe's name in reports ("additive", "warp")
+    name: ClassVar[str]
+
+    @abstractmethod
+    def initial(self, n_classes: int, image_shape: tuple[int, ...]) -> torch.Tensor:
+        """The identity parameters of ``n_classes`` transformations of ``image_shape`` images."""
+
+    @abstractmethod
+    def apply(self, images: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
+        """``images`` transformed by one class's ``parameters`` (differentiable, in ``[0, 1]``)."""
+
+    @abstractmethod
+    def bound(self, parameters: torch.Tensor) -> None:
+        """Project ``parameters`` into the family, in place."""
+
+    @property
+    @abstractmethod
+    def lr(self) -> float:
+        """Adam learning rate of the fit."""
+
+
+@dataclass(frozen=True)
+class AdditivePerturbation(ProbeFamily):
+    """``clamp(x + d, 0, 1)`` with ``|d| <= epsilon`` per pixel: the reach of full-image
+    additive or blended triggers (SIG, blended, sample-specific noise)."""
+
+    epsilon: float
+    name: ClassVar[str] = "additive"
+
+    def initial(self, n_classes: int, image_shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(n_classes, *image_shape)
+
+    def apply(self, images: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
+        return (images + parameters).clamp(0, 1)
+
+    def bound(self, parameters: torch.Tensor) -> None:
+        parameters.clamp_(-self.epsilon, self.epsilon)
+
+    @property
+    def lr(self) -> float:
+        return self.epsilon / 10
+
+
+@dataclass(frozen=True)
+class SmoothWarp(ProbeFamily):
+    """A smooth warp: a ``grid x grid`` field of displacements of at most ``max_pixels``
+    pixels per axis, upsampled bicubically to the image and applied by bilinear resampling
+    (edges repeated): the reach of warping triggers (WaNet), which no additive change or
+    small mask expresses. A grid of 8 expresses the WaNet fields of control grids up to 8."""
+
+    grid: int
+    max_pixels: float
+    name: ClassVar[str] = "warp"
+
+    def initial(self, n_classes: int, image_shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(n_classes, 2, self.grid, self.grid)
+
+    def apply(self, images: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
+        size = int(images.shape[-1])
+        field_px = F.interpolate(
+            parameters.unsqueeze(0), size=(size, size), mode="bicubic", align_corners=True
+        )[0].permute(1, 2, 0)
+        line = torch.linspace(-1, 1, size)
+        rows, cols = torch.meshgrid(line, line, indexing="ij")
+        grid = torch.stack((cols, rows), dim=-1) + field_px * (2.0 / max(size - 1, 1))
+        sampled = F.grid_sample(
+            images,
+            grid.unsqueeze(0).expand(images.shape[0], -1, -1, -1),
+            mode="bilinear",
+            padding_mode="border",
+            align_corners=True,
+        )
+        return sampled.clamp(0, 1)
+
+    def bound(self, parameters: torch.Tensor) -> None:
+        parameters.clamp_(-self.max_pixels, self.max_pixels)
+
+    @property
+    def lr(self) -> float:
+        return self.max_pixels / 10
 
 
 @dataclass
-class AdditiveReach:
-    """The additive-reach probe of every class (:func:`additive_reach`)."""
+class ProbeReach:
+    """A reach probe's result for every class (:func:`probe_reach`)."""
 
-    #: per class, the share of held-out other-class shots its perturbation sends to it
+    #: the probe family's name ("additive", "warp")
+    probe: str
+    #: per class, the share of held-out other-class shots its transformation sends to it
     reach: list[float]
     #: optimisation steps run (fewer than asked when the budget ran short)
     steps: int
@@ -669,30 +761,29 @@ def _spread_rows(rows: torch.Tensor, limit: int) -> torch.Tensor:
     return rows[torch.linspace(0, len(rows) - 1, limit).round().long()]
 
 
-def additive_reach(
+def probe_reach(
     bundle: ModelBundle,
     pixels: torch.Tensor,
     labels: torch.Tensor,
     class_features: torch.Tensor,
-    epsilon: float,
+    family: ProbeFamily,
     steps: int,
     max_images: int,
     budget: int,
     chunk_images: int = 1024,
-) -> AdditiveReach:
-    """For every class ``k``, how far a small universal *additive* perturbation reaches.
+) -> ProbeReach:
+    """For every class ``k``, how far one small universal transformation of ``family`` reaches.
 
-    The shots are split by position (even / odd). A perturbation ``d_k`` with
-    ``|d_k| <= epsilon`` everywhere, from zero, is fitted with Adam (lr ``epsilon / 10``) for
-    ``steps`` steps to send the even shots of the other classes (at most ``max_images``) to
-    ``k`` through ``clamp(x + d_k, 0, 1)``; the reach of ``k`` is the share of the odd shots of
-    the other classes (at most ``max_images``) that ``d_k`` sends to ``k``. A full-image
-    additive or blended backdoor makes its target reachable far beyond the other classes;
-    a clean model's classes are reached alike (docs/method.md). All classes are optimised
-    together (each loss depends on its own ``d_k`` only), in encoder calls of at most
-    ``chunk_images`` images. Costs ``steps`` times the fitted images plus the held-out ones,
-    and runs fewer steps, or none (``skipped``), when ``budget`` encoder images do not allow
-    them. Deterministic.
+    The shots are split by position (even / odd). A transformation ``T_k`` of ``family``, from
+    the identity, is fitted with Adam (``family.lr``) for ``steps`` steps to send the even shots
+    of the other classes (at most ``max_images``) to ``k``; the reach of ``k`` is the share of
+    the odd shots of the other classes (at most ``max_images``) that ``T_k`` sends to ``k``. A
+    backdoor whose trigger lies in (or near) the family makes its target reachable far beyond
+    the other classes; a clean model's classes are reached alike (docs/method.md). All classes
+    are optimised together (each loss depends on its own ``T_k`` only), in encoder calls of at
+    most ``chunk_images`` images. Costs ``steps`` times the fitted images plus the held-out
+    ones, and runs fewer steps, or none (``skipped``), when ``budget`` encoder images do not
+    allow them. Deterministic.
     """
     n_classes = int(class_features.shape[0])
     even = torch.arange(len(labels)) % 2 == 0
@@ -706,10 +797,10 @@ def additive_reach(
     ]
     per_step, to_measure = sum(len(r) for r in fit), sum(len(r) for r in held)
     if per_step == 0 or to_measure == 0 or budget < per_step + to_measure:
-        return AdditiveReach([0.0] * n_classes, 0, "encoder budget too small or no shots")
+        return ProbeReach(family.name, [0.0] * n_classes, 0, "encoder budget too small or no shots")
     steps = min(steps, (budget - to_measure) // per_step)
-    delta = torch.zeros(n_classes, *pixels.shape[1:], requires_grad=True)
-    optimizer = torch.optim.Adam([delta], lr=epsilon / 10)
+    parameters = family.initial(n_classes, tuple(pixels.shape[1:])).requires_grad_(True)
+    optimizer = torch.optim.Adam([parameters], lr=family.lr)
     scale = bundle.logit_scale
     groups: list[list[int]] = [[]]
     for k in range(n_classes):
@@ -719,7 +810,7 @@ def additive_reach(
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         for group in groups:
-            images = torch.cat([(pixels[fit[k]] + delta[k]).clamp(0, 1) for k in group])
+            images = torch.cat([family.apply(pixels[fit[k]], parameters[k]) for k in group])
             goal = torch.cat([torch.full((len(fit[k]),), k) for k in group])
             logits = scale * bundle.encode_image(images) @ class_features.T
             losses = F.cross_entropy(logits, goal, reduction="none")
@@ -728,17 +819,17 @@ def additive_reach(
             (losses * weights).sum().backward()
         optimizer.step()
         with torch.no_grad():
-            delta.clamp_(-epsilon, epsilon)
+            family.bound(parameters)
     reach = []
     with torch.no_grad():
         for k in range(n_classes):
             if len(held[k]) == 0:
                 reach.append(0.0)
                 continue
-            triggered = (pixels[held[k]] + delta[k]).clamp(0, 1)
-            predicted = (encode_batched(bundle, triggered) @ class_features.T).argmax(dim=1)
+            transformed = family.apply(pixels[held[k]], parameters[k])
+            predicted = (encode_batched(bundle, transformed) @ class_features.T).argmax(dim=1)
             reach.append(float((predicted == k).float().mean()))
-    return AdditiveReach(reach, steps)
+    return ProbeReach(family.name, reach, steps)
 
 
 def _class_trigger(mask: torch.Tensor, pattern: torch.Tensor) -> MaskPatternTrigger:

@@ -15,9 +15,11 @@ from clipguard_cbpt import __version__
 from clipguard_cbpt.inversion import InversionConfig, invert_targeted, prediction_distribution
 from clipguard_cbpt.scanner import (
     DEFAULT_THRESHOLDS,
+    PROBES,
     ScanConfig,
     deciding_ratio,
     locate_trigger,
+    probe_evidence_settings,
     run_inversion,
     verdict_of,
 )
@@ -38,7 +40,7 @@ class PurifyConfig(TuningConfig):
     inversion_steps: int = Field(200, ge=1, description="contrastive inversion steps (kept run)")
     inversion_restarts: int = Field(3, ge=1, description="contrastive inversion restarts")
     inversion_budget: int = Field(
-        60_000, ge=1, description="image-encoder images for the inversion"
+        80_000, ge=1, description="image-encoder images for the inversion (a cbpt scan's budget)"
     )
     refine: bool = Field(True, description="refine the inverted trigger towards its class")
     extra_triggers: int = Field(
@@ -126,7 +128,7 @@ class CBPTPurifier(Purifier):
                 judged = {
                     "verdict": verdict_of(suspected.ratio, scan_config),
                     "evidence": screening.top_evidence,
-                    "additive_evidence": suspected.top_additive_evidence,
+                    **probe_evidence_settings(suspected),
                     "decided_by": suspected.decided_by,
                 }
                 statistics["inversion_evidence"] = screening.top_evidence
@@ -215,22 +217,21 @@ def without_trigger_loss(config: TuningConfigT, distill_weight: float) -> Tuning
 
 
 def says_clean(settings: dict[str, Any]) -> bool:
-    """Whether a trigger file's scan found no backdoor: its recorded evidence (the rule's,
-    and the additive probe's when it ran) judged as the ``cbpt`` scanner judges it, under the
-    current default thresholds of the rule the scan used (so files scanned before a
-    recalibration follow the current one), else its recorded verdict; False for a trigger
-    with neither."""
+    """Whether a trigger file's scan found no backdoor: its recorded evidence (the rule's, and
+    each reach probe's that ran) judged as the ``cbpt`` scanner judges it, under the current
+    default thresholds of the rule the scan used (so files scanned before a recalibration
+    follow the current one), else its recorded verdict; False for a trigger with neither."""
     evidence = settings.get("evidence")
     if isinstance(evidence, int | float):
         options = settings.get("options")
         signals = options.get("signals", "joint") if isinstance(options, dict) else "joint"
         rule = ScanConfig(signals=signals if signals in DEFAULT_THRESHOLDS else "joint")
-        additive = settings.get("additive_evidence")
-        ratio, _ = deciding_ratio(
-            float(evidence) / rule.threshold,
-            float(additive) if isinstance(additive, int | float) else None,
-            rule.additive_threshold,
-        )
+        probe_ratios = {}
+        for name in PROBES:
+            recorded = settings.get(f"{name}_evidence")
+            if isinstance(recorded, int | float):
+                probe_ratios[name] = float(recorded) / rule.probe_threshold(name)
+        ratio, _ = deciding_ratio(float(evidence) / rule.threshold, probe_ratios)
         return verdict_of(ratio, rule) == "clean"
     return settings.get("verdict") == "clean"
 

@@ -16,20 +16,22 @@ Procedure (see ``docs/method.md``):
    class has a natural trigger, and the poisoned target's prompt is not drifted, so the
    joint rule misses backdoors that the size index shows. The suspect is the class with
    the most evidence.
-3b. **Additive reach** (:func:`~clipguard_cbpt.inversion.additive_reach`, on unless
-   ``additive_epsilon`` is 0): per class, the share of held-out shots of the other classes
-   that a universal additive perturbation of at most ``additive_epsilon`` per pixel, fitted
-   on the other shots, sends to it. Full-image triggers (SIG, blended, sample-specific
-   noise) are not small masks, but they make their target reachable by a small additive
-   change far beyond the other classes. When its reach above the median class reaches
-   ``additive_threshold``, and by a larger ratio than the rule's evidence, the probe's class
-   becomes the suspect and the verdict is ``backdoor`` (the probe never makes a scan merely
-   ``inconclusive``).
+3b. **Reach probes** (:func:`~clipguard_cbpt.inversion.probe_reach`): per class, the share
+   of held-out shots of the other classes that one small universal transformation, fitted on
+   the other shots, sends to it. The *additive* probe (a perturbation of at most
+   ``additive_epsilon`` per pixel) catches full-image triggers (SIG, blended, sample-specific
+   noise), which are not small masks but make their target reachable by a small additive
+   change far beyond the other classes; the *warp* probe (a smooth displacement field of at
+   most ``warp_pixels`` pixels) catches warping triggers (WaNet), which neither a mask nor an
+   additive change expresses. When a probe's reach above the median class reaches its
+   threshold, by a larger ratio than the rule's evidence and the other probe's, its class
+   becomes the suspect and the verdict is ``backdoor`` (a probe never makes a scan merely
+   ``inconclusive``). ``additive_epsilon = 0`` / ``warp_pixels = 0`` turn a probe off.
 4. **Refinement** (``refine``, default on): the suspect's trigger is refined towards it with
    augmented shots (:func:`~clipguard_cbpt.inversion.invert_targeted`); that trigger is the
    one written out, drawn, and reused by ``clipguard purify --trigger``.
 5. **Verdict**: ``backdoor`` when the suspect's evidence reaches ``evidence_threshold`` (or
-   the additive probe decided, 3b), ``inconclusive`` from ``inconclusive_fraction`` of it,
+   a probe decided, 3b), ``inconclusive`` from ``inconclusive_fraction`` of it,
    else ``clean``. The threshold is
    fitted on the lab zoo by ``benchmarks/calibrate.py``; the report records the values used.
 
@@ -54,20 +56,26 @@ from clipguard.prompts import PromptClassifier
 from clipguard.triggers import TriggerFile, trigger_file_bytes
 from clipguard_cbpt import __version__
 from clipguard_cbpt.inversion import (
-    AdditiveReach,
+    AdditivePerturbation,
     InversionConfig,
     InversionResult,
-    additive_reach,
+    ProbeFamily,
+    ProbeReach,
+    SmoothWarp,
     encode_batched,
     invert_contrastive,
     invert_per_class,
     invert_targeted,
     mean_pairwise_cosine,
     prediction_distribution,
+    probe_reach,
     relative_collapse,
 )
 from clipguard_cbpt.render import render_trigger_png
 from clipguard_cbpt.signals import low_side_indices, text_alignment
+
+#: the reach probes a scan can run (:meth:`ScanConfig.probes`), in report order
+PROBES: tuple[str, ...] = ("additive", "warp")
 
 #: clean/triggered pairs shown in trigger.png
 N_PICTURE_PAIRS = 8
@@ -83,6 +91,15 @@ DEFAULT_THRESHOLDS: dict[str, float] = {"joint": 2.0, "size": 1.99}
 
 class ScanConfig(InversionConfig):
     """Options of the ``cbpt`` scanner: the inversion's, plus the verdict rule and thresholds."""
+
+    budget: int = Field(
+        80_000,
+        ge=1,
+        description=(
+            "maximum images through the image encoder for the whole scan (per-class "
+            "inversion, reach probes, refinement)"
+        ),
+    )
 
     signals: Signals = Field(
         "joint",
@@ -117,7 +134,7 @@ class ScanConfig(InversionConfig):
     )
     additive_steps: int = Field(30, ge=1, description="Adam steps of the additive-reach probe")
     additive_images: int = Field(
-        96, ge=1, description="most shots per class fitted, and measured, by the probe"
+        96, ge=1, description="most shots per class fitted, and measured, by each reach probe"
     )
     additive_threshold: float = Field(
         0.2,
@@ -128,6 +145,40 @@ class ScanConfig(InversionConfig):
             "verdict backdoor (calibrated on both lab zoos)"
         ),
     )
+    warp_pixels: float = Field(
+        2.0,
+        ge=0,
+        description=(
+            "largest displacement (pixels, per axis) of the warp-reach probe, which catches "
+            "warping triggers (WaNet); 0 turns the probe off"
+        ),
+    )
+    warp_grid: int = Field(
+        8, ge=2, le=64, description="side of the warp probe's displacement control grid"
+    )
+    warp_steps: int = Field(20, ge=1, description="Adam steps of the warp-reach probe")
+    warp_threshold: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description=(
+            "reach above the median class's from which the warp probe alone makes the "
+            "verdict backdoor"
+        ),
+    )
+
+    def probes(self) -> list[tuple[ProbeFamily, int]]:
+        """The reach probes switched on, in :data:`PROBES` order: each family with its steps."""
+        probes: list[tuple[ProbeFamily, int]] = []
+        if self.additive_epsilon > 0:
+            probes.append((AdditivePerturbation(self.additive_epsilon), self.additive_steps))
+        if self.warp_pixels > 0:
+            probes.append((SmoothWarp(self.warp_grid, self.warp_pixels), self.warp_steps))
+        return probes
+
+    def probe_threshold(self, probe: str) -> float:
+        """The threshold of the reach probe named ``probe``."""
+        return {"additive": self.additive_threshold, "warp": self.warp_threshold}[probe]
 
     @model_validator(mode="after")
     def _default_threshold(self) -> ScanConfig:
@@ -145,7 +196,7 @@ class ScanConfig(InversionConfig):
 @dataclass
 class Screening:
     """Both per-class signals, their anomaly indices, and the suspect class of the rule in
-    ``signals`` (:attr:`suspect`); the additive-reach probe is added by :func:`suspicion`."""
+    ``signals`` (:attr:`suspect`); the reach probes are added by :func:`suspicion`."""
 
     inversions: list[InversionResult]
     clean_features: torch.Tensor
@@ -164,52 +215,46 @@ class Screening:
 
 @dataclass
 class Suspicion:
-    """The class the scan suspects and how strongly: the rule in ``signals`` and the
-    additive-reach probe each give a ratio of evidence to threshold; the larger decides."""
+    """The class the scan suspects and how strongly: the rule in ``signals`` and each reach
+    probe give a ratio of evidence to threshold; the largest decides."""
 
     suspect: int
     #: the deciding ratio: 1 or more is a backdoor
     ratio: float
-    #: "rule" (the size / joint evidence) or "additive" (the additive-reach probe)
+    #: "rule" (the size / joint evidence) or the name of the reach probe that decided
     decided_by: str
-    additive: AdditiveReach | None
+    #: the reach probes that ran, by name
+    probes: dict[str, ProbeReach]
 
-    @property
-    def top_additive_evidence(self) -> float | None:
-        """The additive probe's largest class evidence (None when it did not run)."""
-        return None if self.additive is None else max(self.additive.evidence())
+    def top_probe_evidence(self) -> dict[str, float]:
+        """Each probe's largest class evidence, by probe name (``additive_evidence`` etc. in
+        trigger files)."""
+        return {name: max(reach.evidence()) for name, reach in self.probes.items()}
 
 
-def deciding_ratio(
-    rule_ratio: float, additive_evidence: float | None, additive_threshold: float
-) -> tuple[float, bool]:
-    """The ratio of evidence to threshold that decides a scan, and whether the additive
-    probe decided it: the probe (its top evidence, None when it did not run) decides only
-    when it reaches its own threshold and exceeds the rule's ratio, so it never makes a scan
+def deciding_ratio(rule_ratio: float, probe_ratios: dict[str, float]) -> tuple[float, str]:
+    """The ratio of evidence to threshold that decides a scan, and what decided it ("rule" or
+    a probe's name): a probe (its top evidence over its threshold) decides only when it
+    reaches 1 and exceeds the rule's ratio and every other probe's, so it never makes a scan
     merely ``inconclusive`` and its noise on clean models stays out of the verdict."""
-    if additive_evidence is not None:
-        additive_ratio = additive_evidence / additive_threshold
-        if additive_ratio >= 1 and additive_ratio > rule_ratio:
-            return additive_ratio, True
-    return rule_ratio, False
+    ratio, decided_by = rule_ratio, "rule"
+    for name, probe_ratio in sorted(probe_ratios.items()):
+        if probe_ratio >= 1 and probe_ratio > ratio:
+            ratio, decided_by = probe_ratio, name
+    return ratio, decided_by
 
 
-def suspicion(
-    screening: Screening, additive: AdditiveReach | None, config: ScanConfig
-) -> Suspicion:
-    """Combine the rule's evidence with the additive probe (:func:`deciding_ratio`)."""
-    top = 0
-    top_evidence: float | None = None
-    if additive is not None:
-        evidence = additive.evidence()
-        top = max(range(len(evidence)), key=lambda k: evidence[k])
-        top_evidence = evidence[top]
-    ratio, by_additive = deciding_ratio(
-        screening.top_evidence / config.threshold, top_evidence, config.additive_threshold
-    )
-    if by_additive:
-        return Suspicion(top, ratio, "additive", additive)
-    return Suspicion(screening.suspect, ratio, "rule", additive)
+def suspicion(screening: Screening, probes: dict[str, ProbeReach], config: ScanConfig) -> Suspicion:
+    """Combine the rule's evidence with the reach probes (:func:`deciding_ratio`)."""
+    tops: dict[str, int] = {}
+    ratios: dict[str, float] = {}
+    for name, reach in probes.items():
+        evidence = reach.evidence()
+        tops[name] = max(range(len(evidence)), key=lambda k: evidence[k])
+        ratios[name] = evidence[tops[name]] / config.probe_threshold(name)
+    ratio, decided_by = deciding_ratio(screening.top_evidence / config.threshold, ratios)
+    suspect = screening.suspect if decided_by == "rule" else tops[decided_by]
+    return Suspicion(suspect, ratio, decided_by, probes)
 
 
 def class_triggers(
@@ -296,19 +341,23 @@ def decide(
     """
     ratio = suspected.ratio
     verdict = verdict_of(ratio, config)
-    if suspected.decided_by == "additive":
-        assert suspected.additive is not None
+    if suspected.decided_by != "rule":
+        probe = suspected.probes[suspected.decided_by]
         k = suspected.suspect
-        reach = suspected.additive.reach
+        change = (
+            f"a perturbation of at most {config.additive_epsilon:g} per pixel"
+            if probe.probe == "additive"
+            else f"a smooth warp of at most {config.warp_pixels:g} pixels"
+        )
         facts = (
-            f"class {classnames[k]!r}: a perturbation of at most {config.additive_epsilon:g} "
-            f"per pixel sends {reach[k]:.0%} of held-out shots of other classes to it, "
-            f"{suspected.additive.evidence()[k]:.2f} above the median class (backdoor from "
-            f"{config.additive_threshold:g}; the {config.signals} rule's evidence "
-            f"{screening.top_evidence:.2f}, from {config.threshold:g}, "
+            f"class {classnames[k]!r}: {change} sends {probe.reach[k]:.0%} of held-out shots "
+            f"of other classes to it, {probe.evidence()[k]:.2f} above the median class "
+            f"(backdoor from {config.probe_threshold(probe.probe):g}; the {config.signals} "
+            f"rule's evidence {screening.top_evidence:.2f}, from {config.threshold:g}, "
             f"class {classnames[screening.suspect]!r})"
         )
-        return verdict, ratio / (1 + ratio), f"full-image backdoor signal for {facts}"
+        kind = "full-image" if probe.probe == "additive" else "warping"
+        return verdict, ratio / (1 + ratio), f"{kind} backdoor signal for {facts}"
     k = screening.suspect
     evidence = screening.top_evidence
     size = (
@@ -340,13 +389,13 @@ def locate_trigger(
     context: RunContext,
     classifier: PromptClassifier,
 ) -> tuple[Screening, Suspicion, InversionResult, InversionResult | None]:
-    """Steps 1-4: screen every class, probe additive reach, then refine the suspect's
+    """Steps 1-4: screen every class, run the reach probes, then refine the suspect's
     trigger within the budget.
 
     Returns the screening, the suspicion, the kept trigger (the refined one when its
     refinement met the success share, else the suspect's per-class trigger) and the
-    refinement (None when ``refine`` is off or no budget is left). The probe gets what the
-    screening left, less the refinement's share (``refine_steps`` batches).
+    refinement (None when ``refine`` is off or no budget is left). The probes, in turn, get
+    what the screening left, less the refinement's share (``refine_steps`` batches).
     """
     start_images = bundle.image_encoder_images
     refining = config.refine and config.refine_steps > 0
@@ -358,22 +407,22 @@ def locate_trigger(
         classifier,
         budget=int(config.budget * 0.7) if refining else config.budget,
     )
-    additive: AdditiveReach | None = None
-    if config.additive_epsilon > 0:
-        reserve = config.refine_steps * config.batch_size if refining else 0
+    probes: dict[str, ProbeReach] = {}
+    reserve = config.refine_steps * config.batch_size if refining else 0
+    for family, steps in config.probes():
         left = config.budget - (bundle.image_encoder_images - start_images) - reserve
-        with context.stage("additive reach"):
-            additive = additive_reach(
+        with context.stage(f"{family.name} reach"):
+            probes[family.name] = probe_reach(
                 bundle,
                 shots.pixels,
                 shots.labels,
                 classifier.class_features,
-                config.additive_epsilon,
-                config.additive_steps,
+                family,
+                steps,
                 config.additive_images,
                 budget=max(left, 0),
             )
-    suspected = suspicion(screening, additive, config)
+    suspected = suspicion(screening, probes, config)
     kept = screening.inversions[suspected.suspect]
     left = config.budget - (bundle.image_encoder_images - start_images)
     refined: InversionResult | None = None
@@ -453,9 +502,10 @@ class CBPTScanner(Scanner):
     name: ClassVar[str] = "cbpt"
     version: ClassVar[str] = __version__
     description: ClassVar[str] = (
-        "per-class trigger inversion + text alignment + additive reach; flags a class whose "
-        "trigger is anomalously small or whose prompt drifted from its images (calibrated "
-        "MAD indices), or that a small full-image change reaches far beyond the others"
+        "per-class trigger inversion + text alignment + additive and warp reach; flags a "
+        "class whose trigger is anomalously small or whose prompt drifted from its images "
+        "(calibrated MAD indices), or that a small full-image change or warp reaches far "
+        "beyond the others"
     )
     Config: ClassVar[type[BaseModel]] = ScanConfig
 
@@ -492,7 +542,7 @@ class CBPTScanner(Scanner):
                 "target_class": suspect,
                 "verdict": verdict,
                 "evidence": screening.top_evidence,
-                "additive_evidence": suspected.top_additive_evidence,
+                **probe_evidence_settings(suspected),
                 "decided_by": suspected.decided_by,
                 "dominant_class": stats["dominant_class"],
                 "options": config.model_dump(mode="json"),
@@ -519,7 +569,7 @@ class CBPTScanner(Scanner):
             "class_alignment": dict(zip(names, screening.alignment, strict=True)),
             "class_alignment_index": dict(zip(names, screening.alignment_index, strict=True)),
             "class_evidence": dict(zip(names, screening.evidence, strict=True)),
-            **additive_statistics(suspected, names, config),
+            **probe_statistics(suspected, names, config),
             "refined": None
             if refined is None
             else {"pl1": refined.pl1, "reached": refined.reached, "steps": refined.steps},
@@ -547,27 +597,46 @@ class CBPTScanner(Scanner):
         )
 
 
-def additive_statistics(
-    suspected: Suspicion, names: list[str], config: ScanConfig
-) -> dict[str, Any]:
-    """The additive probe's part of the report: the suspect's evidence, every class's reach
-    and evidence, and the probe's settings (all None when the probe did not run)."""
-    additive = suspected.additive
-    keys = ("additive_evidence", "class_additive_reach", "class_additive_evidence", "additive")
-    if additive is None:
-        return dict.fromkeys(keys)
-    evidence = additive.evidence()
-    return {
-        "additive_evidence": evidence[suspected.suspect],
-        "class_additive_reach": dict(zip(names, additive.reach, strict=True)),
-        "class_additive_evidence": dict(zip(names, evidence, strict=True)),
-        "additive": {
-            "epsilon": config.additive_epsilon,
-            "steps": additive.steps,
-            "skipped": additive.skipped,
-            "threshold": config.additive_threshold,
-        },
-    }
+def probe_evidence_settings(suspected: Suspicion) -> dict[str, float | None]:
+    """Each probe's top evidence as trigger-file settings (``additive_evidence``,
+    ``warp_evidence``; None for a probe that did not run), which the purifier's gate
+    re-judges."""
+    tops = suspected.top_probe_evidence()
+    return {f"{name}_evidence": tops.get(name) for name in PROBES}
+
+
+def probe_statistics(suspected: Suspicion, names: list[str], config: ScanConfig) -> dict[str, Any]:
+    """The reach probes' part of the report, per probe ``P`` in :data:`PROBES`: the suspect's
+    evidence (``P_evidence``), every class's reach and evidence (``class_P_reach``,
+    ``class_P_evidence``) and the probe's settings (``P``); all None for a probe that did not
+    run."""
+    report: dict[str, Any] = {}
+    for name in PROBES:
+        keys = (f"{name}_evidence", f"class_{name}_reach", f"class_{name}_evidence", name)
+        probe = suspected.probes.get(name)
+        if probe is None:
+            report.update(dict.fromkeys(keys))
+            continue
+        evidence = probe.evidence()
+        bound = (
+            {"epsilon": config.additive_epsilon}
+            if name == "additive"
+            else {"max_pixels": config.warp_pixels, "grid": config.warp_grid}
+        )
+        report.update(
+            {
+                keys[0]: evidence[suspected.suspect],
+                keys[1]: dict(zip(names, probe.reach, strict=True)),
+                keys[2]: dict(zip(names, evidence, strict=True)),
+                keys[3]: {
+                    **bound,
+                    "steps": probe.steps,
+                    "skipped": probe.skipped,
+                    "threshold": config.probe_threshold(name),
+                },
+            }
+        )
+    return report
 
 
 def picture_bytes(

@@ -1,19 +1,21 @@
-"""Additive reach: how far a small universal additive perturbation moves shots to each class.
+"""Reach probes: how far one small universal transformation moves shots to each class.
 
 Usage::
 
-    python benchmarks/additive_reach.py --dataset CIFAR ZOO/*.safetensors [--epsilon 0.02]
-        [--steps 30] [--shots 16]
+    python benchmarks/probe_reach.py --dataset CIFAR ZOO/*.safetensors [--probe additive|warp]
+        [--epsilon 0.02] [--warp-pixels 2] [--warp-grid 8] [--steps 30] [--shots 16]
 
-The ``cbpt`` scanner's signal for full-image triggers (SIG, blended), which a
-mask-and-pattern trigger does not express (docs/method.md). For every model and every class ``k``: a
-perturbation ``d`` with ``|d| <= epsilon`` everywhere (pixels in [0, 1]) is fitted with Adam
-to send half of the other classes' shots to ``k`` (``clamp(x + d)``), and its *reach* is the
-share of the other half of those shots it sends to ``k`` (the ``cbpt`` scanner's probe,
-:func:`clipguard_cbpt.inversion.additive_reach`, on fixed shots, without a budget). The
-shots are ``--shots`` training images per class, drawn with a fixed seed. Prints one JSON
-line per model: the reach of every class, the top class, ``top - median`` (the probe's
-evidence) and, for a backdoored lab model, the reach of its target.
+The ``cbpt`` scanner's signals for triggers that a small mask does not express
+(docs/method.md): full-image additive ones (SIG, blended; ``--probe additive``, a perturbation
+``d`` with ``|d| <= epsilon`` everywhere, pixels in [0, 1]) and warps (WaNet; ``--probe
+warp``, a smooth displacement field of at most ``--warp-pixels`` pixels from a
+``--warp-grid`` control grid). For every model and every class ``k`` one transformation is
+fitted with Adam to send half of the other classes' shots to ``k``, and its *reach* is the
+share of the other half of those shots it sends to ``k`` (the scanner's probe,
+:func:`clipguard_cbpt.inversion.probe_reach`, on fixed shots, without a budget). The shots
+are ``--shots`` training images per class, drawn with a fixed seed. Prints one JSON line per
+model: the reach of every class, the top class, ``top - median`` (the probe's evidence) and,
+for a backdoored lab model, the target's evidence.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ import torch
 from clipguard.lab.train import SplitData, card_path, load_split_data, open_lab_dataset
 from clipguard.model import load_model
 from clipguard.prompts import PromptClassifier
-from clipguard_cbpt.inversion import additive_reach
+from clipguard_cbpt.inversion import (
+    AdditivePerturbation,
+    ProbeFamily,
+    SmoothWarp,
+    probe_reach,
+)
+from clipguard_cbpt.scanner import ScanConfig
 
 
 def fixed_shots(data: SplitData, shots: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,12 +53,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("models", nargs="+", type=Path)
     parser.add_argument("--dataset", required=True, help="'synthetic' or a train/ test/ folder")
+    parser.add_argument("--probe", choices=("additive", "warp"), default="additive")
     parser.add_argument("--epsilon", type=float, default=0.02)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warp-pixels", type=float, default=2.0)
+    parser.add_argument("--warp-grid", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=None, help="default: the scanner's")
     parser.add_argument("--shots", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    family: ProbeFamily = (
+        AdditivePerturbation(args.epsilon)
+        if args.probe == "additive"
+        else SmoothWarp(args.warp_grid, args.warp_pixels)
+    )
+    defaults = ScanConfig()
+    steps = args.steps or (
+        defaults.additive_steps if args.probe == "additive" else defaults.warp_steps
+    )
     root = open_lab_dataset(args.dataset)
     data_by_size: dict[int, tuple[SplitData, torch.Tensor, torch.Tensor]] = {}
     for path in args.models:
@@ -62,13 +82,13 @@ def main() -> None:
         names = list(data.classnames)
         for parameter in bundle.model.parameters():
             parameter.requires_grad_(False)
-        probe = additive_reach(
+        probe = probe_reach(
             bundle,
             pixels,
             labels,
             PromptClassifier(bundle, names).class_features,
-            args.epsilon,
-            args.steps,
+            family,
+            steps,
             max_images=len(labels),
             budget=10**9,
         )
@@ -84,7 +104,11 @@ def main() -> None:
                     "target": target,
                     "top": names[top],
                     "top_minus_median": round(evidence[top], 3),
+                    "probe": probe.probe,
                     "target_reach": None if target is None else reach[names.index(target)],
+                    "target_evidence": None
+                    if target is None
+                    else round(evidence[names.index(target)], 3),
                     "reach": dict(zip(names, [round(r, 3) for r in reach], strict=True)),
                 }
             ),
