@@ -37,6 +37,8 @@ DEFENCES: dict[str, tuple[str, dict[str, Any], bool]] = {
     "cbpt-no-trigger-loss": ("cbpt", {"no_trigger_loss": True}, True),
     "cbpt-no-anchor-loss": ("cbpt", {"no_anchor_loss": True}, True),
     "cbpt-random-mask": ("cbpt", {"random_mask": True}, True),
+    # besides the mask trigger, a smooth warp of at most 8 pixels fitted towards the target
+    "cbpt-warp-trigger": ("cbpt", {"warp_trigger_pixels": 8.0}, True),
     # a KL term keeping the clean-view predictions of the hand-crafted prompts (candidate)
     "cbpt-distill": ("cbpt", {"distill_weight": 3.0}, True),
     # the fine-tuning baselines with the settings that scored best (CA - ASR) on the held-out

@@ -28,6 +28,7 @@ from clipguard_cbpt.inversion import (
     probe_reach,
     random_affine,
     relative_collapse,
+    transform_towards,
 )
 
 
@@ -212,6 +213,25 @@ def test_the_warp_probe_reaches_within_its_budget(bundle, shots) -> None:
     assert bundle.image_encoder_images - start == 5 * 12 + 12
     again = probe_reach(bundle, shots.pixels, shots.labels, text, family, 5, 96, 10_000)
     assert again.reach == result.reach
+
+
+def test_a_transformation_towards_a_class_is_a_trigger(bundle, shots) -> None:
+    """The purifier's warp trigger: fitted on the other classes' shots only, it applies like any
+    trigger (same shape, pixels in [0, 1]); with no steps it is the identity; deterministic."""
+    text = PromptClassifier(bundle, shots.classnames).class_features
+    family = SmoothWarp(grid=4, max_pixels=3.0)
+    start = bundle.image_encoder_images
+    trigger = transform_towards(bundle, shots.pixels, shots.labels, text, family, 1, steps=5)
+    assert bundle.image_encoder_images - start == 5 * 8  # 8 shots of the two other classes
+    assert float(trigger.parameters.abs().max()) <= 3.0
+    warped = trigger.apply(shots.pixels)
+    assert (
+        warped.shape == shots.pixels.shape and 0 <= float(warped.min()) <= float(warped.max()) <= 1
+    )
+    again = transform_towards(bundle, shots.pixels, shots.labels, text, family, 1, steps=5)
+    assert torch.equal(again.parameters, trigger.parameters)
+    still = transform_towards(bundle, shots.pixels, shots.labels, text, family, 1, steps=0)
+    assert torch.allclose(still.apply(shots.pixels), shots.pixels, atol=1e-5)
 
 
 def test_probe_reach_fits_its_budget(bundle, shots) -> None:

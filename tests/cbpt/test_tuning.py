@@ -139,10 +139,29 @@ def test_purifier_with_a_given_trigger(bundle, shots) -> None:
     assert outcome.trigger is trigger and outcome.trigger_target in shots.classnames
     assert isinstance(outcome.classifier, PromptClassifier)
     assert outcome.classifier.predict(shots.pixels).shape == (12,)
-    # features: 2 views x (clean + triggered) x 12, plus the target-finding pass
+    # features: 2 views x (clean + triggered) x 12
     assert outcome.statistics["feature_encoder_images"] == 48
     assert outcome.statistics["inversion_encoder_images"] == 0
+    assert outcome.statistics["warp_trigger_encoder_images"] == 0  # off by default
     assert bundle.image_encoder_calls > calls
+
+
+def test_the_warp_trigger_adds_its_views_and_follows_the_gate(bundle, shots) -> None:
+    """With ``warp_trigger_pixels`` a warp fitted towards the target adds its triggered views
+    to the cache; a gated trigger (scan found no backdoor) gets no warp."""
+    config = PurifyConfig(steps=2, augmentations=1, warp_trigger_pixels=8)
+    trigger = TriggerFile(_patch_trigger(), bundle.sha256, list(shots.classnames))
+    warped = CBPTPurifier().purify(bundle, shots, config, RunContext(seed=0), trigger=trigger)
+    # 2 views x (clean + mask-triggered + warp-triggered) x 12
+    assert warped.statistics["feature_encoder_images"] == 72
+    # the warp: 30 steps on the 8 shots of the two other classes
+    assert warped.statistics["warp_trigger_encoder_images"] == 30 * 8
+    gated = TriggerFile(
+        _patch_trigger(), bundle.sha256, list(shots.classnames), {"verdict": "clean"}
+    )
+    outcome = CBPTPurifier().purify(bundle, shots, config, RunContext(seed=0), trigger=gated)
+    assert outcome.statistics["trigger_loss_gated"] is True
+    assert outcome.statistics["warp_trigger_encoder_images"] == 0
 
 
 def test_purifier_inverts_its_own_trigger_and_is_deterministic(bundle, shots) -> None:

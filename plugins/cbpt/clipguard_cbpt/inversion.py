@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from clipguard.augment import apply_affine, random_affine
 from clipguard.model import ModelBundle
 from clipguard.progress import Progress
-from clipguard.triggers import MaskPatternTrigger
+from clipguard.triggers import MaskPatternTrigger, Trigger
 
 _EPS = 1e-6
 
@@ -761,6 +761,77 @@ def _spread_rows(rows: torch.Tensor, limit: int) -> torch.Tensor:
     return rows[torch.linspace(0, len(rows) - 1, limit).round().long()]
 
 
+def fit_transforms(
+    bundle: ModelBundle,
+    pixels: torch.Tensor,
+    rows: list[torch.Tensor],
+    goals: list[int],
+    class_features: torch.Tensor,
+    family: ProbeFamily,
+    steps: int,
+    chunk_images: int = 1024,
+) -> torch.Tensor:
+    """One transformation of ``family`` per entry ``i``, fitted from the identity with Adam
+    (``family.lr``) for ``steps`` steps to send ``pixels[rows[i]]`` to class ``goals[i]``
+    (cross-entropy of the zero-shot logits). The entries are optimised together (each loss
+    depends on its own parameters only), in encoder calls of at most ``chunk_images`` images;
+    costs ``steps`` times the images of all entries. Returns the parameters, one row per entry
+    (detached). Deterministic."""
+    parameters = family.initial(len(rows), tuple(pixels.shape[1:])).requires_grad_(True)
+    optimizer = torch.optim.Adam([parameters], lr=family.lr)
+    scale = bundle.logit_scale
+    groups: list[list[int]] = [[]]
+    for i in range(len(rows)):
+        if groups[-1] and sum(len(rows[j]) for j in groups[-1]) + len(rows[i]) > chunk_images:
+            groups.append([])
+        groups[-1].append(i)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        for group in groups:
+            images = torch.cat([family.apply(pixels[rows[i]], parameters[i]) for i in group])
+            goal = torch.cat([torch.full((len(rows[i]),), goals[i]) for i in group])
+            logits = scale * bundle.encode_image(images) @ class_features.T
+            losses = F.cross_entropy(logits, goal, reduction="none")
+            # each entry's mean loss, summed: the entries' gradients do not mix
+            weights = torch.cat([torch.full((len(rows[i]),), 1.0 / len(rows[i])) for i in group])
+            (losses * weights).sum().backward()
+        optimizer.step()
+        with torch.no_grad():
+            family.bound(parameters)
+    return parameters.detach()
+
+
+@dataclass
+class TransformTrigger(Trigger):
+    """A fitted transformation of a :class:`ProbeFamily` used as a trigger (a warp towards a
+    class, say): ``apply`` runs the family's transformation with ``parameters``."""
+
+    transform: ProbeFamily
+    parameters: torch.Tensor
+    family: str = "fitted-transform"
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        return self.transform.apply(images, self.parameters.to(images))
+
+
+def transform_towards(
+    bundle: ModelBundle,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    class_features: torch.Tensor,
+    family: ProbeFamily,
+    target: int,
+    steps: int,
+    max_images: int = 1024,
+) -> TransformTrigger:
+    """The universal transformation of ``family`` that sends the shots of the other classes
+    (at most ``max_images``, evenly spread) to ``target`` (:func:`fit_transforms`), as a
+    trigger. Costs ``steps`` times those shots in encoder passes with gradients."""
+    rows = _spread_rows(torch.nonzero(labels != target).flatten(), max_images)
+    parameters = fit_transforms(bundle, pixels, [rows], [target], class_features, family, steps)
+    return TransformTrigger(family, parameters[0])
+
+
 def probe_reach(
     bundle: ModelBundle,
     pixels: torch.Tensor,
@@ -799,27 +870,9 @@ def probe_reach(
     if per_step == 0 or to_measure == 0 or budget < per_step + to_measure:
         return ProbeReach(family.name, [0.0] * n_classes, 0, "encoder budget too small or no shots")
     steps = min(steps, (budget - to_measure) // per_step)
-    parameters = family.initial(n_classes, tuple(pixels.shape[1:])).requires_grad_(True)
-    optimizer = torch.optim.Adam([parameters], lr=family.lr)
-    scale = bundle.logit_scale
-    groups: list[list[int]] = [[]]
-    for k in range(n_classes):
-        if groups[-1] and sum(len(fit[j]) for j in groups[-1]) + len(fit[k]) > chunk_images:
-            groups.append([])
-        groups[-1].append(k)
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        for group in groups:
-            images = torch.cat([family.apply(pixels[fit[k]], parameters[k]) for k in group])
-            goal = torch.cat([torch.full((len(fit[k]),), k) for k in group])
-            logits = scale * bundle.encode_image(images) @ class_features.T
-            losses = F.cross_entropy(logits, goal, reduction="none")
-            # each class's mean loss, summed: the classes' gradients do not mix
-            weights = torch.cat([torch.full((len(fit[k]),), 1.0 / len(fit[k])) for k in group])
-            (losses * weights).sum().backward()
-        optimizer.step()
-        with torch.no_grad():
-            family.bound(parameters)
+    parameters = fit_transforms(
+        bundle, pixels, fit, list(range(n_classes)), class_features, family, steps, chunk_images
+    )
     reach = []
     with torch.no_grad():
         for k in range(n_classes):

@@ -34,7 +34,7 @@ from clipguard.prompts import (
     handcrafted_text_features,
     initial_context,
 )
-from clipguard.triggers import MaskPatternTrigger
+from clipguard.triggers import MaskPatternTrigger, Trigger
 from clipguard_cbpt.inversion import encode_batched
 
 TriggerLoss = Literal["true-class", "away", "both"]
@@ -96,7 +96,7 @@ def cache_features(
     bundle: ModelBundle,
     pixels: torch.Tensor,
     labels: torch.Tensor,
-    trigger: MaskPatternTrigger | list[MaskPatternTrigger] | None,
+    trigger: Trigger | list[Trigger] | None,
     augmentations: int,
     crop_scale: float,
     generator: torch.Generator,
