@@ -172,6 +172,29 @@ def test_scan_outcome_and_artifacts(bundle, shots) -> None:
     assert outcome.trigger is not None and outcome.trigger.model_sha256 == bundle.sha256
 
 
+def test_a_scan_reports_both_reach_probes(bundle, shots) -> None:
+    """Both probes run within the budget and are reported per class, with their settings, in
+    the report and (their top evidence) in the trigger file the purifier's gate reads."""
+    config = ScanConfig(**TINY_SCAN, budget=2_000, additive_steps=3, warp_steps=3)
+    context = RunContext(seed=0)
+    outcome = CBPTScanner().scan(bundle, shots, config, context)
+    stats = outcome.statistics
+    for probe in ("additive", "warp"):
+        assert set(stats[f"class_{probe}_reach"]) == set(shots.classnames)
+        assert set(stats[f"class_{probe}_evidence"]) == set(shots.classnames)
+        assert stats[probe]["steps"] == 3 and stats[probe]["skipped"] is None
+        assert f"{probe} reach" in context.stage_seconds
+        assert outcome.trigger is not None
+        assert isinstance(outcome.trigger.settings[f"{probe}_evidence"], float)
+    assert stats["warp"]["max_pixels"] == config.warp_pixels
+    assert stats["decided_by"] in ("rule", "additive", "warp")
+    off = CBPTScanner().scan(
+        bundle, shots, ScanConfig(**TINY_SCAN, budget=2_000, warp_pixels=0), RunContext(seed=0)
+    )
+    assert off.statistics["warp"] is None and off.statistics["class_warp_reach"] is None
+    assert off.trigger is not None and off.trigger.settings["warp_evidence"] is None
+
+
 def test_scan_writes_a_loadable_trigger_file(bundle, shots, tmp_path) -> None:
     from clipguard.triggers import load_trigger_file
 
