@@ -29,12 +29,7 @@ import torch
 from clipguard.lab.train import SplitData, card_path, load_split_data, open_lab_dataset
 from clipguard.model import load_model
 from clipguard.prompts import PromptClassifier
-from clipguard_cbpt.inversion import (
-    AdditivePerturbation,
-    ProbeFamily,
-    SmoothWarp,
-    probe_reach,
-)
+from clipguard_cbpt.inversion import probe_reach
 from clipguard_cbpt.scanner import ScanConfig
 
 
@@ -62,15 +57,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    family: ProbeFamily = (
-        AdditivePerturbation(args.epsilon)
-        if args.probe == "additive"
-        else SmoothWarp(args.warp_grid, args.warp_pixels)
+    # the scanner's probes with these bounds, and its default steps
+    scan = ScanConfig(
+        additive_epsilon=args.epsilon, warp_pixels=args.warp_pixels, warp_grid=args.warp_grid
     )
-    defaults = ScanConfig()
-    steps = args.steps or (
-        defaults.additive_steps if args.probe == "additive" else defaults.warp_steps
-    )
+    probes = {f.name: (f, n) for f, n in scan.probes()}
+    if args.probe not in probes:
+        parser.error(f"the {args.probe} probe is off: its bound must be above 0")
+    family, default_steps = probes[args.probe]
+    steps = args.steps or default_steps
     root = open_lab_dataset(args.dataset)
     data_by_size: dict[int, tuple[SplitData, torch.Tensor, torch.Tensor]] = {}
     for path in args.models:

@@ -11,7 +11,7 @@ from PIL import Image
 from clipguard.components import RunContext, ShotSet
 from clipguard.model import ModelBundle, build_clip_from_name
 from clipguard.plugins import get_registry
-from clipguard_cbpt.inversion import ProbeReach
+from clipguard_cbpt.inversion import AdditivePerturbation, ProbeReach, SmoothWarp
 from clipguard_cbpt.scanner import (
     DEFAULT_THRESHOLDS,
     CBPTScanner,
@@ -42,6 +42,10 @@ def _screening(
     return Screening(
         [], torch.zeros(n, 4), [0.01] * n, size_index, [0.8] * n, alignment_index, evidence, suspect
     )
+
+
+ADDITIVE = AdditivePerturbation(0.02)
+WARP = SmoothWarp(8, 2.0)
 
 
 def _decide(
@@ -90,17 +94,17 @@ def test_a_reach_probe_decides_only_above_its_own_threshold() -> None:
     config = ScanConfig(signals="size")
     names = ["a", "b", "c", "d"]
     quiet = _screening([0.2, 0.1, 0.0, 0.0], [0, 0, 0, 0], "size")
-    far = ProbeReach("additive", [0.1, 0.12, 0.55, 0.1], steps=30)
+    far = ProbeReach(ADDITIVE, [0.1, 0.12, 0.55, 0.1], steps=30)
     assert far.evidence() == pytest.approx([0.0, 0.01, 0.44, 0.0])  # median 0.11
     verdict, score, explanation = _decide(quiet, names, config, far)
     assert verdict == "backdoor" and score == pytest.approx(2.2 / 3.2)
     assert "'c'" in explanation and "full-image" in explanation
-    near = ProbeReach("additive", [0.1, 0.12, 0.11 + 0.9 * config.additive_threshold, 0.1], 30)
+    near = ProbeReach(ADDITIVE, [0.1, 0.12, 0.11 + 0.9 * config.additive_threshold, 0.1], 30)
     assert _decide(quiet, names, config, near)[0] == "clean"
     strong = _screening([0.0, config.threshold * 3, 0.0, 0.0], [0, 0, 0, 0], "size")
     chosen = suspicion(strong, {"additive": far}, config)
     assert (chosen.suspect, chosen.decided_by) == (1, "rule")
-    skipped = ProbeReach("additive", [0.9, 0.0, 0.0, 0.0], steps=0, skipped="budget too small")
+    skipped = ProbeReach(ADDITIVE, [0.9, 0.0, 0.0, 0.0], steps=0, skipped="budget too small")
     assert skipped.evidence() == [0.0] * 4
     assert _decide(quiet, names, config, skipped)[0] == "clean"
 
@@ -111,8 +115,8 @@ def test_the_strongest_probe_names_the_class() -> None:
     config = ScanConfig(signals="size")
     names = ["a", "b", "c", "d"]
     quiet = _screening([0.2, 0.1, 0.0, 0.0], [0, 0, 0, 0], "size")
-    additive = ProbeReach("additive", [0.1, 0.1, 0.4, 0.1], steps=30)  # evidence 0.3
-    warp = ProbeReach("warp", [0.8, 0.1, 0.1, 0.1], steps=20)  # evidence 0.7
+    additive = ProbeReach(ADDITIVE, [0.1, 0.1, 0.4, 0.1], steps=30)  # evidence 0.3
+    warp = ProbeReach(WARP, [0.8, 0.1, 0.1, 0.1], steps=20)  # evidence 0.7
     chosen = suspicion(quiet, {"additive": additive, "warp": warp}, config)
     assert (chosen.suspect, chosen.decided_by) == (0, "warp")
     assert chosen.ratio == pytest.approx(0.7 / config.warp_threshold)

@@ -652,6 +652,8 @@ class ProbeFamily(ABC):
 
     #: the probe's name in reports ("additive", "warp")
     name: ClassVar[str]
+    #: the kind of backdoor it signals, for explanations ("full-image", "warping")
+    signal: ClassVar[str]
 
     @abstractmethod
     def initial(self, n_classes: int, image_shape: tuple[int, ...]) -> torch.Tensor:
@@ -670,6 +672,14 @@ class ProbeFamily(ABC):
     def lr(self) -> float:
         """Adam learning rate of the fit."""
 
+    @abstractmethod
+    def settings(self) -> dict[str, float]:
+        """The family's bounds, for reports."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """One transformation of the family in words, for explanations."""
+
 
 @dataclass(frozen=True)
 class AdditivePerturbation(ProbeFamily):
@@ -678,6 +688,7 @@ class AdditivePerturbation(ProbeFamily):
 
     epsilon: float
     name: ClassVar[str] = "additive"
+    signal: ClassVar[str] = "full-image"
 
     def initial(self, n_classes: int, image_shape: tuple[int, ...]) -> torch.Tensor:
         return torch.zeros(n_classes, *image_shape)
@@ -692,6 +703,12 @@ class AdditivePerturbation(ProbeFamily):
     def lr(self) -> float:
         return self.epsilon / 10
 
+    def settings(self) -> dict[str, float]:
+        return {"epsilon": self.epsilon}
+
+    def describe(self) -> str:
+        return f"a perturbation of at most {self.epsilon:g} per pixel"
+
 
 @dataclass(frozen=True)
 class SmoothWarp(ProbeFamily):
@@ -703,6 +720,7 @@ class SmoothWarp(ProbeFamily):
     grid: int
     max_pixels: float
     name: ClassVar[str] = "warp"
+    signal: ClassVar[str] = "warping"
 
     def initial(self, n_classes: int, image_shape: tuple[int, ...]) -> torch.Tensor:
         return torch.zeros(n_classes, 2, self.grid, self.grid)
@@ -731,19 +749,30 @@ class SmoothWarp(ProbeFamily):
     def lr(self) -> float:
         return self.max_pixels / 10
 
+    def settings(self) -> dict[str, float]:
+        return {"max_pixels": self.max_pixels, "grid": self.grid}
+
+    def describe(self) -> str:
+        return f"a smooth warp of at most {self.max_pixels:g} pixels"
+
 
 @dataclass
 class ProbeReach:
     """A reach probe's result for every class (:func:`probe_reach`)."""
 
-    #: the probe family's name ("additive", "warp")
-    probe: str
+    #: the family of transformations probed
+    family: ProbeFamily
     #: per class, the share of held-out other-class shots its transformation sends to it
     reach: list[float]
     #: optimisation steps run (fewer than asked when the budget ran short)
     steps: int
     #: why the probe did not run (the encoder budget), else None
     skipped: str | None = None
+
+    @property
+    def probe(self) -> str:
+        """The probe's name (its family's)."""
+        return self.family.name
 
     def evidence(self) -> list[float]:
         """Per class, its reach above the median reach of all classes (>= 0)."""
@@ -868,7 +897,7 @@ def probe_reach(
     ]
     per_step, to_measure = sum(len(r) for r in fit), sum(len(r) for r in held)
     if per_step == 0 or to_measure == 0 or budget < per_step + to_measure:
-        return ProbeReach(family.name, [0.0] * n_classes, 0, "encoder budget too small or no shots")
+        return ProbeReach(family, [0.0] * n_classes, 0, "encoder budget too small or no shots")
     steps = min(steps, (budget - to_measure) // per_step)
     parameters = fit_transforms(
         bundle, pixels, fit, list(range(n_classes)), class_features, family, steps, chunk_images
@@ -882,7 +911,7 @@ def probe_reach(
             transformed = family.apply(pixels[held[k]], parameters[k])
             predicted = (encode_batched(bundle, transformed) @ class_features.T).argmax(dim=1)
             reach.append(float((predicted == k).float().mean()))
-    return ProbeReach(family.name, reach, steps)
+    return ProbeReach(family, reach, steps)
 
 
 def _class_trigger(mask: torch.Tensor, pattern: torch.Tensor) -> MaskPatternTrigger:

@@ -39,8 +39,8 @@ from clipguard_cbpt.tuning import (
 
 TuningConfigT = TypeVar("TuningConfigT", bound=TuningConfig)
 
-#: control-grid side of the purifier's warp trigger (the scanner's warp probe uses the same)
-WARP_TRIGGER_GRID = 8
+#: control-grid side of the purifier's warp trigger: the scanner's warp probe's default
+WARP_TRIGGER_GRID: int = ScanConfig.model_fields["warp_grid"].default
 
 
 class PurifyConfig(TuningConfig):

@@ -344,20 +344,14 @@ def decide(
     if suspected.decided_by != "rule":
         probe = suspected.probes[suspected.decided_by]
         k = suspected.suspect
-        change = (
-            f"a perturbation of at most {config.additive_epsilon:g} per pixel"
-            if probe.probe == "additive"
-            else f"a smooth warp of at most {config.warp_pixels:g} pixels"
-        )
         facts = (
-            f"class {classnames[k]!r}: {change} sends {probe.reach[k]:.0%} of held-out shots "
-            f"of other classes to it, {probe.evidence()[k]:.2f} above the median class "
-            f"(backdoor from {config.probe_threshold(probe.probe):g}; the {config.signals} "
-            f"rule's evidence {screening.top_evidence:.2f}, from {config.threshold:g}, "
-            f"class {classnames[screening.suspect]!r})"
+            f"class {classnames[k]!r}: {probe.family.describe()} sends {probe.reach[k]:.0%} of "
+            f"held-out shots of other classes to it, {probe.evidence()[k]:.2f} above the median "
+            f"class (backdoor from {config.probe_threshold(probe.probe):g}; the "
+            f"{config.signals} rule's evidence {screening.top_evidence:.2f}, from "
+            f"{config.threshold:g}, class {classnames[screening.suspect]!r})"
         )
-        kind = "full-image" if probe.probe == "additive" else "warping"
-        return verdict, ratio / (1 + ratio), f"{kind} backdoor signal for {facts}"
+        return verdict, ratio / (1 + ratio), f"{probe.family.signal} backdoor signal for {facts}"
     k = screening.suspect
     evidence = screening.top_evidence
     size = (
@@ -618,18 +612,13 @@ def probe_statistics(suspected: Suspicion, names: list[str], config: ScanConfig)
             report.update(dict.fromkeys(keys))
             continue
         evidence = probe.evidence()
-        bound = (
-            {"epsilon": config.additive_epsilon}
-            if name == "additive"
-            else {"max_pixels": config.warp_pixels, "grid": config.warp_grid}
-        )
         report.update(
             {
                 keys[0]: evidence[suspected.suspect],
                 keys[1]: dict(zip(names, probe.reach, strict=True)),
                 keys[2]: dict(zip(names, evidence, strict=True)),
                 keys[3]: {
-                    **bound,
+                    **probe.family.settings(),
                     "steps": probe.steps,
                     "skipped": probe.skipped,
                     "threshold": config.probe_threshold(name),
