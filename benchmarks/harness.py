@@ -286,6 +286,8 @@ class Harness:
             raise RuntimeError(f"{defence} on {model.name} failed: {measured.stderr}")
         report = measured.payload
         purification = report["purification"]
+        recall_before = purification["before"]["class_recall"]
+        recall_after = purification["after"]["class_recall"]
         entry = {
             "model": model.name,
             "model_sha256": model.sha256,
@@ -298,6 +300,9 @@ class Harness:
             "asr_before": purification["before"]["attack_success_rate"],
             "ca_after": purification["after"]["clean_accuracy"],
             "asr_after": purification["after"]["attack_success_rate"],
+            "target_recall_before": recall_before.get(model.target) if model.target else None,
+            "target_recall_after": recall_after.get(model.target) if model.target else None,
+            "lost_classes": [lost["name"] for lost in purification["lost_classes"]],
             "n_eval": purification["after"]["n_images"],
             "purify_seconds": report["run"]["stage_seconds"].get("purify"),
             "inversion_seconds": sum(
@@ -385,6 +390,7 @@ def markdown_tables(results: dict[str, Any], defences: Sequence[str]) -> str:
             f"{_pct(_mean(r.get('oracle_asr') for r in reference))}"
         )
         lines.append(f"| {label} | {len(reference)} | " + " | ".join(cells) + f" | {oracle} |")
+    lines += _recall_table(runs, present)
     clean_runs = [r for r in runs if r["attack"] == "none"]
     if clean_runs:
         lines += [
@@ -445,6 +451,40 @@ def markdown_tables(results: dict[str, Any], defences: Sequence[str]) -> str:
                 f"{scan['scan_seconds']:.1f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _recall_table(runs: Sequence[dict[str, Any]], defences: Sequence[str]) -> list[str]:
+    """The target class's recall before and after each defence, and how many runs lost a class
+    (``lost_classes`` of the purify report); empty for results stored before recall was."""
+    recorded = [r for r in runs if "lost_classes" in r]
+    if not recorded:
+        return []
+    lines = [
+        "",
+        "### The target class's recall, and classes lost (backdoored models; all models)",
+        "",
+        "A purification can bring ASR to 0 by no longer predicting the target class; the "
+        "target's recall on its own clean test images shows it. A run *loses* a class when the "
+        "class's recall falls below half, by at least 15 points (the purify report's "
+        "`lost_classes`).",
+        "",
+        "| defence | target recall before % | target recall after % | runs losing a class, "
+        "backdoored | runs losing a class, clean |",
+        "|---|---|---|---|---|",
+    ]
+    for defence in defences:
+        chosen = [r for r in recorded if r["defence"] == defence]
+        if not chosen:
+            continue
+        backdoored = [r for r in chosen if r["attack"] != "none"]
+        clean = [r for r in chosen if r["attack"] == "none"]
+        lines.append(
+            f"| {defence} | {_pct(_mean(r['target_recall_before'] for r in backdoored))} | "
+            f"{_pct(_mean(r['target_recall_after'] for r in backdoored))} | "
+            f"{sum(bool(r['lost_classes']) for r in backdoored)} of {len(backdoored)} | "
+            f"{sum(bool(r['lost_classes']) for r in clean)} of {len(clean)} |"
+        )
+    return lines
 
 
 def backdoored_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

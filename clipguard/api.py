@@ -24,7 +24,13 @@ from clipguard.components import RunContext, ShotSet
 from clipguard.data import ImageFolder, load_pixels, open_image_folder, split_shots, subsample
 from clipguard.errors import InputError
 from clipguard.io import atomic_write_bytes
-from clipguard.metrics import Evaluation, evaluate_pixels, evaluate_samples, triggered_success
+from clipguard.metrics import (
+    Evaluation,
+    evaluate_pixels,
+    evaluate_samples,
+    lost_classes,
+    triggered_success,
+)
 from clipguard.model import ModelBundle, load_model
 from clipguard.plugins import Registry, get_registry
 from clipguard.progress import Progress
@@ -34,6 +40,7 @@ from clipguard.report import (
     DataInfo,
     EvaluationReport,
     Finding,
+    LostClass,
     Metrics,
     ModelInfo,
     Purification,
@@ -149,8 +156,15 @@ def resolve_attack(
     return trigger, list(classnames).index(target), spec
 
 
-def _metrics(evaluation: Evaluation) -> Metrics:
-    return Metrics(**evaluation.as_dict())
+def _metrics(evaluation: Evaluation, classnames: Sequence[str]) -> Metrics:
+    return Metrics(**evaluation.as_dict(), class_recall=_class_recall(evaluation, classnames))
+
+
+def _class_recall(evaluation: Evaluation, classnames: Sequence[str]) -> dict[str, float | None]:
+    """Class name -> recall (empty when ``evaluation`` has no per-class counts)."""
+    if not evaluation.class_images:
+        return {}
+    return dict(zip(classnames, evaluation.class_recall, strict=True))
 
 
 class _Run:
@@ -378,13 +392,18 @@ def purify(
     baseline = PromptClassifier(run.bundle, classnames)
     with run.context.stage("evaluate before"):
         before = evaluate_pixels(
-            baseline.predict, eval_pixels, eval_labels, real_trigger, real_target
+            baseline.predict, eval_pixels, eval_labels, real_trigger, real_target, len(classnames)
         )
     with run.context.stage("purify"):
         outcome = component.purify(run.bundle, run.shots, config, run.context, trigger=trigger_file)
     with run.context.stage("evaluate after"):
         after = evaluate_pixels(
-            outcome.classifier.predict, eval_pixels, eval_labels, real_trigger, real_target
+            outcome.classifier.predict,
+            eval_pixels,
+            eval_labels,
+            real_trigger,
+            real_target,
+            len(classnames),
         )
         inverted = _inverted_trigger_metrics(
             outcome, baseline, classnames, eval_pixels, eval_labels, before, after
@@ -405,8 +424,16 @@ def purify(
         config=config.model_dump(mode="json"),
         evaluation_data=str(eval_data) if eval_data is not None else f"{data_dir} (held out)",
         attack=attack_spec,
-        before=_metrics(before),
-        after=_metrics(after),
+        before=_metrics(before, classnames),
+        after=_metrics(after, classnames),
+        lost_classes=[
+            LostClass(
+                name=classnames[lost.index],
+                recall_before=lost.recall_before,
+                recall_after=lost.recall_after,
+            )
+            for lost in lost_classes(before, after)
+        ],
         statistics=outcome.statistics,
         artifacts=artifacts,
         **inverted,
@@ -450,6 +477,7 @@ def _inverted_trigger_metrics(
             attack_success_rate=asr,
             n_images=clean.n_images,
             n_attacked=n_attacked,
+            class_recall=_class_recall(clean, classnames),
         )
     return {
         "inverted_trigger_attack": AttackSpec(name="inverted", target_class=outcome.trigger_target),
@@ -498,6 +526,7 @@ def evaluate(
         trigger,
         target_index,
         progress=Progress(quiet=quiet),
+        n_classes=len(folder.classnames),
     )
     return EvaluationReport(
         model=_model_info(bundle),
@@ -514,5 +543,6 @@ def evaluate(
         attack_success_rate=result.attack_success_rate,
         n_images=result.n_images,
         n_attacked=result.n_attacked,
+        class_recall=_class_recall(result, folder.classnames),
         seconds=time.perf_counter() - start,
     )

@@ -18,7 +18,7 @@ from rich.table import Table
 from clipguard import api
 from clipguard.cli_errors import EXIT_BACKDOOR, EXIT_CLEAN, handle_errors
 from clipguard.io import atomic_write_text
-from clipguard.render import SUFFIXES, Format, render
+from clipguard.render import SUFFIXES, Format, lost_class_warnings, render
 from clipguard.report import EvaluationReport, Report, write_schemas
 
 DEFAULT_SCHEMA_DIR = Path("schemas")
@@ -121,6 +121,8 @@ def _print_purify_summary(report: Report, out: Path | None) -> None:
         _percent(purification.after.attack_success_rate),
     )
     stderr.print(table)
+    for warning in lost_class_warnings(report):
+        stderr.print(f"warning: {warning} (docs/user-guide.md)", style="yellow", highlight=False)
     if purification.inverted_trigger_after is not None and purification.inverted_trigger_before:
         stderr.print(
             "inverted-trigger ASR: "

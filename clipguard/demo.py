@@ -17,6 +17,7 @@ from clipguard import api
 from clipguard.lab.synthetic import CLASSNAMES, cache_dir, cached_synthetic
 from clipguard.lab.train import build_model, card_path, recipe_key
 from clipguard.progress import Progress
+from clipguard.render import lost_class_warnings
 from clipguard.report import EvaluationReport, Report
 
 DEMO_ATTACK = "badnets"
@@ -124,7 +125,12 @@ def print_demo(result: DemoResult, console: Console) -> None:
     purification = result.purification.purification
     assert purification is not None
     table = Table(title="clipguard demo: backdoored CLIP before and after CBPT")
-    for column in ("", "clean accuracy (CA)", f"attack success rate (ASR, {DEMO_ATTACK})"):
+    for column in (
+        "",
+        "clean accuracy (CA)",
+        f"attack success rate (ASR, {DEMO_ATTACK})",
+        f"recall of the target, {DEMO_TARGET}",
+    ):
         table.add_column(column)
     for name, metrics in (
         ("before (hand-crafted prompts)", purification.before),
@@ -134,8 +140,11 @@ def print_demo(result: DemoResult, console: Console) -> None:
             name,
             f"{100 * metrics.clean_accuracy:.2f} %",
             f"{100 * (metrics.attack_success_rate or 0):.2f} %",
+            f"{100 * (metrics.class_recall.get(DEMO_TARGET) or 0):.2f} %",
         )
     console.print(table)
+    for warning in lost_class_warnings(result.purification):
+        console.print(f"warning: {warning}", style="yellow", highlight=False)
     finding = result.scan.findings[0]
     console.print(
         f"scan verdict: {finding.verdict} (target {finding.target_class}); "

@@ -48,6 +48,18 @@ def _metric_rows(report: Report) -> list[tuple[str, Metrics, Metrics, str]]:
     return rows
 
 
+def lost_class_warnings(report: Report) -> list[str]:
+    """One sentence per class the purification all but lost (empty for a scan report)."""
+    if report.purification is None:
+        return []
+    return [
+        f"class {lost.name!r} is all but lost: recall {_percent(lost.recall_before)} -> "
+        f"{_percent(lost.recall_after)}; the purified prompts no longer tell its clean images "
+        "from triggered ones"
+        for lost in report.purification.lost_classes
+    ]
+
+
 def render(report: Report, fmt: Format) -> str:
     """The report in format ``fmt`` as text."""
     if fmt == "json":
@@ -104,6 +116,9 @@ def to_markdown(report: Report) -> str:
                 f"{_percent(after.attack_success_rate)} |"
             )
         lines.append("")
+        warnings = lost_class_warnings(report)
+        if warnings:
+            lines += ["Warnings:", *[f"- {w}" for w in warnings], ""]
     if report.errors:
         lines += ["Plugin errors:", *[f"- {e}" for e in report.errors], ""]
     return "\n".join(lines)
@@ -173,6 +188,7 @@ def to_html(report: Report) -> str:
                 f"<td>{_percent(after.attack_success_rate)}</td></tr>"
             )
         parts.append("</table>")
+        parts += [f"<p class='warning'>warning: {e(w)}</p>" for w in lost_class_warnings(report)]
     model, data, run, tool = report.model, report.data, report.run, report.tool
     provenance = [
         ("model", f"{model.path} ({model.architecture}, {model.parameters:,} parameters)"),
@@ -235,6 +251,32 @@ def to_sarif(report: Report) -> dict:
                 },
             }
         )
+    purification = report.purification
+    if purification is not None and purification.lost_classes:
+        rule_id = f"clipguard/{purification.purifier}/lost-class"
+        rules.append(
+            {
+                "id": rule_id,
+                "name": "LostClass",
+                "shortDescription": {"text": "class lost by purification"},
+                "fullDescription": {
+                    "text": "The purified classifier all but stopped recognising a class."
+                },
+            }
+        )
+        for lost, text in zip(purification.lost_classes, lost_class_warnings(report), strict=True):
+            results.append(
+                {
+                    "ruleId": rule_id,
+                    "level": "warning",
+                    "kind": "review",
+                    "message": {"text": text},
+                    "locations": [
+                        {"physicalLocation": {"artifactLocation": {"uri": model_uri, "index": 0}}}
+                    ],
+                    "properties": lost.model_dump(),
+                }
+            )
     return {
         "$schema": SARIF_SCHEMA,
         "version": "2.1.0",

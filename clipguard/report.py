@@ -89,6 +89,19 @@ class Metrics(_Model):
     attack_success_rate: float | None
     n_images: int
     n_attacked: int
+    class_recall: dict[str, float | None] = Field(
+        default_factory=dict,
+        description="class name -> fraction of its clean images classified as it (null: none "
+        "evaluated)",
+    )
+
+
+class LostClass(_Model):
+    """A class the purified classifier has all but stopped recognising (recall fractions)."""
+
+    name: str
+    recall_before: float
+    recall_after: float
 
 
 class AttackSpec(_Model):
@@ -112,6 +125,12 @@ class Purification(_Model):
     inverted_trigger_attack: AttackSpec | None = None
     inverted_trigger_before: Metrics | None = None
     inverted_trigger_after: Metrics | None = None
+    lost_classes: list[LostClass] = Field(
+        default_factory=list,
+        description="classes the purified classifier has all but stopped recognising (their "
+        "recall fell to under half, by a margin; clipguard.metrics.lost_classes): typically "
+        "the backdoor's target, given up to bring ASR down",
+    )
     statistics: dict[str, Any] = Field(default_factory=dict)
     artifacts: dict[str, str] = Field(default_factory=dict)
 
@@ -152,6 +171,9 @@ class EvaluationReport(_Model):
     attack_success_rate: float | None
     n_images: int
     n_attacked: int
+    class_recall: dict[str, float | None] = Field(
+        default_factory=dict, description="class name -> fraction of its images classified as it"
+    )
     seconds: float
 
 

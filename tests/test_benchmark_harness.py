@@ -118,3 +118,38 @@ def test_cost_compares_defences_on_the_same_models():
     assert rows["finetune"].split("|")[4].strip() == "4.00"
     # a zoo of clean models only: the cost is over those
     assert cost_rows(runs[2:])["cbpt"].split("|")[2].strip() == "0.50"
+
+
+def test_recall_table_shows_the_target_given_up_and_the_runs_that_lost_a_class():
+    def run(attack: str, defence: str, recall_after: float | None, lost: list[str]) -> dict:
+        return {
+            "model": f"{attack}-{defence}",
+            "attack": attack,
+            "defence": defence,
+            "ca_before": 0.6,
+            "asr_before": 0.9,
+            "ca_after": 0.55,
+            "asr_after": 0.0,
+            "purify_seconds": 1.0,
+            "peak_rss_mb": 100.0,
+            "image_encoder_images": 10,
+            "target_recall_before": None if attack == "none" else 0.8,
+            "target_recall_after": recall_after,
+            "lost_classes": lost,
+        }
+
+    runs = [
+        run("badnets", "cbpt", 0.02, ["automobile"]),
+        run("blended", "cbpt", 0.6, []),
+        run("none", "cbpt", None, []),
+    ]
+    tables = markdown_tables({"runs": runs, "scans": []}, ["cbpt"])
+    recall = tables.split("### The target class's recall")[1].split("###")[0]
+    (row,) = [line for line in recall.splitlines() if line.startswith("| cbpt")]
+    assert [cell.strip() for cell in row.split("|")[1:-1]] == [
+        "cbpt", "80.00", "31.00", "1 of 2", "0 of 1",
+    ]  # fmt: skip
+    # results stored before recall was measured get no such table
+    for each in runs:
+        del each["lost_classes"]
+    assert "target class's recall" not in markdown_tables({"runs": runs, "scans": []}, ["cbpt"])

@@ -29,3 +29,6 @@ def test_demo_scans_then_purifies_with_the_scan_trigger(tmp_path) -> None:
         assert (out / name).is_file(), name
         assert str(out / name) in output
     assert "before (hand-crafted prompts)" in output and "after (CBPT prompts)" in output
+    assert "recall of the target, blue star" in output
+    # the demo model's backdoor is removed without giving up its target class
+    assert "is all but lost" not in output

@@ -129,6 +129,8 @@ def test_purify_writes_prompts_and_evaluate_uses_them(
     # untuned prompts equal the hand-crafted ones, so before and after agree
     assert purification["before"] == purification["after"]
     assert purification["before"]["n_images"] == 3 * (6 - 2)
+    assert list(purification["before"]["class_recall"]) == report["data"]["classes"]
+    assert purification["lost_classes"] == []
     prompts = load_prompt_file(out / "prompts.safetensors")
     assert prompts.context.shape[:2] == (3, 4)
 

@@ -166,3 +166,42 @@ def test_render_renders_a_saved_report(scanned):
     report = Report.model_validate_json((out / "report.json").read_text())
     assert "Verdict: backdoor" in render(report, "html")
     assert Path(out / "report.json").exists()
+
+
+def _purify_report_with_a_lost_class(scan_report_path: Path):
+    from clipguard.report import LostClass, Metrics, Purification, Report
+
+    report = Report.model_validate_json(scan_report_path.read_text())
+    metrics = {"n_images": 400, "n_attacked": 360, "attack_success_rate": None}
+    return report.model_copy(
+        update={
+            "kind": "purify",
+            "findings": [],
+            "purification": Purification(
+                purifier="cbpt",
+                purifier_version="1",
+                config={},
+                evaluation_data="held out",
+                attack=None,
+                before=Metrics(clean_accuracy=0.6, **metrics, class_recall={"cat": 0.76}),
+                after=Metrics(clean_accuracy=0.53, **metrics, class_recall={"cat": 0.01}),
+                lost_classes=[LostClass(name="cat", recall_before=0.76, recall_after=0.01)],
+            ),
+        }
+    )
+
+
+def test_every_format_warns_of_a_class_lost_by_purification(scanned):
+    from clipguard.render import render
+
+    run, out = scanned
+    run("json")
+    report = _purify_report_with_a_lost_class(out / "report.json")
+    expected = "class 'cat' is all but lost: recall 76.00 % -> 1.00 %"
+    assert expected in render(report, "md")
+    assert "warning: class &#x27;cat&#x27; is all but lost" in render(report, "html")
+    sarif_run = json.loads(render(report, "sarif"))["runs"][0]
+    (result,) = sarif_run["results"]
+    assert result["ruleId"] == "clipguard/cbpt/lost-class" and result["level"] == "warning"
+    assert expected in result["message"]["text"]
+    assert result["properties"] == {"name": "cat", "recall_before": 0.76, "recall_after": 0.01}

@@ -7,9 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from clipguard.errors import InputError
-from clipguard.metrics import attack_success_rate, clean_accuracy, evaluate_pixels
+from clipguard.metrics import (
+    LOST_MIN_IMAGES,
+    Evaluation,
+    attack_success_rate,
+    class_counts,
+    clean_accuracy,
+    evaluate_pixels,
+    lost_classes,
+)
 from clipguard.triggers import MaskPatternTrigger
 from tests.core.cli_helpers import run_cli
 
@@ -85,3 +95,48 @@ def test_evaluate_json_reports_asr_over_non_target_images(
     assert 0.0 <= report["attack_success_rate"] <= 1.0
     assert report["n_attacked"] == 12  # 6 of the 18 images are the target class
     assert report["attack"]["target_class"] == "red square"
+
+
+def test_evaluate_pixels_counts_every_class_and_none_for_an_absent_one() -> None:
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])
+    predictions = torch.tensor([0, 0, 0, 1, 1, 0])
+    result = evaluate_pixels(lambda x: predictions, torch.zeros(6, 3, 2, 2), labels, n_classes=3)
+    assert result.class_images == (4, 2, 0)
+    assert result.class_correct == (3, 1, 0)
+    assert result.class_recall == [0.75, 0.5, None]
+    without = evaluate_pixels(lambda x: predictions, torch.zeros(6, 3, 2, 2), labels)
+    assert without.class_images == () and without.class_recall == []
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4)), min_size=1, max_size=60),
+)
+def test_class_counts_add_up_to_the_clean_accuracy(pairs: list[tuple[int, int]]) -> None:
+    labels = torch.tensor([label for label, _ in pairs])
+    predictions = torch.tensor([prediction for _, prediction in pairs])
+    images, correct = class_counts(predictions, labels, 5)
+    assert sum(images) == len(pairs)
+    assert all(0 <= right <= count for right, count in zip(correct, images, strict=True))
+    assert sum(correct) / len(pairs) == pytest.approx(clean_accuracy(predictions, labels))
+
+
+def _evaluation(images: tuple[int, ...], correct: tuple[int, ...]) -> Evaluation:
+    return Evaluation(sum(correct) / sum(images), None, sum(images), 0, images, correct)
+
+
+def test_a_class_whose_recall_collapses_is_lost_and_small_moves_are_not() -> None:
+    n = LOST_MIN_IMAGES * 5
+    before = _evaluation((n, n, n, n, LOST_MIN_IMAGES - 1), (80, 80, 30, 20, 19))
+    after = _evaluation((n, n, n, n, LOST_MIN_IMAGES - 1), (5, 50, 10, 9, 0))
+    # class 0: 0.80 -> 0.05 lost; class 1: 0.80 -> 0.50 kept more than half;
+    # class 2: 0.30 -> 0.10 lost; class 3: 0.20 -> 0.09 under half but by 11 points only;
+    # class 4: too few images to judge
+    lost = lost_classes(before, after)
+    assert [each.index for each in lost] == [0, 2]
+    assert (lost[0].recall_before, lost[0].recall_after) == (0.8, 0.05)
+    assert lost_classes(before, before) == []
+
+
+def test_lost_classes_need_the_same_images() -> None:
+    with pytest.raises(ValueError, match="same images"):
+        lost_classes(_evaluation((30, 30), (20, 20)), _evaluation((30, 31), (20, 20)))
