@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -261,16 +262,18 @@ def test_trigger_artefact_is_a_clipguard_trigger_file(tmp_path):
 
 @pytest.mark.slow
 def test_singles_out_the_badnets_target_of_the_demo_lab_model(monkeypatch, tmp_path):
-    """On the demo's BadNets lab model the scanner singles out the true target, not ``clean``.
+    """On the demo's BadNets lab model the scanner singles out the true target.
 
     Uses the model ``clipguard demo`` builds and caches (synthetic set, BadNets towards
     ``clipguard.demo.DEMO_TARGET``); skipped when it has not been built, or when its card
-    shows no working backdoor. The target needs the smallest trigger (1.6 % of the image
-    against a median of 3.9 %), but with an anomaly index of 1.93 on this model, just under
-    the threshold of 2, so the verdict is ``inconclusive``: Neural Cleanse is the example
-    plugin, not the product's detector (cbpt says ``backdoor`` here, tests/cbpt/test_slow.py).
-    Either verdict but ``clean`` passes; a ``backdoor`` verdict must name the target and come
-    with its trigger file. The scan itself must stay under 90 s.
+    shows no working backdoor. The target needs the smallest trigger by far (1.3 % of the
+    image against a median of 5.2 % on the version-2 demo model), but Neural Cleanse's MAD
+    index over twelve classes puts it at 1.29 only (1.93 on the version-1 model), under the
+    plugin's inconclusive level of 1.5, so its verdict is ``clean``: Neural Cleanse is the
+    example plugin, not the product's detector (cbpt says ``backdoor`` here with evidence
+    4.2, tests/cbpt/test_slow.py). What must hold is that the candidate is the target and
+    its trigger the smallest; a ``backdoor`` verdict must name the target and come with its
+    trigger file. The scan itself must stay under 90 s.
     """
     from clipguard import api, plugins
     from clipguard.demo import DEMO_TARGET, demo_model_path
@@ -292,10 +295,10 @@ def test_singles_out_the_badnets_target_of_the_demo_lab_model(monkeypatch, tmp_p
         model, cached_synthetic() / "train", scanner="neural-cleanse", out_dir=tmp_path
     )
     finding = report.findings[0]
-    assert finding.verdict in ("backdoor", "inconclusive"), finding.explanation
-    assert finding.statistics["candidate_class"] == DEMO_TARGET
+    assert finding.statistics["candidate_class"] == DEMO_TARGET, finding.explanation
     sizes = finding.statistics["mask_sizes"]
     assert min(sizes, key=sizes.get) == DEMO_TARGET
+    assert sizes[DEMO_TARGET] < 0.5 * statistics.median(sizes.values())
     assert report.run.stage_seconds["inversion"] < 90
     if finding.verdict == "backdoor":
         assert finding.target_class == DEMO_TARGET

@@ -144,7 +144,7 @@ def test_zoo_plan_covers_every_attack_with_varied_targets():
     assert len({e.target for e in plan[3:]}) > 3
     assert len({e.name for e in plan}) == len(plan)
     rates = {e.attack: e.poison_rate for e in plan}
-    assert rates["badnets"] == 0.05 and rates["wanet"] == 0.1
+    assert rates["badnets"] == 0.07 and rates["blended"] == 0.05 and rates["wanet"] == 0.1
 
 
 def test_zoo_plan_takes_rates_and_epochs_from_the_profile():
@@ -161,7 +161,11 @@ def test_zoo_plan_takes_rates_and_epochs_from_the_profile():
     synthetic = PROFILES["synthetic"]
     plan = plan_zoo(names, synthetic, clean_seeds=0, poison_rate=0.2)
     rates = {e.attack: e.poison_rate for e in plan}
-    assert rates["badnets"] == 0.2 and rates["wanet"] == synthetic.poison_rate_overrides["wanet"]
+    assert (
+        rates["blended"] == 0.2
+        and rates["badnets"] == 0.07
+        and rates["wanet"] == synthetic.poison_rate_overrides["wanet"]
+    )
 
 
 def test_zoo_is_resumable(tmp_path, monkeypatch):

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from clipguard.data import load_pixels, open_image_folder
 from clipguard.errors import InputError
-from clipguard.lab.synthetic import CLASSNAMES, generate_synthetic, write_synthetic
+from clipguard.lab.synthetic import (
+    CLASSNAMES,
+    DATA_VERSION,
+    MARKER_FILE,
+    cached_synthetic,
+    generate_synthetic,
+    write_synthetic,
+)
 from clipguard.model import make_pixel_transform
 
 
@@ -61,3 +70,10 @@ def test_write_refuses_a_non_empty_folder(tmp_path):
         write_synthetic(tmp_path / "syn", n_train_per_class=1, n_test_per_class=1)
     write_synthetic(tmp_path / "syn", n_train_per_class=1, n_test_per_class=1, overwrite=True)
     assert not (tmp_path / "syn" / "keep.txt").exists()
+
+
+def test_the_cached_set_is_named_and_marked_with_its_version(monkeypatch, tmp_path):
+    monkeypatch.setenv("CLIPGUARD_CACHE", str(tmp_path))
+    root = cached_synthetic(seed=3, n_train_per_class=1, n_test_per_class=1)
+    assert root.name == f"v{DATA_VERSION}-seed3-1-1"
+    assert json.loads((root / MARKER_FILE).read_text())["version"] == DATA_VERSION

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import clipguard.lab.train as train_module
 from clipguard.demo import demo_model_path
 from clipguard.errors import InputError
 from clipguard.lab.attacks import SigConfig, WaNetConfig
@@ -279,3 +280,13 @@ def test_cached_lab_models_are_keyed_by_their_recipe(monkeypatch, tmp_path):
     monkeypatch.setitem(PROFILES, "synthetic", replace(PROFILES["synthetic"], epochs=9))
     assert demo_model_path() != before
     assert demo_model_path().parent == before.parent
+
+
+def test_a_new_version_of_the_synthetic_set_renames_synthetic_models_only(monkeypatch):
+    """Models trained on an older synthetic set (another palette) are not reused; the natural
+    profile's models (trained on the user's files) keep their names."""
+    options = {"attack": "badnets", "target": "cat", "poison_rate": 0.01, "seed": 0}
+    synthetic, natural = recipe_key("synthetic", **options), recipe_key("natural", **options)
+    monkeypatch.setattr(train_module, "SYNTHETIC_DATA_VERSION", 99)
+    assert recipe_key("synthetic", **options) != synthetic
+    assert recipe_key("natural", **options) == natural
