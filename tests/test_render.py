@@ -205,3 +205,19 @@ def test_every_format_warns_of_a_class_lost_by_purification(scanned):
     assert result["ruleId"] == "clipguard/cbpt/lost-class" and result["level"] == "warning"
     assert expected in result["message"]["text"]
     assert result["properties"] == {"name": "cat", "recall_before": 0.76, "recall_after": 0.01}
+
+
+def test_purify_command_warns_of_a_lost_class(scanned, monkeypatch, tiny_model_path, tiny_data):
+    from clipguard import api
+
+    run, out = scanned
+    run("json")
+    report = _purify_report_with_a_lost_class(out / "report.json")
+    monkeypatch.setattr(api, "purify", lambda *args, **kwargs: report)
+    result = runner.invoke(
+        app, ["purify", str(tiny_model_path), "--data", str(tiny_data), "--plugin", "cbpt"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "warning: class 'cat' is all but lost: recall 76.00 % -> 1.00 %" in " ".join(
+        result.output.split()
+    )
