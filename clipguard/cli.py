@@ -1,7 +1,8 @@
 """The ``clipguard`` command line: a thin typer layer over :mod:`clipguard.api`.
 
-Exit codes: 0 success (``scan``: no backdoor evidence), 1 (``scan``: backdoor found),
-2 error (bad input, refused or corrupt checkpoint, plugin problem), 130 interrupted.
+Exit codes: 0 success (``scan``: no backdoor evidence), 1 (``scan``: backdoor found;
+``purify --fail-on-lost-class``: a class was lost), 2 error (bad input, refused or corrupt
+checkpoint, plugin problem), 130 interrupted.
 Errors are one line on stderr; ``CLIPGUARD_DEBUG=1`` adds the traceback.
 """
 
@@ -16,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clipguard import api
-from clipguard.cli_errors import EXIT_BACKDOOR, EXIT_CLEAN, handle_errors
+from clipguard.cli_errors import EXIT_BACKDOOR, EXIT_CLEAN, EXIT_LOST_CLASS, handle_errors
 from clipguard.io import atomic_write_text
 from clipguard.render import SUFFIXES, Format, lost_class_warnings, render
 from clipguard.report import EvaluationReport, Report, write_schemas
@@ -225,8 +226,18 @@ def purify(
     json_output: JsonOpt = False,
     output_format: FormatOpt = None,
     quiet: QuietOpt = False,
+    fail_on_lost_class: Annotated[
+        bool,
+        typer.Option(
+            "--fail-on-lost-class",
+            help="exit 1 when the purification all but lost a class (report: lost_classes); "
+            "the outputs are written all the same",
+        ),
+    ] = False,
 ) -> None:
-    """Purify MODEL: learn class-wise prompts (or a model) that neutralise the backdoor."""
+    """Purify MODEL: learn class-wise prompts (or a model) that neutralise the backdoor.
+
+    Exit 0, or 1 with --fail-on-lost-class when a class was lost, 2 on error."""
     output_format = "json" if json_output else output_format
     report = api.purify(
         model,
@@ -253,6 +264,9 @@ def purify(
         _emit(report, output_format, out)
     elif not quiet:
         _print_purify_summary(report, out)
+    assert report.purification is not None
+    if fail_on_lost_class and report.purification.lost_classes:
+        raise typer.Exit(EXIT_LOST_CLASS)
 
 
 @app.command()

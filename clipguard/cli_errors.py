@@ -20,6 +20,8 @@ from rich.console import Console
 from clipguard.errors import ClipguardError
 
 EXIT_CLEAN, EXIT_BACKDOOR, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: ``purify --fail-on-lost-class``: the purification gave up a class (a finding, like a backdoor)
+EXIT_LOST_CLASS = 1
 
 F = TypeVar("F", bound=Callable[..., Any])
 _stderr = Console(stderr=True)

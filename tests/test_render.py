@@ -221,3 +221,12 @@ def test_purify_command_warns_of_a_lost_class(scanned, monkeypatch, tiny_model_p
     assert "warning: class 'cat' is all but lost: recall 76.00 % -> 1.00 %" in " ".join(
         result.output.split()
     )
+    arguments = ["purify", str(tiny_model_path), "--data", str(tiny_data), "--json"]
+    gated = runner.invoke(app, [*arguments, "--fail-on-lost-class"])
+    assert gated.exit_code == 1, gated.output
+    assert json.loads(gated.stdout)["purification"]["lost_classes"][0]["name"] == "cat"
+    kept = report.model_copy(
+        update={"purification": report.purification.model_copy(update={"lost_classes": []})}
+    )
+    monkeypatch.setattr(api, "purify", lambda *args, **kwargs: kept)
+    assert runner.invoke(app, [*arguments, "--fail-on-lost-class"]).exit_code == 0
