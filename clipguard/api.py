@@ -26,6 +26,7 @@ from clipguard.errors import InputError
 from clipguard.io import atomic_write_bytes
 from clipguard.metrics import (
     Evaluation,
+    classes_judged,
     evaluate_pixels,
     evaluate_samples,
     lost_classes,
@@ -434,6 +435,7 @@ def purify(
             )
             for lost in lost_classes(before, after)
         ],
+        classes_judged=classes_judged(before),
         statistics=outcome.statistics,
         artifacts=artifacts,
         **inverted,

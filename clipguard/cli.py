@@ -124,6 +124,13 @@ def _print_purify_summary(report: Report, out: Path | None) -> None:
     stderr.print(table)
     for warning in lost_class_warnings(report):
         stderr.print(f"warning: {warning} (docs/user-guide.md)", style="yellow", highlight=False)
+    judged, n_classes = purification.classes_judged, len(report.data.classes)
+    if judged is not None and judged < n_classes:
+        stderr.print(
+            f"note: only {judged} of {n_classes} classes had enough evaluation images to judge "
+            "whether the purification lost them; raise --eval-limit (0: all images)",
+            highlight=False,
+        )
     if purification.inverted_trigger_after is not None and purification.inverted_trigger_before:
         stderr.print(
             "inverted-trigger ASR: "

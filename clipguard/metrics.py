@@ -96,6 +96,12 @@ def lost_classes(before: Evaluation, after: Evaluation) -> list[LostClass]:
     return lost
 
 
+def classes_judged(evaluation: Evaluation) -> int:
+    """How many classes :func:`lost_classes` can judge: those with at least
+    :data:`LOST_MIN_IMAGES` evaluated images."""
+    return sum(1 for images in evaluation.class_images if images >= LOST_MIN_IMAGES)
+
+
 def class_counts(
     predictions: torch.Tensor, labels: torch.Tensor, n_classes: int
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -131,6 +131,11 @@ class Purification(_Model):
         "recall fell to under half, by a margin; clipguard.metrics.lost_classes): typically "
         "the backdoor's target, given up to bring ASR down",
     )
+    classes_judged: int | None = Field(
+        None,
+        description="how many classes had enough evaluation images to be judged for loss "
+        "(the others cannot appear in lost_classes; raise --eval-limit)",
+    )
     statistics: dict[str, Any] = Field(default_factory=dict)
     artifacts: dict[str, str] = Field(default_factory=dict)
 

@@ -131,6 +131,7 @@ def test_purify_writes_prompts_and_evaluate_uses_them(
     assert purification["before"]["n_images"] == 3 * (6 - 2)
     assert list(purification["before"]["class_recall"]) == report["data"]["classes"]
     assert purification["lost_classes"] == []
+    assert purification["classes_judged"] == 0  # 4 evaluation images per class: too few to judge
     prompts = load_prompt_file(out / "prompts.safetensors")
     assert prompts.context.shape[:2] == (3, 4)
 

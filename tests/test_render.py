@@ -218,9 +218,20 @@ def test_purify_command_warns_of_a_lost_class(scanned, monkeypatch, tiny_model_p
         app, ["purify", str(tiny_model_path), "--data", str(tiny_data), "--plugin", "cbpt"]
     )
     assert result.exit_code == 0, result.output
-    assert "warning: class 'cat' is all but lost: recall 76.00 % -> 1.00 %" in " ".join(
+    output = " ".join(result.output.split())
+    assert "warning: class 'cat' is all but lost: recall 76.00 % -> 1.00 %" in output
+    assert "classes had enough evaluation images" not in output
+    judged_few = report.model_copy(
+        update={"purification": report.purification.model_copy(update={"classes_judged": 1})}
+    )
+    monkeypatch.setattr(api, "purify", lambda *args, **kwargs: judged_few)
+    result = runner.invoke(
+        app, ["purify", str(tiny_model_path), "--data", str(tiny_data), "--plugin", "cbpt"]
+    )
+    assert "note: only 1 of 3 classes had enough evaluation images" in " ".join(
         result.output.split()
     )
+    monkeypatch.setattr(api, "purify", lambda *args, **kwargs: report)
     arguments = ["purify", str(tiny_model_path), "--data", str(tiny_data), "--json"]
     gated = runner.invoke(app, [*arguments, "--fail-on-lost-class"])
     assert gated.exit_code == 1, gated.output

@@ -16,6 +16,7 @@ from clipguard.metrics import (
     Evaluation,
     attack_success_rate,
     class_counts,
+    classes_judged,
     clean_accuracy,
     evaluate_pixels,
     lost_classes,
@@ -140,3 +141,8 @@ def test_a_class_whose_recall_collapses_is_lost_and_small_moves_are_not() -> Non
 def test_lost_classes_need_the_same_images() -> None:
     with pytest.raises(ValueError, match="same images"):
         lost_classes(_evaluation((30, 30), (20, 20)), _evaluation((30, 31), (20, 20)))
+
+
+def test_only_classes_with_enough_images_are_judged() -> None:
+    evaluation = _evaluation((LOST_MIN_IMAGES, LOST_MIN_IMAGES - 1, 0), (5, 5, 0))
+    assert classes_judged(evaluation) == 1
