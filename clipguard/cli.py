@@ -319,9 +319,15 @@ def evaluate(
         f"clean accuracy (CA): {_percent(report.clean_accuracy)} on {report.n_images} images"
     )
     if report.attack is not None:
+        target = report.attack.target_class
         stdout.print(
-            f"attack success rate (ASR, {report.attack.name} -> {report.attack.target_class}): "
+            f"attack success rate (ASR, {report.attack.name} -> {target}): "
             f"{_percent(report.attack_success_rate)} on {report.n_attacked} images"
+        )
+        # an ASR near 0 can mean the target class is no longer predicted at all
+        stdout.print(
+            f"recall of the target class {target!r}: {_percent(report.class_recall.get(target))}",
+            highlight=False,
         )
 
 

@@ -96,6 +96,13 @@ def test_evaluate_json_reports_asr_over_non_target_images(
     assert 0.0 <= report["attack_success_rate"] <= 1.0
     assert report["n_attacked"] == 12  # 6 of the 18 images are the target class
     assert report["attack"]["target_class"] == "red square"
+    text = run_cli(
+        "evaluate", tiny_model_path, "--data", tiny_data,
+        "--attack", "badnets", "--target", "red square",
+    )  # fmt: skip
+    assert text.exit_code == 0, text.output
+    recall = report["class_recall"]["red square"]
+    assert f"recall of the target class 'red square': {100 * recall:.2f} %" in text.stdout
 
 
 def test_evaluate_pixels_counts_every_class_and_none_for_an_absent_one() -> None:
