@@ -429,11 +429,11 @@ def purify(
         after=_metrics(after, classnames),
         lost_classes=[
             LostClass(
-                name=classnames[lost.index],
-                recall_before=lost.recall_before,
-                recall_after=lost.recall_after,
+                name=classnames[k],
+                recall_before=before.class_recall[k],
+                recall_after=after.class_recall[k],
             )
-            for lost in lost_classes(before, after)
+            for k in lost_classes(before, after)
         ],
         classes_judged=classes_judged(before),
         statistics=outcome.statistics,

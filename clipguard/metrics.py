@@ -66,17 +66,9 @@ class Evaluation:
         }
 
 
-@dataclass(frozen=True)
-class LostClass:
-    """A class whose recall a purification took from ``recall_before`` to ``recall_after``."""
-
-    index: int
-    recall_before: float
-    recall_after: float
-
-
-def lost_classes(before: Evaluation, after: Evaluation) -> list[LostClass]:
-    """The classes that ``after`` (a purified classifier) has all but stopped recognising.
+def lost_classes(before: Evaluation, after: Evaluation) -> list[int]:
+    """The indices of the classes that ``after`` (a purified classifier) has all but stopped
+    recognising; their recalls are ``before.class_recall[k]`` and ``after.class_recall[k]``.
 
     A class is lost when, on the same images, its recall fell below :data:`LOST_RECALL_RATIO`
     of its recall ``before`` and by at least :data:`LOST_RECALL_DROP`, with at least
@@ -85,15 +77,17 @@ def lost_classes(before: Evaluation, after: Evaluation) -> list[LostClass]:
     """
     if before.class_images != after.class_images:
         raise ValueError("lost classes compare two evaluations of the same images")
-    lost = []
-    for index, (images, was, now) in enumerate(
-        zip(before.class_images, before.class_recall, after.class_recall, strict=True)
-    ):
-        if images < LOST_MIN_IMAGES or was is None or now is None:
-            continue
-        if now < LOST_RECALL_RATIO * was and was - now >= LOST_RECALL_DROP:
-            lost.append(LostClass(index=index, recall_before=was, recall_after=now))
-    return lost
+    return [
+        index
+        for index, (images, was, now) in enumerate(
+            zip(before.class_images, before.class_recall, after.class_recall, strict=True)
+        )
+        if images >= LOST_MIN_IMAGES
+        and was is not None
+        and now is not None
+        and now < LOST_RECALL_RATIO * was
+        and was - now >= LOST_RECALL_DROP
+    ]
 
 
 def classes_judged(evaluation: Evaluation) -> int:
