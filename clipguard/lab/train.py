@@ -615,6 +615,10 @@ def train_clip(
 # --------------------------------------------------------------------------- measuring
 
 
+#: Logit scale at which the oracle's probe trains: CLIP's largest (open_clip clamps at 100).
+ORACLE_LOGIT_SCALE = 100.0
+
+
 @torch.no_grad()
 def _features(bundle: ModelBundle, pixels: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     return torch.cat(
@@ -629,16 +633,20 @@ def oracle_ceiling(
     labels: torch.Tensor,
     trigger: Trigger,
     target: int,
-    steps: int = 300,
+    steps: int = 1000,
     lr: float = 0.01,
+    logit_scale: float = ORACLE_LOGIT_SCALE,
 ) -> dict[str, float]:
     """The oracle ceiling: best CA and ASR a prompt set could reach on this model.
 
-    A linear probe with unit-norm class vectors and the model's logit scale (like any prompt
-    set; initialised from the hand-crafted prompts) is trained on features of clean and
-    really-triggered images of one half of ``pixels`` with their true labels, and measured on
-    the other half. Also returns the collapse of triggered features (mean pairwise cosine of
-    triggered non-target images) beside the clean images' mean pairwise cosine.
+    A linear probe with unit-norm class vectors (like any prompt set's classifier; initialised
+    from the hand-crafted prompts) is trained on features of clean and really-triggered images
+    of one half of ``pixels`` with their true labels, and measured on the other half. It trains
+    at ``logit_scale`` (:data:`ORACLE_LOGIT_SCALE`), not the model's own: predictions do not
+    depend on the scale, and the lab models' own (10 to 15) left the probe short of what unit
+    vectors can reach (docs/method.md). Also returns the collapse of triggered features (mean
+    pairwise cosine of triggered non-target images) beside the clean images' mean pairwise
+    cosine.
     """
     generator = torch.Generator().manual_seed(0)
     order = torch.randperm(labels.numel(), generator=generator)
@@ -646,7 +654,6 @@ def oracle_ceiling(
     fit, held = order[:half], order[half:]
     clean = _features(bundle, pixels)
     triggered = _features(bundle, trigger.apply(pixels))
-    scale = bundle.logit_scale
     with torch.no_grad():
         initial = bundle.encode_text([TEMPLATES[0].format(name) for name in classnames])
     weights = initial.clone().requires_grad_(True)
@@ -655,7 +662,7 @@ def oracle_ceiling(
     targets = torch.cat((labels[fit], labels[fit]))
     with torch.enable_grad():
         for _ in range(steps):
-            logits = scale * inputs @ F.normalize(weights, dim=-1).t()
+            logits = logit_scale * inputs @ F.normalize(weights, dim=-1).t()
             loss = F.cross_entropy(logits, targets)
             optimiser.zero_grad()
             loss.backward()
@@ -669,6 +676,7 @@ def oracle_ceiling(
         return {
             "oracle_clean_accuracy": ca,
             "oracle_attack_success_rate": asr,
+            "oracle_logit_scale": logit_scale,
             "triggered_feature_cosine": _mean_pairwise_cosine(triggered[others]),
             "clean_feature_cosine": _mean_pairwise_cosine(clean[others]),
         }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -39,3 +41,29 @@ def test_probe_ceiling_reports_every_weight(bundle, shots) -> None:
     for point in ceiling.points:
         assert 0 <= point.clean_accuracy <= 1 and 0 <= point.attack_success_rate <= 1
     assert set(ceiling.as_dict()) == {"best", "points"}
+
+
+def test_probe_ceiling_does_not_depend_on_the_models_logit_scale(bundle, shots) -> None:
+    """Predictions of a unit-norm head do not depend on the scale, so neither may the ceiling:
+    the probe trains at the oracle's fixed scale, not the model's (a lab model's own, 10 to 15,
+    left it short of what such a head reaches)."""
+
+    def ceiling() -> dict:
+        return probe_ceiling(
+            bundle,
+            shots.classnames,
+            shots.pixels,
+            shots.labels,
+            shots.pixels,
+            shots.labels,
+            _trigger(1.0),
+            target=0,
+            trigger_weights=(1.0,),
+            steps=20,
+        ).as_dict()
+
+    first = ceiling()
+    with torch.no_grad():
+        bundle.model.logit_scale.fill_(math.log(3.0))
+    assert bundle.logit_scale == pytest.approx(3.0)
+    assert ceiling() == first

@@ -146,6 +146,7 @@ def test_one_step_build_writes_model_and_card(tiny_synthetic, tmp_path):
     ):
         assert key in written, key
     assert written["n_poisoned"] == 4
+    assert written["oracle_logit_scale"] == train_module.ORACLE_LOGIT_SCALE
     bundle = load_model(out)
     assert bundle.image_size == 32
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

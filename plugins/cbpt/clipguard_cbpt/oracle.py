@@ -3,9 +3,11 @@
 Neither is available to a defender: both use the *real* trigger. Benchmarks report them
 beside CBPT's figures to separate "the method missed" from "no prompt set could do better".
 
-* :func:`probe_ceiling`: a linear probe with unit-norm class vectors and the model's logit
-  scale (exactly the form of any prompt set's classifier), trained on features of clean and
-  really-triggered images with their *true* labels; evaluated on other images. The probe is
+* :func:`probe_ceiling`: a linear probe with unit-norm class vectors (exactly the form of any
+  prompt set's classifier; trained at the lab oracle's logit scale,
+  :data:`clipguard.lab.train.ORACLE_LOGIT_SCALE`, since predictions do not depend on it),
+  trained on features of clean and really-triggered images with their *true* labels;
+  evaluated on other images. The probe is
   trained for several weights of the triggered loss; the result lists every point and the
   best one (highest ``CA - ASR``).
 * :func:`trigger_fidelity`: cosine between the mean feature shifts ``f(T(x)) - f(x)`` of the
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from clipguard.lab.train import ORACLE_LOGIT_SCALE
 from clipguard.model import ModelBundle
 from clipguard.prompts import handcrafted_text_features
 from clipguard.triggers import Trigger
@@ -70,7 +73,7 @@ def probe_ceiling(
     batch Adam, ``steps`` steps) for each ``w`` in ``trigger_weights``; CA and ASR are
     measured on ``eval_*`` (ASR over non-target images). Deterministic.
     """
-    scale = bundle.logit_scale
+    scale = ORACLE_LOGIT_SCALE
     clean_train = encode_batched(bundle, train_pixels)
     trig_train = encode_batched(bundle, trigger.apply(train_pixels))
     clean_eval = encode_batched(bundle, eval_pixels)

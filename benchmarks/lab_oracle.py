@@ -1,0 +1,139 @@
+"""Recompute the oracle ceiling of backdoored lab models with the current code.
+
+Usage::
+
+    python benchmarks/lab_oracle.py ZOO/*.safetensors [--update-cards] [--table]
+
+For every backdoored model given (clean models are skipped) the oracle ceiling of its model
+card (:func:`clipguard.lab.train.oracle_ceiling`: a unit-norm linear probe trained on clean
+and really-triggered features of half the test split, measured on the other half) is
+recomputed, and one JSON line per model prints the card's figures beside the new ones. With
+``--update-cards`` the card's oracle fields are replaced (atomically), and so are the model's
+entry in a ``manifest.json`` beside it, so zoos built before a change to the oracle carry the
+current figures; the benchmark harness reads them from the cards. ``--table`` ends with a
+Markdown table of the same figures (%), one row per model and their average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipguard.io import atomic_write_json
+from clipguard.lab.train import (
+    card_path,
+    load_split_data,
+    open_lab_dataset,
+    oracle_ceiling,
+    resolve_trigger,
+)
+from clipguard.model import load_model
+from clipguard.progress import Progress
+
+ORACLE_FIELDS = ("oracle_clean_accuracy", "oracle_attack_success_rate")
+
+
+def rescore(model_path: Path, data_cache: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model's card and its recomputed oracle ceiling (data sets are loaded once)."""
+    card = json.loads(card_path(model_path).read_text())
+    dataset = card["dataset"]
+    key = dataset["root"]
+    if key not in data_cache:
+        name = "synthetic" if dataset["name"] == "synthetic" else None
+        root = open_lab_dataset("synthetic" if name else dataset["root"])
+        image_size = int(card["model_cfg"]["vision_cfg"]["image_size"])
+        data_cache[key] = load_split_data(root, image_size, Progress(quiet=True), name=name)
+    data = data_cache[key]
+    bundle = load_model(model_path)
+    trigger, _, _ = resolve_trigger(card["attack"], card["trigger_options"], bundle.image_size)
+    ceiling = oracle_ceiling(
+        bundle,
+        data.classnames,
+        data.test_pixels,
+        data.test_labels,
+        trigger,
+        data.classnames.index(card["target"]),
+    )
+    return card, ceiling
+
+
+def update_manifest(model_path: Path, ceiling: dict[str, Any]) -> None:
+    """Replace the oracle fields of the model's entry in ``manifest.json`` beside it, if any."""
+    manifest_path = model_path.with_name("manifest.json")
+    if not manifest_path.is_file():
+        return
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest.get("models", []):
+        if entry.get("file") == model_path.name:
+            entry.update({field: ceiling[field] for field in ORACLE_FIELDS})
+    atomic_write_json(manifest_path, manifest)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Per-model CA, and the card's and the recomputed oracle CA / ASR, in %, with averages."""
+
+    def pair(figures: dict[str, Any]) -> tuple[float, float]:
+        return (
+            100 * figures["oracle_clean_accuracy"],
+            100 * figures["oracle_attack_success_rate"],
+        )
+
+    lines = [
+        "| model | CA % | oracle CA / ASR %, card | oracle CA / ASR %, now |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        before, now = pair(row["card"]), pair(row["now"])
+        lines.append(
+            f"| {row['model']} | {100 * row['clean_accuracy']:.1f} | "
+            f"{before[0]:.1f} / {before[1]:.1f} | {now[0]:.1f} / {now[1]:.1f} |"
+        )
+    count = len(rows)
+    ca = sum(100 * row["clean_accuracy"] for row in rows) / count
+    before = [sum(pair(row["card"])[i] for row in rows) / count for i in (0, 1)]
+    now = [sum(pair(row["now"])[i] for row in rows) / count for i in (0, 1)]
+    lines.append(
+        f"| **average** ({count}) | {ca:.1f} | {before[0]:.1f} / {before[1]:.1f} | "
+        f"{now[0]:.1f} / {now[1]:.1f} |"
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("models", nargs="+", type=Path)
+    parser.add_argument("--update-cards", action="store_true")
+    parser.add_argument("--table", action="store_true", help="end with a Markdown table")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    data_cache: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    for model_path in args.models:
+        if model_path.name.endswith(".badclip-patch.safetensors"):
+            continue
+        card = json.loads(card_path(model_path).read_text())
+        if card.get("attack", "none") == "none" or card.get("target") is None:
+            continue
+        card, ceiling = rescore(model_path, data_cache)
+        row = {
+            "model": model_path.name.removesuffix(".safetensors"),
+            "clean_accuracy": card["clean_accuracy"],
+            "card": {field: card.get(field) for field in ORACLE_FIELDS},
+            "now": ceiling,
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.update_cards:
+            card.update(ceiling)
+            atomic_write_json(card_path(model_path), card)
+            update_manifest(model_path, ceiling)
+    if args.table and rows:
+        print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()
