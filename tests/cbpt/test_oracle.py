@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clipguard.triggers import MaskPatternTrigger
-from clipguard_cbpt.oracle import probe_ceiling, trigger_fidelity
+from clipguard_cbpt.oracle import Ceiling, probe_ceiling, trigger_fidelity
 
 
 def _trigger(value: float) -> MaskPatternTrigger:
@@ -23,8 +23,9 @@ def test_fidelity_of_a_trigger_with_itself_is_one(bundle, shots) -> None:
     assert same["per_image_cosine"] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_probe_ceiling_reports_every_weight(bundle, shots) -> None:
-    ceiling = probe_ceiling(
+def _ceiling_on_shots(bundle, shots, trigger_weights: tuple[float, ...]) -> Ceiling:
+    """The probe fitted and measured on the same shots (20 steps): enough to check its form."""
+    return probe_ceiling(
         bundle,
         shots.classnames,
         shots.pixels,
@@ -33,9 +34,13 @@ def test_probe_ceiling_reports_every_weight(bundle, shots) -> None:
         shots.labels,
         _trigger(1.0),
         target=0,
-        trigger_weights=(0.5, 2.0),
+        trigger_weights=trigger_weights,
         steps=20,
     )
+
+
+def test_probe_ceiling_reports_every_weight(bundle, shots) -> None:
+    ceiling = _ceiling_on_shots(bundle, shots, (0.5, 2.0))
     assert [p.trigger_weight for p in ceiling.points] == [0.5, 2.0]
     assert ceiling.best in ceiling.points
     for point in ceiling.points:
@@ -47,23 +52,8 @@ def test_probe_ceiling_does_not_depend_on_the_models_logit_scale(bundle, shots) 
     """Predictions of a unit-norm head do not depend on the scale, so neither may the ceiling:
     the probe trains at the oracle's fixed scale, not the model's (a lab model's own, 10 to 15,
     left it short of what such a head reaches)."""
-
-    def ceiling() -> dict:
-        return probe_ceiling(
-            bundle,
-            shots.classnames,
-            shots.pixels,
-            shots.labels,
-            shots.pixels,
-            shots.labels,
-            _trigger(1.0),
-            target=0,
-            trigger_weights=(1.0,),
-            steps=20,
-        ).as_dict()
-
-    first = ceiling()
+    first = _ceiling_on_shots(bundle, shots, (1.0,)).as_dict()
     with torch.no_grad():
         bundle.model.logit_scale.fill_(math.log(3.0))
     assert bundle.logit_scale == pytest.approx(3.0)
-    assert ceiling() == first
+    assert _ceiling_on_shots(bundle, shots, (1.0,)).as_dict() == first
