@@ -359,7 +359,8 @@ def markdown_tables(results: dict[str, Any], defences: Sequence[str]) -> str:
         "### Backdoored models: CA / ASR after each defence (%)",
         "",
         "The last column is the oracle ceiling of the lab models (model cards): a linear probe "
-        "trained on clean and really triggered features with their true labels.",
+        "trained on clean and really triggered features with their true labels (at logit "
+        "scale 100 in cards written or recomputed since 2026-12-01).",
         "",
         "| attack | models | " + " | ".join(present) + " | oracle ceiling |",
         "|---|---|" + "---|" * len(present) + "---|",
