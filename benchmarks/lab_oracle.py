@@ -4,10 +4,11 @@ Usage::
 
     python benchmarks/lab_oracle.py ZOO/*.safetensors [--update-cards] [--table]
 
-For every backdoored model given (clean models are skipped) the oracle ceiling of its model
-card (:func:`clipguard.lab.train.oracle_ceiling`: a unit-norm linear probe trained on clean
-and really-triggered features of half the test split, measured on the other half) is
-recomputed, and one JSON line per model prints the card's figures beside the new ones. With
+For every backdoored model given (clean models, and files without a card beside them, are
+skipped) the oracle ceiling of its model card (:func:`clipguard.lab.train.oracle_ceiling`: a
+unit-norm linear probe trained on clean and really-triggered features of half the test
+split, measured on the other half) is recomputed, and one JSON line per model prints the
+card's figures beside the new ones. With
 ``--update-cards`` the card's oracle fields are replaced (atomically), and so are the model's
 entry in a ``manifest.json`` beside it, so zoos built before a change to the oracle carry the
 current figures; the benchmark harness reads them from the cards. ``--table`` ends with a
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +116,9 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for model_path in args.models:
         if model_path.name.endswith(".badclip-patch.safetensors"):
+            continue
+        if not card_path(model_path).is_file():
+            print(f"{model_path}: no model card beside it, skipped", file=sys.stderr)
             continue
         card = json.loads(card_path(model_path).read_text())
         if card.get("attack", "none") == "none" or card.get("target") is None:

@@ -58,10 +58,14 @@ def test_update_cards_rewrites_stale_oracle_figures(tiny_zoo, monkeypatch, capsy
     clean_card = card_path(tiny_zoo / "clean-s0.safetensors").read_text()
 
     models = [str(p) for p in sorted(tiny_zoo.glob("*.safetensors"))]
+    cardless = tiny_zoo / "foreign.safetensors"
+    models.append(str(cardless))
     monkeypatch.setattr(sys, "argv", ["lab_oracle.py", *models, "--update-cards", "--table"])
     lab_oracle.main()
 
-    lines = capsys.readouterr().out.splitlines()
+    output = capsys.readouterr()
+    assert f"{cardless}: no model card beside it, skipped" in output.err
+    lines = output.out.splitlines()
     row = json.loads(lines[0])
     assert row["model"] == "badnets-s0"
     assert row["card"]["oracle_attack_success_rate"] == 0.5
