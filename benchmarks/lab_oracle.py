@@ -8,10 +8,10 @@ For every backdoored model given (clean models, and files without a card beside 
 skipped) the oracle ceiling of its model card (:func:`clipguard.lab.train.oracle_ceiling`: a
 unit-norm linear probe trained on clean and really-triggered features of half the test
 split, measured on the other half) is recomputed, and one JSON line per model prints the
-card's figures beside the new ones. With
-``--update-cards`` the card's oracle fields are replaced (atomically), and so are the model's
-entry in a ``manifest.json`` beside it, so zoos built before a change to the oracle carry the
-current figures; the benchmark harness reads them from the cards. ``--table`` ends with a
+card's figures beside the new ones. With ``--update-cards`` the card's oracle fields are
+replaced (atomically), and so are the model's entry in a ``manifest.json`` beside it, so zoos
+built before a change to the oracle carry the current figures; the benchmark harness reads
+them from the cards. ``--table`` ends with a
 Markdown table of the same figures (%), one row per model and their average.
 """
 
@@ -33,26 +33,28 @@ from clipguard.lab.train import (
     oracle_ceiling,
     resolve_trigger,
 )
+from clipguard.lab.zoo import MANIFEST
 from clipguard.model import load_model
 from clipguard.progress import Progress
 
 ORACLE_FIELDS = ("oracle_clean_accuracy", "oracle_attack_success_rate")
 
 
-def rescore(model_path: Path, data_cache: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The model's card and its recomputed oracle ceiling (data sets are loaded once)."""
-    card = json.loads(card_path(model_path).read_text())
+def rescore(model_path: Path, card: dict[str, Any], data_cache: dict[str, Any]) -> dict[str, Any]:
+    """The recomputed oracle ceiling of the model with this ``card`` (data sets loaded once)."""
     dataset = card["dataset"]
     key = dataset["root"]
     if key not in data_cache:
-        name = "synthetic" if dataset["name"] == "synthetic" else None
-        root = open_lab_dataset("synthetic" if name else dataset["root"])
+        synthetic = dataset["name"] == "synthetic"
+        root = open_lab_dataset("synthetic" if synthetic else dataset["root"])
         image_size = int(card["model_cfg"]["vision_cfg"]["image_size"])
-        data_cache[key] = load_split_data(root, image_size, Progress(quiet=True), name=name)
+        data_cache[key] = load_split_data(
+            root, image_size, Progress(quiet=True), name="synthetic" if synthetic else None
+        )
     data = data_cache[key]
     bundle = load_model(model_path)
     trigger, _, _ = resolve_trigger(card["attack"], card["trigger_options"], bundle.image_size)
-    ceiling = oracle_ceiling(
+    return oracle_ceiling(
         bundle,
         data.classnames,
         data.test_pixels,
@@ -60,12 +62,11 @@ def rescore(model_path: Path, data_cache: dict[str, Any]) -> tuple[dict[str, Any
         trigger,
         data.classnames.index(card["target"]),
     )
-    return card, ceiling
 
 
 def update_manifest(model_path: Path, ceiling: dict[str, Any]) -> None:
     """Replace the oracle fields of the model's entry in ``manifest.json`` beside it, if any."""
-    manifest_path = model_path.with_name("manifest.json")
+    manifest_path = model_path.with_name(MANIFEST)
     if not manifest_path.is_file():
         return
     manifest = json.loads(manifest_path.read_text())
@@ -123,7 +124,7 @@ def main() -> None:
         card = json.loads(card_path(model_path).read_text())
         if card.get("attack", "none") == "none" or card.get("target") is None:
             continue
-        card, ceiling = rescore(model_path, data_cache)
+        ceiling = rescore(model_path, card, data_cache)
         row = {
             "model": model_path.name.removesuffix(".safetensors"),
             "clean_accuracy": card["clean_accuracy"],

@@ -7,9 +7,8 @@ beside CBPT's figures to separate "the method missed" from "no prompt set could 
   prompt set's classifier; trained at the lab oracle's logit scale,
   :data:`clipguard.lab.train.ORACLE_LOGIT_SCALE`, since predictions do not depend on it),
   trained on features of clean and really-triggered images with their *true* labels;
-  evaluated on other images. The probe is
-  trained for several weights of the triggered loss; the result lists every point and the
-  best one (highest ``CA - ASR``).
+  evaluated on other images. The probe is trained for several weights of the triggered loss;
+  the result lists every point and the best one (highest ``CA - ASR``).
 * :func:`trigger_fidelity`: cosine between the mean feature shifts ``f(T(x)) - f(x)`` of the
   real and of the inverted trigger, and the mean per-image cosine of the shifts.
 """
