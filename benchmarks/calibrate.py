@@ -41,10 +41,16 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def top_evidence(scan: dict[str, Any], signals: Signals = "joint") -> tuple[float, str]:
     """The largest class evidence of a scan under the rule ``signals`` and its class,
     recomputed from the per-class indices in the report (so scans made under other rules and
-    thresholds are judged alike)."""
+    thresholds are judged alike), the additive probe corroborating as the scan's settings
+    say (none for scans made before it did)."""
     statistics = scan["statistics"]
     sizes, alignments = statistics["class_size_index"], statistics["class_alignment_index"]
-    evidence = {k: class_evidence(sizes[k], alignments[k], signals) for k in sizes}
+    scale = statistics.get("thresholds", {}).get("additive_corroboration") or 0.0
+    additive = statistics.get("class_additive_evidence") or {}
+    evidence = {
+        k: class_evidence(sizes[k], alignments[k], signals, scale * additive.get(k, 0.0))
+        for k in sizes
+    }
     suspect = max(sorted(evidence), key=lambda k: evidence[k])
     return evidence[suspect], suspect
 

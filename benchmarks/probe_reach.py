@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/probe_reach.py --dataset CIFAR ZOO/*.safetensors [--probe additive|warp]
-        [--epsilon 0.02] [--warp-pixels 2] [--warp-grid 8] [--steps 30] [--shots 16]
+        [--epsilon 0.02] [--fixed] [--warp-pixels 2] [--warp-grid 8] [--steps 30] [--shots 16]
 
 The ``cbpt`` scanner's signals for triggers that a small mask does not express
 (docs/method.md): full-image additive ones (SIG, blended; ``--probe additive``, a perturbation
@@ -12,7 +12,9 @@ warp``, a smooth displacement field of at most ``--warp-pixels`` pixels from a
 ``--warp-grid`` control grid). For every model and every class ``k`` one transformation is
 fitted with Adam to send half of the other classes' shots to ``k``, and its *reach* is the
 share of the other half of those shots it sends to ``k`` (the scanner's probe,
-:func:`clipguard_cbpt.inversion.probe_reach`, on fixed shots, without a budget). The shots
+:func:`clipguard_cbpt.scanner.run_probe`, on fixed shots, without a budget; the additive
+probe's bound starts at ``--epsilon`` and is adapted to the model as the scanner does, unless
+``--fixed``). The shots
 are ``--shots`` training images per class, drawn with a fixed seed. Prints one JSON line per
 model: the reach of every class, the top class, ``top - median`` (the probe's evidence) and,
 for a backdoored lab model, the target's evidence.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,8 +32,7 @@ import torch
 from clipguard.lab.train import SplitData, card_path, load_split_data, open_lab_dataset
 from clipguard.model import load_model
 from clipguard.prompts import PromptClassifier
-from clipguard_cbpt.inversion import probe_reach
-from clipguard_cbpt.scanner import ScanConfig
+from clipguard_cbpt.scanner import ScanConfig, run_probe
 
 
 def fixed_shots(data: SplitData, shots: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +56,11 @@ def main() -> None:
     parser.add_argument("--warp-grid", type=int, default=8)
     parser.add_argument("--steps", type=int, default=None, help="default: the scanner's")
     parser.add_argument("--shots", type=int, default=16)
+    parser.add_argument(
+        "--fixed",
+        action="store_true",
+        help="keep the starting bound (the scanner adapts the additive one to the model)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -61,11 +68,11 @@ def main() -> None:
     scan = ScanConfig(
         additive_epsilon=args.epsilon, warp_pixels=args.warp_pixels, warp_grid=args.warp_grid
     )
-    probes = {f.name: (f, n) for f, n in scan.probes()}
+    probes = {spec.family.name: spec for spec in scan.probes()}
     if args.probe not in probes:
         parser.error(f"the {args.probe} probe is off: its bound must be above 0")
-    family, default_steps = probes[args.probe]
-    steps = args.steps or default_steps
+    spec = probes[args.probe]
+    spec = replace(spec, steps=args.steps or spec.steps, band=None if args.fixed else spec.band)
     root = open_lab_dataset(args.dataset)
     data_by_size: dict[int, tuple[SplitData, torch.Tensor, torch.Tensor]] = {}
     for path in args.models:
@@ -77,13 +84,12 @@ def main() -> None:
         names = list(data.classnames)
         for parameter in bundle.model.parameters():
             parameter.requires_grad_(False)
-        probe = probe_reach(
+        probe = run_probe(
             bundle,
             pixels,
             labels,
             PromptClassifier(bundle, names).class_features,
-            family,
-            steps,
+            spec,
             max_images=len(labels),
             budget=10**9,
         )
@@ -100,6 +106,8 @@ def main() -> None:
                     "top": names[top],
                     "top_minus_median": round(evidence[top], 3),
                     "probe": probe.probe,
+                    "settings": probe.family.settings(),
+                    "tried": [{**f.settings(), "median": round(m, 3)} for f, m in probe.tried],
                     "target_reach": None if target is None else reach[names.index(target)],
                     "target_evidence": None
                     if target is None

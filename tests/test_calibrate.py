@@ -5,10 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from calibrate import Rule, fit_threshold, judge, rates  # noqa: E402
+from calibrate import Rule, fit_threshold, judge, rates, top_evidence  # noqa: E402
 
 
 def _scan(
@@ -53,3 +55,16 @@ def test_judge_combines_the_rule_and_the_probes_as_the_scanner_does():
     assert (result["tpr"], result["fpr"], result["target_accuracy"]) == (1.0, 0.0, 1.0)
     # with the probe held, the rule's threshold is fitted between clean and patch
     assert 1.2 < fit_threshold([patch, sinus, clean], "size", {"additive": 0.2}) < 4.0
+
+
+def test_the_joint_rule_is_corroborated_as_the_scan_recorded():
+    """Under ``joint`` a scan's additive evidence, times the corroboration scale its report
+    records, stands in for a class's alignment index; scans made before the scanner
+    corroborated (no recorded scale) are judged without it."""
+    lc = _scan("badnets-lc-s0", "badnets-lc", "a", {"a": 3.0, "b": 0.5}, {"a": 0.2, "b": 0.0})
+    assert top_evidence(lc, "joint") == (0.0, "a")
+    lc["statistics"]["thresholds"] = {"additive_corroboration": 10.0}
+    value, suspect = top_evidence(lc, "joint")
+    assert suspect == "a" and value == pytest.approx((3.0 * 2.0) ** 0.5)
+    assert top_evidence(lc, "size") == (3.0, "a")
+    assert judge(lc, Rule("joint", 2.0, {"additive": 0.24})) == (True, "a")

@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 
 from clipguard.prompts import PromptClassifier
 from clipguard.triggers import MaskPatternTrigger
+from clipguard_cbpt import inversion
 from clipguard_cbpt.inversion import (
     AdditivePerturbation,
     InversionConfig,
     LambdaSchedule,
+    MedianBand,
     ProbeReach,
     SmoothWarp,
     TriggerParameters,
@@ -26,6 +28,7 @@ from clipguard_cbpt.inversion import (
     mean_pairwise_cosine,
     prediction_distribution,
     probe_reach,
+    probe_reach_in_band,
     random_affine,
     relative_collapse,
     transform_towards,
@@ -245,3 +248,74 @@ def test_probe_reach_fits_its_budget(bundle, shots) -> None:
     assert none.steps == 0 and none.skipped is not None and none.evidence() == [0.0] * 3
     capped = probe_reach(bundle, shots.pixels, shots.labels, text, family, 1, 2, budget=100)
     assert capped.steps == 1
+
+
+def test_an_adapted_probe_keeps_a_bound_whose_median_is_in_its_band(bundle, shots) -> None:
+    """When the first fit's median class reach already lies in the band, the adapted probe is
+    that one fit: same reach, same cost, and its one fit recorded."""
+    text = PromptClassifier(bundle, shots.classnames).class_features
+    family = AdditivePerturbation(0.02)
+    single = probe_reach(bundle, shots.pixels, shots.labels, text, family, 3, 96, 10_000)
+    start = bundle.image_encoder_images
+    band = MedianBand(0.0, 1.0, refits=2)
+    adapted = probe_reach_in_band(
+        bundle, shots.pixels, shots.labels, text, family, 3, 96, 10_000, band
+    )
+    assert adapted.reach == single.reach and adapted.family == family
+    assert adapted.tried == [(family, single.median)]
+    assert bundle.image_encoder_images - start == 3 * 12 + 12
+
+
+def test_an_adapted_probe_doubles_or_halves_its_bound_towards_the_band(bundle, shots) -> None:
+    """Below the band the bound doubles, above it halves, at most ``refits`` times, each fit
+    paid in full; the fit nearest the band is returned."""
+    text = PromptClassifier(bundle, shots.classnames).class_features
+
+    def adapted(epsilon: float, band: MedianBand, budget: int = 10_000) -> ProbeReach:
+        family = AdditivePerturbation(epsilon)
+        return probe_reach_in_band(
+            bundle, shots.pixels, shots.labels, text, family, 3, 96, budget, band
+        )
+
+    start = bundle.image_encoder_images
+    saturated = adapted(1.0, MedianBand(0.0, 0.0001, refits=2))
+    assert [f.epsilon for f, _ in saturated.tried] == [1.0, 0.5, 0.25]  # type: ignore[attr-defined]
+    assert bundle.image_encoder_images - start == 3 * (3 * 12 + 12)
+    medians = [median for _, median in saturated.tried]
+    assert saturated.median == min(medians)
+    starved = adapted(0.001, MedianBand(0.9999, 1.0, refits=1))
+    assert [f.epsilon for f, _ in starved.tried] == [0.001, 0.002]  # type: ignore[attr-defined]
+    # a budget that pays for one fit only: no refit
+    start = bundle.image_encoder_images
+    poor = adapted(1.0, MedianBand(0.0, 0.0001, refits=2), budget=3 * 12 + 12 + 20)
+    assert len(poor.tried) == 1 and bundle.image_encoder_images - start == 3 * 12 + 12
+
+
+def test_an_adapted_probe_stops_where_the_band_lies_between_two_bounds(monkeypatch) -> None:
+    """When doubling overshoots the band (or halving undershoots it) the search stops instead
+    of going back, and keeps the fit whose median lies nearer the band."""
+    medians = {0.02: 0.01, 0.04: 0.6, 0.08: 0.9}
+
+    def fake_probe(bundle, pixels, labels, features, family, *args, **kwargs) -> ProbeReach:
+        return ProbeReach(family, [medians[round(family.epsilon, 4)]] * 3, steps=3)
+
+    monkeypatch.setattr(inversion, "probe_reach", fake_probe)
+    labels = torch.tensor([0, 1, 2] * 4)
+
+    class Counter:
+        image_encoder_images = 0
+
+    result = probe_reach_in_band(
+        Counter(),  # type: ignore[arg-type]
+        torch.zeros(12, 3, 4, 4),
+        labels,
+        torch.zeros(3, 8),
+        AdditivePerturbation(0.02),
+        3,
+        96,
+        10_000,
+        MedianBand(0.05, 0.35, refits=5),
+    )
+    assert [f.epsilon for f, _ in result.tried] == [0.02, 0.04]  # type: ignore[attr-defined]
+    assert result.family == AdditivePerturbation(0.02)  # 0.01 is 0.04 below; 0.6 is 0.25 above
+    assert MedianBand(0.05, 0.35, 1).distance(0.2) == 0.0

@@ -18,6 +18,7 @@ from clipguard_cbpt.scanner import (
     ScanConfig,
     Screening,
     class_evidence,
+    corroborate,
     decide,
     suspicion,
 )
@@ -87,6 +88,37 @@ def test_the_size_rule_judges_the_trigger_size_alone() -> None:
     assert _decide(_screening([high, 0, 0], [0, 0, 0]), names, ScanConfig())[0] == "clean"
 
 
+def test_the_additive_probe_corroborates_the_size_index_under_the_joint_rule() -> None:
+    """A small trigger whose class's prompt is not drifted, but which a small full-image
+    change reaches beyond the median class (a label-consistent patch backdoor): the additive
+    evidence in index units stands in for the alignment index under ``joint``; the size rule,
+    and ``additive_corroboration = 0``, leave the screening as it was."""
+    config = ScanConfig()
+    names = ["a", "b", "c", "d"]
+    small_trigger = _screening([3.0, 0.5, 0, 0], [0, 0.2, 0, 0])
+    assert _decide(small_trigger, names, config)[0] == "clean"
+    reach = ProbeReach(ADDITIVE, [0.3, 0.1, 0.1, 0.1], steps=30)  # evidence 0.2 for "a"
+    corroborated = corroborate(small_trigger, reach, config)
+    units = config.additive_corroboration * 0.2
+    assert corroborated.corroboration == pytest.approx([units, 0, 0, 0])
+    assert corroborated.suspect == 0
+    assert corroborated.top_evidence == pytest.approx((3.0 * units) ** 0.5)
+    assert config.additive_threshold > 0.2  # the probe alone would not flag it
+    verdict, _, explanation = _decide(corroborated, names, config, reach)
+    assert verdict == "backdoor" and "'a'" in explanation and "additive probe" in explanation
+    # an alignment index above the additive units keeps counting
+    aligned = corroborate(_screening([3.0, 0, 0, 0], [9.0, 0, 0, 0]), reach, config)
+    assert aligned.top_evidence == pytest.approx((3.0 * 9.0) ** 0.5)
+    assert corroborate(small_trigger, reach, ScanConfig(additive_corroboration=0)) is small_trigger
+    size_rule = ScanConfig(signals="size")
+    assert corroborate(small_trigger, reach, size_rule) is small_trigger
+    assert corroborate(small_trigger, None, config) is small_trigger
+    # the default scale makes additive evidence at its threshold count as the joint threshold
+    assert config.additive_corroboration * config.additive_threshold == pytest.approx(
+        config.threshold
+    )
+
+
 def test_a_reach_probe_decides_only_above_its_own_threshold() -> None:
     """A class that a small additive perturbation reaches far beyond the median class makes
     the verdict backdoor and names that class; below its threshold the probe stays out of
@@ -97,7 +129,8 @@ def test_a_reach_probe_decides_only_above_its_own_threshold() -> None:
     far = ProbeReach(ADDITIVE, [0.1, 0.12, 0.55, 0.1], steps=30)
     assert far.evidence() == pytest.approx([0.0, 0.01, 0.44, 0.0])  # median 0.11
     verdict, score, explanation = _decide(quiet, names, config, far)
-    assert verdict == "backdoor" and score == pytest.approx(2.2 / 3.2)
+    ratio = 0.44 / config.additive_threshold
+    assert verdict == "backdoor" and score == pytest.approx(ratio / (1 + ratio))
     assert "'c'" in explanation and "full-image" in explanation
     near = ProbeReach(ADDITIVE, [0.1, 0.12, 0.11 + 0.9 * config.additive_threshold, 0.1], 30)
     assert _decide(quiet, names, config, near)[0] == "clean"
@@ -123,8 +156,19 @@ def test_the_strongest_probe_names_the_class() -> None:
     assert chosen.top_probe_evidence() == pytest.approx({"additive": 0.3, "warp": 0.7})
     verdict, _, explanation = _decide(quiet, names, config, additive, warp)
     assert verdict == "backdoor" and "'a'" in explanation and "warp" in explanation
-    assert [family.name for family, _ in config.probes()] == ["additive", "warp"]
+    assert [spec.family.name for spec in config.probes()] == ["additive", "warp"]
     assert ScanConfig(warp_pixels=0, additive_epsilon=0).probes() == []
+
+
+def test_only_the_additive_probe_adapts_its_bound() -> None:
+    """The additive probe carries the band its bound is adapted to; the warp probe keeps its
+    bound; a band whose low end is not below its high end is refused."""
+    additive, warp = ScanConfig().probes()
+    assert additive.band is not None and warp.band is None
+    assert additive.band.refits == ScanConfig().additive_refits
+    assert additive.band.low < additive.band.high
+    with pytest.raises(ValueError, match="additive_median_low"):
+        ScanConfig(additive_median_low=0.4, additive_median_high=0.3)
 
 
 def test_low_side_indices_are_scale_free_and_one_sided() -> None:
@@ -191,6 +235,12 @@ def test_a_scan_reports_both_reach_probes(bundle, shots) -> None:
         assert outcome.trigger is not None
         assert isinstance(outcome.trigger.settings[f"{probe}_evidence"], float)
     assert stats["warp"]["max_pixels"] == config.warp_pixels
+    # the additive probe records each bound it tried and the median reach there
+    tried = stats["additive"]["tried"]
+    assert 1 <= len(tried) <= 1 + config.additive_refits
+    assert tried[0]["epsilon"] == config.additive_epsilon
+    assert stats["additive"]["epsilon"] in [t["epsilon"] for t in tried]
+    assert stats["warp"]["tried"] == []
     assert stats["decided_by"] in ("rule", "additive", "warp")
     off = CBPTScanner().scan(
         bundle, shots, ScanConfig(**TINY_SCAN, budget=2_000, warp_pixels=0), RunContext(seed=0)

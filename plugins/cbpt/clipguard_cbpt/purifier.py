@@ -41,6 +41,8 @@ TuningConfigT = TypeVar("TuningConfigT", bound=TuningConfig)
 
 #: control-grid side of the purifier's warp trigger: the scanner's warp probe's default
 WARP_TRIGGER_GRID: int = ScanConfig.model_fields["warp_grid"].default
+#: image-encoder images of the purifier's own inversion: a cbpt scan's default budget
+SCAN_BUDGET: int = ScanConfig.model_fields["budget"].default
 
 
 class PurifyConfig(TuningConfig):
@@ -49,7 +51,7 @@ class PurifyConfig(TuningConfig):
     inversion_steps: int = Field(200, ge=1, description="contrastive inversion steps (kept run)")
     inversion_restarts: int = Field(3, ge=1, description="contrastive inversion restarts")
     inversion_budget: int = Field(
-        80_000, ge=1, description="image-encoder images for the inversion (a cbpt scan's budget)"
+        SCAN_BUDGET, ge=1, description="image-encoder images for the inversion (a cbpt scan's)"
     )
     refine: bool = Field(True, description="refine the inverted trigger towards its class")
     extra_triggers: int = Field(

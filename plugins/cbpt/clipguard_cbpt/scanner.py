@@ -15,13 +15,19 @@ Procedure (see ``docs/method.md``):
    class. With ``signals = "size"`` it is the size index alone: on the CIFAR-10 zoo no clean
    class has a natural trigger, and the poisoned target's prompt is not drifted, so the
    joint rule misses backdoors that the size index shows. The suspect is the class with
-   the most evidence.
+   the most evidence. Under ``joint`` the additive probe (3b) corroborates too: a class's
+   additive evidence times ``additive_corroboration`` counts in place of its alignment index
+   where larger (:func:`corroborate`), since a label-consistent patch backdoor leaves its
+   target's prompt aligned but makes the target reachable by a small full-image change.
 3b. **Reach probes** (:func:`~clipguard_cbpt.inversion.probe_reach`): per class, the share
    of held-out shots of the other classes that one small universal transformation, fitted on
-   the other shots, sends to it. The *additive* probe (a perturbation of at most
-   ``additive_epsilon`` per pixel) catches full-image triggers (SIG, blended, sample-specific
+   the other shots, sends to it. The *additive* probe (a perturbation bounded per pixel)
+   catches full-image triggers (SIG, blended, sample-specific
    noise), which are not small masks but make their target reachable by a small additive
-   change far beyond the other classes; the *warp* probe (a smooth displacement field of at
+   change far beyond the other classes (its bound starts at ``additive_epsilon`` and is
+   doubled or halved, at most ``additive_refits`` times, until the median class's reach lies
+   between ``additive_median_low`` and ``additive_median_high``: what a small change is
+   differs from model to model); the *warp* probe (a smooth displacement field of at
    most ``warp_pixels`` pixels) catches warping triggers (WaNet), which neither a mask nor an
    additive change expresses. When a probe's reach above the median class reaches its
    threshold, by a larger ratio than the rule's evidence and the other probe's, its class
@@ -44,7 +50,7 @@ does not rest on it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -52,6 +58,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from clipguard.components import RunContext, Scanner, ScanOutcome, ShotSet
 from clipguard.model import ModelBundle
+from clipguard.progress import Progress
 from clipguard.prompts import PromptClassifier
 from clipguard.triggers import TriggerFile, trigger_file_bytes
 from clipguard_cbpt import __version__
@@ -59,6 +66,7 @@ from clipguard_cbpt.inversion import (
     AdditivePerturbation,
     InversionConfig,
     InversionResult,
+    MedianBand,
     ProbeFamily,
     ProbeReach,
     SmoothWarp,
@@ -68,7 +76,9 @@ from clipguard_cbpt.inversion import (
     invert_targeted,
     mean_pairwise_cosine,
     prediction_distribution,
+    probe_cost,
     probe_reach,
+    probe_reach_in_band,
     relative_collapse,
 )
 from clipguard_cbpt.render import render_trigger_png
@@ -88,12 +98,25 @@ Signals = Literal["joint", "size"]
 #: backdoored models of the CIFAR-10 zoo (the rule of benchmarks/calibrate.py on all of it)
 DEFAULT_THRESHOLDS: dict[str, float] = {"joint": 2.0, "size": 1.99}
 
+#: the additive probe's default threshold (fitted on the even seeds of both lab zoos)
+DEFAULT_ADDITIVE_THRESHOLD = 0.24
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """A reach probe as configured: its family at the starting bound, its Adam steps, and
+    the band its median class reach is brought into (None: the bound is kept)."""
+
+    family: ProbeFamily
+    steps: int
+    band: MedianBand | None = None
+
 
 class ScanConfig(InversionConfig):
     """Options of the ``cbpt`` scanner: the inversion's, plus the verdict rule and thresholds."""
 
     budget: int = Field(
-        80_000,
+        160_000,
         ge=1,
         description=(
             "maximum images through the image encoder for the whole scan (per-class "
@@ -128,21 +151,47 @@ class ScanConfig(InversionConfig):
         ge=0,
         le=1,
         description=(
-            "L-inf bound (pixels in [0, 1]) of the additive-reach probe, which catches "
-            "full-image triggers (SIG, blended); 0 turns the probe off"
+            "L-inf bound (pixels in [0, 1]) the additive-reach probe starts from (see "
+            "additive_refits); it catches full-image triggers (SIG, blended); 0 turns the "
+            "probe off"
         ),
     )
     additive_steps: int = Field(30, ge=1, description="Adam steps of the additive-reach probe")
+    additive_refits: int = Field(
+        2,
+        ge=0,
+        description=(
+            "most extra fits of the additive probe, its bound doubled while the median "
+            "class's reach is below additive_median_low and halved while above "
+            "additive_median_high, so the bound suits the model; 0 keeps additive_epsilon"
+        ),
+    )
+    additive_median_low: float = Field(
+        0.03, ge=0, le=1, description="median class reach below which the additive bound doubles"
+    )
+    additive_median_high: float = Field(
+        0.35, ge=0, le=1, description="median class reach above which the additive bound halves"
+    )
     additive_images: int = Field(
         96, ge=1, description="most shots per class fitted, and measured, by each reach probe"
     )
     additive_threshold: float = Field(
-        0.2,
+        DEFAULT_ADDITIVE_THRESHOLD,
         gt=0,
         le=1,
         description=(
             "reach above the median class's from which the additive probe alone makes the "
-            "verdict backdoor (calibrated on both lab zoos)"
+            "verdict backdoor (fitted on the even seeds of both lab zoos)"
+        ),
+    )
+    additive_corroboration: float = Field(
+        DEFAULT_THRESHOLDS["joint"] / DEFAULT_ADDITIVE_THRESHOLD,
+        ge=0,
+        description=(
+            "joint rule: index units per unit of additive evidence, so that a class's "
+            "additive reach can corroborate its trigger-size index in place of its text "
+            "alignment (default: the additive threshold counts as the joint threshold); "
+            "0 = only the alignment corroborates"
         ),
     )
     warp_pixels: float = Field(
@@ -167,13 +216,18 @@ class ScanConfig(InversionConfig):
         ),
     )
 
-    def probes(self) -> list[tuple[ProbeFamily, int]]:
-        """The reach probes switched on, in :data:`PROBES` order: each family with its steps."""
-        probes: list[tuple[ProbeFamily, int]] = []
+    def probes(self) -> list[ProbeSpec]:
+        """The reach probes switched on, in :data:`PROBES` order."""
+        probes: list[ProbeSpec] = []
         if self.additive_epsilon > 0:
-            probes.append((AdditivePerturbation(self.additive_epsilon), self.additive_steps))
+            band = MedianBand(
+                self.additive_median_low, self.additive_median_high, self.additive_refits
+            )
+            probes.append(
+                ProbeSpec(AdditivePerturbation(self.additive_epsilon), self.additive_steps, band)
+            )
         if self.warp_pixels > 0:
-            probes.append((SmoothWarp(self.warp_grid, self.warp_pixels), self.warp_steps))
+            probes.append(ProbeSpec(SmoothWarp(self.warp_grid, self.warp_pixels), self.warp_steps))
         return probes
 
     def probe_threshold(self, probe: str) -> float:
@@ -182,6 +236,8 @@ class ScanConfig(InversionConfig):
 
     @model_validator(mode="after")
     def _default_threshold(self) -> ScanConfig:
+        if self.additive_median_low >= self.additive_median_high:
+            raise ValueError("additive_median_low must be below additive_median_high")
         if self.evidence_threshold is None:
             self.evidence_threshold = DEFAULT_THRESHOLDS[self.signals]
         return self
@@ -196,7 +252,8 @@ class ScanConfig(InversionConfig):
 @dataclass
 class Screening:
     """Both per-class signals, their anomaly indices, and the suspect class of the rule in
-    ``signals`` (:attr:`suspect`); the reach probes are added by :func:`suspicion`."""
+    ``signals`` (:attr:`suspect`), corroborated by the additive probe under ``joint``
+    (:func:`corroborate`); the reach probes are added by :func:`suspicion`."""
 
     inversions: list[InversionResult]
     clean_features: torch.Tensor
@@ -206,6 +263,9 @@ class Screening:
     alignment_index: list[float]
     evidence: list[float]
     suspect: int
+    #: per class, the additive probe's evidence in index units (joint rule,
+    #: :func:`corroborate`); empty until corroborated, or when the rule takes none
+    corroboration: list[float] = field(default_factory=list)
 
     @property
     def top_evidence(self) -> float:
@@ -313,12 +373,35 @@ def screen(
     )
 
 
-def class_evidence(size_index: float, alignment_index: float, signals: Signals) -> float:
-    """A class's evidence (>= 0): the geometric mean of its two low-side anomaly indices
-    (``joint``), or its size index alone (``size``)."""
+def class_evidence(
+    size_index: float, alignment_index: float, signals: Signals, corroboration: float = 0.0
+) -> float:
+    """A class's evidence (>= 0): the geometric mean of its size index and its strongest
+    corroborating signal, the alignment index or ``corroboration`` (the additive probe's
+    evidence in index units, :func:`corroborate`) (``joint``), or its size index alone
+    (``size``)."""
     if signals == "size":
         return max(size_index, 0.0)
-    return math.sqrt(max(size_index, 0.0) * max(alignment_index, 0.0))
+    return math.sqrt(max(size_index, 0.0) * max(alignment_index, corroboration, 0.0))
+
+
+def corroborate(screening: Screening, additive: ProbeReach | None, config: ScanConfig) -> Screening:
+    """The screening with the additive probe's evidence as a second corroborating signal of
+    the ``joint`` rule: per class ``additive_corroboration`` times its additive evidence, which
+    counts in place of the alignment index where larger (:func:`class_evidence`); the evidence
+    and suspect are recomputed. A label-consistent patch backdoor leaves its target's prompt
+    aligned but makes the target reachable by a small full-image change (docs/method.md).
+    Unchanged for the ``size`` rule, without the probe, or with ``additive_corroboration``
+    0."""
+    if config.signals != "joint" or additive is None or config.additive_corroboration == 0:
+        return screening
+    units = [config.additive_corroboration * e for e in additive.evidence()]
+    evidence = [
+        class_evidence(s, a, config.signals, u)
+        for s, a, u in zip(screening.size_index, screening.alignment_index, units, strict=True)
+    ]
+    suspect = max(range(len(evidence)), key=lambda k: (evidence[k], -screening.sizes[k]))
+    return replace(screening, evidence=evidence, suspect=suspect, corroboration=units)
 
 
 def verdict_of(ratio: float, config: ScanConfig) -> str:
@@ -358,11 +441,18 @@ def decide(
         f"the trigger-size index {screening.size_index[k]:.2f} (smallest trigger "
         f"{screening.sizes[k]:.4f} of the image)"
     )
+    alignment = screening.alignment_index[k]
+    additive = screening.corroboration[k] if screening.corroboration else 0.0
+    corroborating = (
+        f"the additive probe's evidence in index units {additive:.2f} (text-alignment index "
+        f"{alignment:.2f})"
+        if additive > alignment
+        else f"the text-alignment index {alignment:.2f}"
+    )
     rule = (
-        f"{size} (text-alignment index {screening.alignment_index[k]:.2f}, not used)"
+        f"{size} (text-alignment index {alignment:.2f}, not used)"
         if config.signals == "size"
-        else f"geometric mean of {size} and the text-alignment index "
-        f"{screening.alignment_index[k]:.2f}"
+        else f"geometric mean of {size} and {corroborating}"
     )
     facts = (
         f"class {classnames[k]!r}: evidence {evidence:.2f} (backdoor from "
@@ -403,19 +493,28 @@ def locate_trigger(
     )
     probes: dict[str, ProbeReach] = {}
     reserve = config.refine_steps * config.batch_size if refining else 0
-    for family, steps in config.probes():
+    specs = config.probes()
+    n_classes = len(shots.classnames)
+    for i, spec in enumerate(specs):
         left = config.budget - (bundle.image_encoder_images - start_images) - reserve
-        with context.stage(f"{family.name} reach"):
-            probes[family.name] = probe_reach(
+        # an adapted probe's extra fits leave room for one fit of every later probe
+        later = sum(
+            probe_cost(shots.labels, n_classes, config.additive_images, s.steps)
+            for s in specs[i + 1 :]
+        )
+        with context.stage(f"{spec.family.name} reach"):
+            probes[spec.family.name] = run_probe(
                 bundle,
                 shots.pixels,
                 shots.labels,
                 classifier.class_features,
-                family,
-                steps,
+                spec,
                 config.additive_images,
                 budget=max(left, 0),
+                keep=later,
+                progress=context.progress,
             )
+    screening = corroborate(screening, probes.get("additive"), config)
     suspected = suspicion(screening, probes, config)
     kept = screening.inversions[suspected.suspect]
     left = config.budget - (bundle.image_encoder_images - start_images)
@@ -437,6 +536,48 @@ def locate_trigger(
         if refined.reached:
             kept = refined
     return screening, suspected, kept, refined
+
+
+def run_probe(
+    bundle: ModelBundle,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    class_features: torch.Tensor,
+    spec: ProbeSpec,
+    max_images: int,
+    budget: int,
+    keep: int = 0,
+    progress: Progress | None = None,
+) -> ProbeReach:
+    """The reach probe of ``spec`` on the shots: one fit at its bound
+    (:func:`~clipguard_cbpt.inversion.probe_reach`), or fits until the median class's reach
+    lies in its band (:func:`~clipguard_cbpt.inversion.probe_reach_in_band`; its extra fits
+    leave ``keep`` images of ``budget`` unspent)."""
+    if spec.band is None:
+        return probe_reach(
+            bundle,
+            pixels,
+            labels,
+            class_features,
+            spec.family,
+            spec.steps,
+            max_images,
+            budget,
+            progress=progress,
+        )
+    return probe_reach_in_band(
+        bundle,
+        pixels,
+        labels,
+        class_features,
+        spec.family,
+        spec.steps,
+        max_images,
+        budget,
+        spec.band,
+        keep,
+        progress=progress,
+    )
 
 
 def run_inversion(
@@ -563,6 +704,9 @@ class CBPTScanner(Scanner):
             "class_alignment": dict(zip(names, screening.alignment, strict=True)),
             "class_alignment_index": dict(zip(names, screening.alignment_index, strict=True)),
             "class_evidence": dict(zip(names, screening.evidence, strict=True)),
+            "class_additive_corroboration": dict(zip(names, screening.corroboration, strict=True))
+            if screening.corroboration
+            else None,
             **probe_statistics(suspected, names, config),
             "refined": None
             if refined is None
@@ -571,6 +715,7 @@ class CBPTScanner(Scanner):
             "thresholds": {
                 "evidence_threshold": config.threshold,
                 "inconclusive_fraction": config.inconclusive_fraction,
+                "additive_corroboration": config.additive_corroboration,
             },
             "image_encoder_images": bundle.image_encoder_images - start_images,
             "budget": config.budget,
@@ -622,6 +767,11 @@ def probe_statistics(suspected: Suspicion, names: list[str], config: ScanConfig)
                     "steps": probe.steps,
                     "skipped": probe.skipped,
                     "threshold": config.probe_threshold(name),
+                    "median_reach": probe.median,
+                    "tried": [
+                        {**family.settings(), "median_reach": median}
+                        for family, median in probe.tried
+                    ],
                 },
             }
         )
