@@ -240,7 +240,7 @@ def test_a_scan_reports_both_reach_probes(bundle, shots) -> None:
     assert 1 <= len(tried) <= 1 + config.additive_refits
     assert tried[0]["epsilon"] == config.additive_epsilon
     assert stats["additive"]["epsilon"] in [t["epsilon"] for t in tried]
-    assert stats["warp"]["tried"] == []
+    assert [t["max_pixels"] for t in stats["warp"]["tried"]] == [config.warp_pixels]
     assert stats["decided_by"] in ("rule", "additive", "warp")
     off = CBPTScanner().scan(
         bundle, shots, ScanConfig(**TINY_SCAN, budget=2_000, warp_pixels=0), RunContext(seed=0)

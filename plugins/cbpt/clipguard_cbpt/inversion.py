@@ -778,8 +778,8 @@ class ProbeReach:
     steps: int
     #: why the probe did not run (the encoder budget), else None
     skipped: str | None = None
-    #: every fit of a probe whose bound was adapted (:func:`probe_reach_in_band`), in order:
-    #: its family and median class reach; empty for a single fit
+    #: every fit of :func:`probe_reach_in_band`, in order: its family and median class
+    #: reach; empty for :func:`probe_reach` alone
     tried: list[tuple[ProbeFamily, float]] = field(default_factory=list)
 
     @property

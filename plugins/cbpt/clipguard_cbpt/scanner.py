@@ -77,7 +77,6 @@ from clipguard_cbpt.inversion import (
     mean_pairwise_cosine,
     prediction_distribution,
     probe_cost,
-    probe_reach,
     probe_reach_in_band,
     relative_collapse,
 )
@@ -100,6 +99,10 @@ DEFAULT_THRESHOLDS: dict[str, float] = {"joint": 2.0, "size": 1.99}
 
 #: the additive probe's default threshold (fitted on the even seeds of both lab zoos)
 DEFAULT_ADDITIVE_THRESHOLD = 0.24
+
+
+#: the band of a probe that keeps its bound: one fit, whatever its median
+FIXED_BOUND = MedianBand(0.0, 1.0, refits=0)
 
 
 @dataclass(frozen=True)
@@ -549,22 +552,10 @@ def run_probe(
     keep: int = 0,
     progress: Progress | None = None,
 ) -> ProbeReach:
-    """The reach probe of ``spec`` on the shots: one fit at its bound
-    (:func:`~clipguard_cbpt.inversion.probe_reach`), or fits until the median class's reach
-    lies in its band (:func:`~clipguard_cbpt.inversion.probe_reach_in_band`; its extra fits
-    leave ``keep`` images of ``budget`` unspent)."""
-    if spec.band is None:
-        return probe_reach(
-            bundle,
-            pixels,
-            labels,
-            class_features,
-            spec.family,
-            spec.steps,
-            max_images,
-            budget,
-            progress=progress,
-        )
+    """The reach probe of ``spec`` on the shots
+    (:func:`~clipguard_cbpt.inversion.probe_reach_in_band`): fits until the median class's
+    reach lies in its band, the extra fits leaving ``keep`` images of ``budget`` unspent; one
+    fit at its bound when it has no band."""
     return probe_reach_in_band(
         bundle,
         pixels,
@@ -574,7 +565,7 @@ def run_probe(
         spec.steps,
         max_images,
         budget,
-        spec.band,
+        spec.band or FIXED_BOUND,
         keep,
         progress=progress,
     )
