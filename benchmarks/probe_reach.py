@@ -32,7 +32,7 @@ import torch
 from clipguard.lab.train import SplitData, card_path, load_split_data, open_lab_dataset
 from clipguard.model import load_model
 from clipguard.prompts import PromptClassifier
-from clipguard_cbpt.scanner import ScanConfig, run_probe
+from clipguard_cbpt.scanner import FIXED_BOUND, ScanConfig, run_probe
 
 
 def fixed_shots(data: SplitData, shots: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +72,9 @@ def main() -> None:
     if args.probe not in probes:
         parser.error(f"the {args.probe} probe is off: its bound must be above 0")
     spec = probes[args.probe]
-    spec = replace(spec, steps=args.steps or spec.steps, band=None if args.fixed else spec.band)
+    spec = replace(
+        spec, steps=args.steps or spec.steps, band=FIXED_BOUND if args.fixed else spec.band
+    )
     root = open_lab_dataset(args.dataset)
     data_by_size: dict[int, tuple[SplitData, torch.Tensor, torch.Tensor]] = {}
     for path in args.models:

@@ -108,11 +108,12 @@ FIXED_BOUND = MedianBand(0.0, 1.0, refits=0)
 @dataclass(frozen=True)
 class ProbeSpec:
     """A reach probe as configured: its family at the starting bound, its Adam steps, and
-    the band its median class reach is brought into (None: the bound is kept)."""
+    the band its median class reach is brought into (:data:`FIXED_BOUND`: the bound is
+    kept)."""
 
     family: ProbeFamily
     steps: int
-    band: MedianBand | None = None
+    band: MedianBand = FIXED_BOUND
 
 
 class ScanConfig(InversionConfig):
@@ -359,11 +360,7 @@ def screen(
         alignment = text_alignment(clean_features, shots.labels, classifier.class_features)
     size_index = low_side_indices(sizes, log=True)
     alignment_index = low_side_indices(alignment)
-    evidence = [
-        class_evidence(s, a, config.signals)
-        for s, a in zip(size_index, alignment_index, strict=True)
-    ]
-    suspect = max(range(len(evidence)), key=lambda k: (evidence[k], -sizes[k]))
+    evidence, suspect = judge_classes(size_index, alignment_index, sizes, config.signals)
     return Screening(
         inversions,
         clean_features,
@@ -388,6 +385,24 @@ def class_evidence(
     return math.sqrt(max(size_index, 0.0) * max(alignment_index, corroboration, 0.0))
 
 
+def judge_classes(
+    size_index: list[float],
+    alignment_index: list[float],
+    sizes: list[float],
+    signals: Signals,
+    corroboration: list[float] | None = None,
+) -> tuple[list[float], int]:
+    """Every class's evidence under ``signals`` (:func:`class_evidence`, with the additive
+    ``corroboration`` in index units when given) and the suspect: the class with the most,
+    the smaller trigger on ties."""
+    units = corroboration or [0.0] * len(size_index)
+    evidence = [
+        class_evidence(s, a, signals, u)
+        for s, a, u in zip(size_index, alignment_index, units, strict=True)
+    ]
+    return evidence, max(range(len(evidence)), key=lambda k: (evidence[k], -sizes[k]))
+
+
 def corroborate(screening: Screening, additive: ProbeReach | None, config: ScanConfig) -> Screening:
     """The screening with the additive probe's evidence as a second corroborating signal of
     the ``joint`` rule: per class ``additive_corroboration`` times its additive evidence, which
@@ -399,11 +414,9 @@ def corroborate(screening: Screening, additive: ProbeReach | None, config: ScanC
     if config.signals != "joint" or additive is None or config.additive_corroboration == 0:
         return screening
     units = [config.additive_corroboration * e for e in additive.evidence()]
-    evidence = [
-        class_evidence(s, a, config.signals, u)
-        for s, a, u in zip(screening.size_index, screening.alignment_index, units, strict=True)
-    ]
-    suspect = max(range(len(evidence)), key=lambda k: (evidence[k], -screening.sizes[k]))
+    evidence, suspect = judge_classes(
+        screening.size_index, screening.alignment_index, screening.sizes, config.signals, units
+    )
     return replace(screening, evidence=evidence, suspect=suspect, corroboration=units)
 
 
@@ -554,8 +567,8 @@ def run_probe(
 ) -> ProbeReach:
     """The reach probe of ``spec`` on the shots
     (:func:`~clipguard_cbpt.inversion.probe_reach_in_band`): fits until the median class's
-    reach lies in its band, the extra fits leaving ``keep`` images of ``budget`` unspent; one
-    fit at its bound when it has no band."""
+    reach lies in its band, the extra fits leaving ``keep`` images of ``budget`` unspent (one
+    fit for :data:`FIXED_BOUND`)."""
     return probe_reach_in_band(
         bundle,
         pixels,
@@ -565,7 +578,7 @@ def run_probe(
         spec.steps,
         max_images,
         budget,
-        spec.band or FIXED_BOUND,
+        spec.band,
         keep,
         progress=progress,
     )
