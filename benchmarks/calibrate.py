@@ -18,7 +18,8 @@ import datetime
 import json
 import shlex
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,23 +33,48 @@ from harness import Harness, ZooModel, find_models, update_docs
 from clipguard.api import parse_options
 from clipguard.io import atomic_write_json
 from clipguard.progress import Progress
-from clipguard_cbpt.scanner import PROBES, ScanConfig, Signals, class_evidence, deciding_ratio
+from clipguard_cbpt.scanner import (
+    PROBES,
+    ScanConfig,
+    Signals,
+    class_evidence,
+    class_isolation,
+    deciding_ratio,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def top_evidence(scan: dict[str, Any], signals: Signals = "joint") -> tuple[float, str]:
+def top_evidence(
+    scan: dict[str, Any],
+    signals: Signals = "joint",
+    threshold: float = 2.0,
+    isolation_threshold: float | None = None,
+) -> tuple[float, str]:
     """The largest class evidence of a scan under the rule ``signals`` and its class,
     recomputed from the per-class indices in the report (so scans made under other rules and
     thresholds are judged alike), the additive probe corroborating as the scan's settings
-    say (none for scans made before it did)."""
+    say (none for scans made before it did). Under ``joint`` a size index's isolation counts
+    in units of ``threshold / isolation_threshold`` (default: the isolation threshold the
+    scan recorded, none for scans made before the scanner used it; 0 = off)."""
     statistics = scan["statistics"]
     sizes, alignments = statistics["class_size_index"], statistics["class_alignment_index"]
-    scale = statistics.get("thresholds", {}).get("additive_corroboration") or 0.0
+    recorded = statistics.get("thresholds", {})
+    scale = recorded.get("additive_corroboration") or 0.0
     additive = statistics.get("class_additive_evidence") or {}
+    if isolation_threshold is None:
+        isolation_threshold = recorded.get("isolation_threshold") or 0.0
+    units = threshold / isolation_threshold if isolation_threshold else 0.0
+    isolation = dict(zip(sizes, class_isolation(list(sizes.values())), strict=True))
     evidence = {
-        k: class_evidence(sizes[k], alignments[k], signals, scale * additive.get(k, 0.0))
+        k: class_evidence(
+            sizes[k],
+            alignments[k],
+            signals,
+            scale * additive.get(k, 0.0),
+            units * isolation[k],
+        )
         for k in sizes
     }
     suspect = max(sorted(evidence), key=lambda k: evidence[k])
@@ -74,11 +100,13 @@ class Rule:
     signals: Signals
     threshold: float
     probe_thresholds: dict[str, float] = field(default_factory=dict)
+    #: the joint rule's isolation threshold (None: as each scan recorded; 0: off)
+    isolation_threshold: float | None = None
 
 
 def judge(scan: dict[str, Any], rule: Rule) -> tuple[bool, str]:
     """``(flagged, suspect)`` of a scan under ``rule``."""
-    evidence, suspect = top_evidence(scan, rule.signals)
+    evidence, suspect = top_evidence(scan, rule.signals, rule.threshold, rule.isolation_threshold)
     tops = {
         name: top for name in rule.probe_thresholds if (top := top_probe(scan, name)) is not None
     }
@@ -109,26 +137,39 @@ def rates(scans: list[dict[str, Any]], rule: Rule) -> dict[str, Any]:
     }
 
 
-def fit_threshold(
-    scans: list[dict[str, Any]],
-    signals: Signals = "joint",
-    probe_thresholds: dict[str, float] | None = None,
+def _best_cut(
+    scans: list[dict[str, Any]], values: set[float], rule_at: Callable[[float], Rule]
 ) -> float:
-    """The evidence threshold of ``signals`` maximising TPR - FPR on ``scans`` (the reach
-    probes held at ``probe_thresholds``).
-
-    Candidates are the midpoints between the models' top evidence values; among those with
-    the best TPR - FPR the middle of the tied range is taken (the widest margin).
-    """
-    tops = sorted({top_evidence(s, signals)[0] for s in scans})
+    """The cut maximising TPR - FPR of ``rule_at(cut)`` on ``scans``: candidates are the
+    midpoints between the sorted ``values``; among the best the middle of the tied range is
+    taken (the widest margin)."""
+    tops = sorted(values)
     cuts = [(a + b) / 2 for a, b in pairwise(tops)] or [tops[0]]
     scored = []
     for cut in cuts:
-        result = rates(scans, Rule(signals, cut, dict(probe_thresholds or {})))
+        result = rates(scans, rule_at(cut))
         scored.append(((result["tpr"] or 0) - (result["fpr"] or 0), cut))
     best = max(y for y, _ in scored)
     tied = [c for y, c in scored if y == best]
     return (tied[0] + tied[-1]) / 2
+
+
+def fit_threshold(scans: list[dict[str, Any]], rule: Rule) -> float:
+    """The evidence threshold of ``rule`` maximising TPR - FPR on ``scans`` (its reach probes
+    and isolation threshold held), among the midpoints of the models' corroborated top
+    evidence values (:func:`_best_cut`)."""
+    values = {top_evidence(s, rule.signals, isolation_threshold=0)[0] for s in scans}
+    return _best_cut(scans, values, lambda cut: replace(rule, threshold=cut))
+
+
+def fit_isolation_threshold(scans: list[dict[str, Any]], rule: Rule) -> float:
+    """The isolation threshold of the joint ``rule`` maximising TPR - FPR on ``scans`` (its
+    evidence and probe thresholds held), among the midpoints of the models' largest
+    isolation values (:func:`_best_cut`)."""
+    values = {
+        max(class_isolation(list(s["statistics"]["class_size_index"].values()))) for s in scans
+    }
+    return _best_cut(scans, values, lambda cut: replace(rule, isolation_threshold=cut))
 
 
 def _card_asr(model: ZooModel) -> float:
@@ -151,7 +192,7 @@ def per_attack_table(models: list[ZooModel], scans: dict[str, Any], rule: Rule) 
         detected = [m for m, flagged, _ in judged if flagged]
         right = [m for m, flagged, suspect in judged if flagged and suspect == m.target]
         values = ", ".join(
-            f"s{_seed(m)}: {top_evidence(scans[m.name], rule.signals)[0]:.2f}" for m in chosen
+            f"s{_seed(m)}: {_rule_evidence(scans[m.name], rule):.2f}" for m in chosen
         )
         row = (
             f"| {attack} | {len(chosen)} | {len(detected)} | "
@@ -165,6 +206,10 @@ def per_attack_table(models: list[ZooModel], scans: dict[str, Any], rule: Rule) 
             row += " " + ", ".join(cells) + " |"
         lines.append(row)
     return "\n".join(lines) + "\n"
+
+
+def _rule_evidence(scan: dict[str, Any], rule: Rule) -> float:
+    return top_evidence(scan, rule.signals, rule.threshold, rule.isolation_threshold)[0]
 
 
 def _seed(model: ZooModel) -> int:
@@ -189,9 +234,18 @@ def calibration_table(
         )
         or "reach probes ignored"
     )
+    isolation = (
+        ""
+        if rule.signals != "joint"
+        else "; isolation as each scan recorded"
+        if rule.isolation_threshold is None
+        else f"; isolation from {rule.isolation_threshold:.2f}"
+        if rule.isolation_threshold
+        else "; isolation off"
+    )
     lines = [
-        f"{how}: evidence threshold {rule.threshold:.2f}, rule `signals = {rule.signals}`; "
-        f"{probe}.",
+        f"{how}: evidence threshold {rule.threshold:.2f}, rule `signals = {rule.signals}`"
+        f"{isolation}; {probe}.",
         "",
         "| models | backdoored | clean | TPR | FPR | target right | missed | false alarms "
         "| wrong target |",
@@ -252,6 +306,16 @@ def main(
             "the probe"
         ),
     ] = None,
+    isolation_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="joint rule: isolation threshold (default: as each scan recorded; 0 = off)"
+        ),
+    ] = None,
+    fit_isolation: Annotated[
+        bool,
+        typer.Option(help="fit the isolation threshold on the even seeds first (joint rule)"),
+    ] = False,
     no_additive: Annotated[bool, typer.Option(help="ignore the additive probe")] = False,
     no_warp: Annotated[bool, typer.Option(help="ignore the warp probe")] = False,
     quiet: bool = False,
@@ -285,14 +349,17 @@ def main(
         name: given[name] or defaults.probe_threshold(name) for name in PROBES if not ignored[name]
     }
     fitted = threshold is None
+    rule = Rule(signals_rule, threshold or defaults.threshold, probes, isolation_threshold)
+    if fit_isolation:
+        rule = replace(rule, isolation_threshold=fit_isolation_threshold(fit_scans, rule))
     if threshold is None:
-        threshold = fit_threshold(fit_scans, signals_rule, probes)
-    rule = Rule(signals_rule, threshold, probes)
+        rule = replace(rule, threshold=fit_threshold(fit_scans, rule))
     summary = {
         "fitted": fitted,
         "signals": signals_rule,
         "thresholds": {
-            "evidence_threshold": threshold,
+            "evidence_threshold": rule.threshold,
+            "isolation_threshold": rule.isolation_threshold,
             **{f"{name}_threshold": probes.get(name) for name in PROBES},
         },
         "fit": rates(fit_scans, rule) if fit_scans else None,

@@ -24,6 +24,7 @@ from typing import Any
 
 from clipguard.io import atomic_write_json, atomic_write_text
 from clipguard.progress import Progress
+from clipguard.report import cpu_model
 
 #: defence name -> (purifier plugin, options, needs the scan's trigger)
 DEFENCES: dict[str, tuple[str, dict[str, Any], bool]] = {
@@ -165,6 +166,7 @@ class Harness:
         self.results["machine"] = {
             "platform": platform.platform(),
             "processor": platform.processor(),
+            "cpu": cpu_model(),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
         }

@@ -31,6 +31,13 @@ class ToolInfo(_Model):
     torch: str
     open_clip: str
     platform: str
+    cpu: str | None = Field(
+        None,
+        description=(
+            "processor model (floating-point results, and so trained weights, can differ "
+            "between processors with the same seed)"
+        ),
+    )
     plugins: dict[str, str] = Field(default_factory=dict, description="plugin name -> version")
 
 
@@ -253,8 +260,22 @@ def tool_info(plugins: dict[str, str] | None = None) -> ToolInfo:
         torch=torch.__version__,
         open_clip=open_clip.__version__,
         platform=platform.platform(),
+        cpu=cpu_model(),
         plugins=plugins or {},
     )
+
+
+def cpu_model() -> str | None:
+    """The processor's model name (``/proc/cpuinfo`` on Linux, else what :mod:`platform`
+    reports; None when neither says)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def utc_now() -> datetime:

@@ -10,7 +10,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from calibrate import Rule, fit_threshold, judge, rates, top_evidence  # noqa: E402
+from calibrate import (  # noqa: E402
+    Rule,
+    fit_isolation_threshold,
+    fit_threshold,
+    judge,
+    rates,
+    top_evidence,
+)
 
 
 def _scan(
@@ -54,7 +61,8 @@ def test_judge_combines_the_rule_and_the_probes_as_the_scanner_does():
     result = rates([patch, sinus, clean], rule)
     assert (result["tpr"], result["fpr"], result["target_accuracy"]) == (1.0, 0.0, 1.0)
     # with the probe held, the rule's threshold is fitted between clean and patch
-    assert 1.2 < fit_threshold([patch, sinus, clean], "size", {"additive": 0.2}) < 4.0
+    fitted = fit_threshold([patch, sinus, clean], Rule("size", 2.0, {"additive": 0.2}))
+    assert 1.2 < fitted < 4.0
 
 
 def test_the_joint_rule_is_corroborated_as_the_scan_recorded():
@@ -68,3 +76,25 @@ def test_the_joint_rule_is_corroborated_as_the_scan_recorded():
     assert suspect == "a" and value == pytest.approx((3.0 * 2.0) ** 0.5)
     assert top_evidence(lc, "size") == (3.0, "a")
     assert judge(lc, Rule("joint", 2.0, {"additive": 0.24})) == (True, "a")
+
+
+def test_an_isolated_size_index_counts_under_the_joint_rule_as_given_or_recorded():
+    """A size index far above every other class's is evidence on its own under ``joint``
+    (its isolation over the isolation threshold, in evidence-threshold units); scans made
+    before the scanner used it are judged without it unless a threshold is given; the
+    fitted isolation threshold lies between the clean model's isolation and the patch's."""
+    patch = _scan("badnets-s0", "badnets", "a", {"a": 4.0, "b": 0.5, "c": 0.0}, None)
+    natural = _scan("clean-s0", "none", None, {"a": 4.0, "b": 3.0, "c": 0.0}, None)
+    assert top_evidence(patch, "joint") == (0.0, "a")  # recorded nothing: off
+    value, suspect = top_evidence(patch, "joint", threshold=2.0, isolation_threshold=1.75)
+    assert suspect == "a" and value == pytest.approx(3.5 * 2.0 / 1.75)
+    patch["statistics"]["thresholds"] = {"isolation_threshold": 1.75}
+    assert top_evidence(patch, "joint", threshold=2.0)[0] == pytest.approx(4.0)
+    assert top_evidence(patch, "size")[0] == 4.0
+    rule = Rule("joint", 2.0, isolation_threshold=1.75)
+    assert judge(patch, rule) == (True, "a")
+    assert judge(natural, rule)[0] is False
+    assert judge(patch, Rule("joint", 2.0, isolation_threshold=0))[0] is False
+    fitted = fit_isolation_threshold([patch, natural], Rule("joint", 2.0))
+    assert 1.0 < fitted < 3.5
+    assert rates([patch, natural], Rule("joint", 2.0, isolation_threshold=fitted))["tpr"] == 1.0

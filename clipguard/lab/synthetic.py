@@ -188,12 +188,16 @@ def write_synthetic(
     n_test_per_class: int = 100,
     progress: Progress | None = None,
     overwrite: bool = False,
+    keep_complete: bool = False,
 ) -> Path:
     """Write the synthetic set as an ImageFolder ``out_dir/train`` and ``out_dir/test`` (PNG).
 
     The set is written into a temporary folder beside ``out_dir`` and renamed into place. An
     existing non-empty ``out_dir`` is an :class:`InputError` unless ``overwrite``. A
-    ``synthetic.json`` marker records the parameters. Returns ``out_dir``.
+    ``synthetic.json`` marker records the parameters. With ``keep_complete``, a complete set
+    (with its marker) that another process put at ``out_dir`` meanwhile is kept and this
+    copy discarded, so concurrent writers of one cache never delete a set being read.
+    Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
@@ -221,6 +225,9 @@ def write_synthetic(
             "image_size": IMAGE_SIZE,
         }
         (temporary / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+        if keep_complete and (out_dir / MARKER_FILE).is_file():
+            shutil.rmtree(temporary)
+            return out_dir
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(temporary, out_dir)
@@ -247,5 +254,11 @@ def cached_synthetic(
     if (root / MARKER_FILE).is_file():
         return root
     return write_synthetic(
-        root, seed, n_train_per_class, n_test_per_class, progress=progress, overwrite=True
+        root,
+        seed,
+        n_train_per_class,
+        n_test_per_class,
+        progress=progress,
+        overwrite=True,
+        keep_complete=True,
     )

@@ -19,8 +19,10 @@ from clipguard_cbpt.scanner import (
     ScanConfig,
     Screening,
     class_evidence,
+    class_isolation,
     corroborate,
     decide,
+    judge_classes,
     suspicion,
 )
 from clipguard_cbpt.signals import low_side_indices
@@ -35,14 +37,23 @@ def test_plugin_registers_scanner_and_purifiers() -> None:
 def _screening(
     size_index: list[float], alignment_index: list[float], signals: str = "joint"
 ) -> Screening:
-    evidence = [
-        class_evidence(s, a, signals)  # type: ignore[arg-type]
-        for s, a in zip(size_index, alignment_index, strict=True)
-    ]
-    suspect = max(range(len(evidence)), key=lambda k: evidence[k])
+    """A screening as :func:`screen` judges these indices under the default thresholds."""
     n = len(size_index)
+    isolation = class_isolation(size_index)
+    config = ScanConfig(signals=signals)  # type: ignore[arg-type]
+    evidence, suspect = judge_classes(
+        size_index, alignment_index, [0.01] * n, config, isolation=isolation
+    )
     return Screening(
-        [], torch.zeros(n, 4), [0.01] * n, size_index, [0.8] * n, alignment_index, evidence, suspect
+        [],
+        torch.zeros(n, 4),
+        [0.01] * n,
+        size_index,
+        [0.8] * n,
+        alignment_index,
+        evidence,
+        suspect,
+        isolation,
     )
 
 
@@ -68,8 +79,8 @@ def test_decide_needs_both_signals_on_one_class() -> None:
     assert verdict == "backdoor" and score > 0.5 and "'a'" in explanation
     exact = _screening([config.evidence_threshold] * 3, [0, config.evidence_threshold, 0])
     assert _decide(exact, names, config)[:2] == ("backdoor", pytest.approx(0.5))
-    # a natural trigger on one class and a drifted prompt on another: no backdoor
-    split = _screening([10.0, 0, 0], [0, 10.0, 0])
+    # natural triggers on two classes and a drifted prompt on a third: no backdoor
+    split = _screening([10.0, 9.0, 0], [0, 0, 10.0])
     assert _decide(split, names, config)[0] == "clean"
     weak = config.evidence_threshold * 0.8
     assert _decide(_screening([weak, 0, 0], [weak, 0, 0]), names, config)[0] == "inconclusive"
@@ -83,10 +94,43 @@ def test_the_size_rule_judges_the_trigger_size_alone() -> None:
     assert ScanConfig(signals="size", evidence_threshold=9.0).evidence_threshold == 9.0
     names = ["a", "b", "c"]
     high = config.threshold * 1.1
-    # a small trigger without a drifted prompt: backdoor under "size", clean under "joint"
-    verdict, _, explanation = _decide(_screening([high, 0, 0], [0, 0, 0], "size"), names, config)
+    # small triggers on two classes, no drifted prompt: backdoor under "size", clean under
+    # "joint" (the smallest is not isolated)
+    two = [high, high * 0.8, 0]
+    verdict, _, explanation = _decide(_screening(two, [0, 0, 0], "size"), names, config)
     assert verdict == "backdoor" and "'a'" in explanation and "not used" in explanation
-    assert _decide(_screening([high, 0, 0], [0, 0, 0]), names, ScanConfig())[0] == "clean"
+    assert _decide(_screening(two, [0, 0, 0]), names, ScanConfig())[0] == "clean"
+
+
+def test_an_isolated_trigger_size_is_evidence_on_its_own_under_the_joint_rule() -> None:
+    """One class far easier to reach than every other (a planted patch) is a backdoor under
+    ``joint`` without a drifted prompt, its isolation counting in evidence units (the
+    isolation threshold counts as the evidence threshold); a runner-up close behind (natural
+    triggers on several classes) takes that away; ``isolation_threshold = 0`` turns it off."""
+    assert class_isolation([5.0, 2.0, 0.0]) == pytest.approx([3.0, 0.0, 0.0])
+    assert class_isolation([2.0, 2.0]) == [0.0, 0.0]
+    assert class_isolation([1.5]) == [1.5]
+    config = ScanConfig()
+    names = ["a", "b", "c"]
+    gap = config.isolation_threshold * 1.2
+    isolated = _screening([gap + 0.5, 0.5, 0.0], [0, 0, 0])
+    verdict, score, explanation = _decide(isolated, names, config)
+    assert verdict == "backdoor" and score == pytest.approx(1.2 / 2.2)
+    assert "'a'" in explanation and "above every other class's" in explanation
+    crowded = _screening([gap + 0.5, gap, 0.0], [0, 0, 0])
+    assert _decide(crowded, names, config)[0] == "clean"
+    evidence, _ = judge_classes(
+        [gap + 0.5, 0.5, 0.0],
+        [0, 0, 0],
+        [0.01] * 3,
+        ScanConfig(isolation_threshold=0),
+        isolation=class_isolation([gap + 0.5, 0.5, 0.0]),
+    )
+    assert evidence == [0.0, 0.0, 0.0]
+    # a corroborated class keeps the geometric mean where it is larger
+    assert class_evidence(4.0, 9.0, "joint", isolation=1.0) == pytest.approx(6.0)
+    assert class_evidence(4.0, 0.0, "joint", isolation=1.0) == pytest.approx(1.0)
+    assert class_evidence(4.0, 0.0, "size", isolation=9.0) == pytest.approx(4.0)
 
 
 def test_the_additive_probe_corroborates_the_size_index_under_the_joint_rule() -> None:
@@ -96,7 +140,7 @@ def test_the_additive_probe_corroborates_the_size_index_under_the_joint_rule() -
     and ``additive_corroboration = 0``, leave the screening as it was."""
     config = ScanConfig()
     names = ["a", "b", "c", "d"]
-    small_trigger = _screening([3.0, 0.5, 0, 0], [0, 0.2, 0, 0])
+    small_trigger = _screening([3.0, 2.0, 0, 0], [0, 0.2, 0, 0])  # not isolated
     assert _decide(small_trigger, names, config)[0] == "clean"
     reach = ProbeReach(ADDITIVE, [0.3, 0.1, 0.1, 0.1], steps=30)  # evidence 0.2 for "a"
     corroborated = corroborate(small_trigger, reach, config)

@@ -72,6 +72,31 @@ def test_write_refuses_a_non_empty_folder(tmp_path):
     assert not (tmp_path / "syn" / "keep.txt").exists()
 
 
+def test_a_complete_set_written_meanwhile_is_kept_for_its_readers(tmp_path):
+    """Two shards of a zoo build filling one cache at once: the second to finish keeps the
+    first's complete set (a reader may be using it) and leaves no temporary folder; an
+    incomplete folder (no marker) is still replaced."""
+    first = write_synthetic(tmp_path / "syn", n_train_per_class=1, n_test_per_class=1)
+    reader_file = next((first / "train").rglob("*.png"))
+    inode = reader_file.stat().st_ino
+    again = write_synthetic(
+        first, n_train_per_class=1, n_test_per_class=1, overwrite=True, keep_complete=True
+    )
+    assert again == first and reader_file.stat().st_ino == inode
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "keep.txt").write_text("x")
+    write_synthetic(
+        tmp_path / "partial",
+        n_train_per_class=1,
+        n_test_per_class=1,
+        overwrite=True,
+        keep_complete=True,
+    )
+    assert (tmp_path / "partial" / MARKER_FILE).is_file()
+    assert not (tmp_path / "partial" / "keep.txt").exists()
+
+
 def test_the_cached_set_is_named_and_marked_with_its_version(monkeypatch, tmp_path):
     monkeypatch.setenv("CLIPGUARD_CACHE", str(tmp_path))
     root = cached_synthetic(seed=3, n_train_per_class=1, n_test_per_class=1)

@@ -12,13 +12,16 @@ Procedure (see ``docs/method.md``):
    class's evidence is the geometric mean of its two indices, so it must stand out on both:
    on the synthetic lab zoo, clean models have classes with a natural trigger (an
    anomalously small ``n_k``) or a drifted prompt (a low ``a_k``), but not both on one
-   class. With ``signals = "size"`` it is the size index alone: on the CIFAR-10 zoo no clean
-   class has a natural trigger, and the poisoned target's prompt is not drifted, so the
-   joint rule misses backdoors that the size index shows. The suspect is the class with
-   the most evidence. Under ``joint`` the additive probe (3b) corroborates too: a class's
-   additive evidence times ``additive_corroboration`` counts in place of its alignment index
-   where larger (:func:`corroborate`), since a label-consistent patch backdoor leaves its
-   target's prompt aligned but makes the target reachable by a small full-image change.
+   class. Under ``joint`` the additive probe (3b) corroborates too: a class's additive
+   evidence times ``additive_corroboration`` counts in place of its alignment index where
+   larger (:func:`corroborate`), since a label-consistent patch backdoor leaves its target's
+   prompt aligned but makes the target reachable by a small full-image change. And a size
+   index that stands far above every other class's (its *isolation*,
+   :func:`class_isolation`, from ``isolation_threshold``) is evidence on its own: a planted
+   patch makes one class anomalously easy to reach, natural triggers come to several
+   classes (on the CIFAR-10 zoo the patch targets' prompts are not drifted, and isolation is
+   what names them). With ``signals = "size"`` the evidence is the size index alone. The
+   suspect is the class with the most evidence.
 3b. **Reach probes** (:func:`~clipguard_cbpt.inversion.probe_reach`): per class, the share
    of held-out shots of the other classes that one small universal transformation, fitted on
    the other shots, sends to it. The *additive* probe (a perturbation bounded per pixel)
@@ -100,6 +103,9 @@ DEFAULT_THRESHOLDS: dict[str, float] = {"joint": 2.0, "size": 1.99}
 #: the additive probe's default threshold (fitted on the even seeds of both lab zoos)
 DEFAULT_ADDITIVE_THRESHOLD = 0.24
 
+#: the joint rule's default isolation threshold (fitted on the even seeds of both lab zoos)
+DEFAULT_ISOLATION_THRESHOLD = 1.86
+
 
 #: the band of a probe that keeps its bound: one fit, whatever its median
 FIXED_BOUND = MedianBand(0.0, 1.0, refits=0)
@@ -132,8 +138,9 @@ class ScanConfig(InversionConfig):
         "joint",
         description=(
             "evidence of a class: 'joint' = geometric mean of its trigger-size and "
-            "text-alignment anomaly indices (robust where classes have natural triggers, as "
-            "in the synthetic set); 'size' = the trigger-size index alone (natural photographs)"
+            "text-alignment anomaly indices, or the size index's isolation (robust where "
+            "classes have natural triggers, as in the synthetic set, and calibrated on both lab "
+            "zoos); 'size' = the trigger-size index alone"
         ),
     )
     evidence_threshold: float | None = Field(
@@ -196,6 +203,16 @@ class ScanConfig(InversionConfig):
             "additive reach can corroborate its trigger-size index in place of its text "
             "alignment (default: the additive threshold counts as the joint threshold); "
             "0 = only the alignment corroborates"
+        ),
+    )
+    isolation_threshold: float = Field(
+        DEFAULT_ISOLATION_THRESHOLD,
+        ge=0,
+        description=(
+            "joint rule: how far a class's trigger-size index must stand above every other "
+            "class's to be evidence on its own, without a corroborating signal (a planted "
+            "trigger makes one class anomalously easy to reach; natural triggers come to "
+            "several); 0 = the size index always needs corroboration"
         ),
     )
     warp_pixels: float = Field(
@@ -267,6 +284,9 @@ class Screening:
     alignment_index: list[float]
     evidence: list[float]
     suspect: int
+    #: per class, how far its size index stands above every other class's
+    #: (:func:`class_isolation`)
+    isolation: list[float]
     #: per class, the additive probe's evidence in index units (joint rule,
     #: :func:`corroborate`); empty until corroborated, or when the rule takes none
     corroboration: list[float] = field(default_factory=list)
@@ -360,7 +380,10 @@ def screen(
         alignment = text_alignment(clean_features, shots.labels, classifier.class_features)
     size_index = low_side_indices(sizes, log=True)
     alignment_index = low_side_indices(alignment)
-    evidence, suspect = judge_classes(size_index, alignment_index, sizes, config.signals)
+    isolation = class_isolation(size_index)
+    evidence, suspect = judge_classes(
+        size_index, alignment_index, sizes, config, isolation=isolation
+    )
     return Screening(
         inversions,
         clean_features,
@@ -370,35 +393,64 @@ def screen(
         alignment_index,
         evidence,
         suspect,
+        isolation,
     )
 
 
+def class_isolation(size_index: list[float]) -> list[float]:
+    """Per class, how far its trigger-size index stands above every other class's (>= 0, so
+    non-zero for the largest alone). A planted trigger makes one class anomalously easy to
+    reach; natural triggers (classes told apart by one colour, docs/method.md) make several."""
+    isolation = []
+    for k, index in enumerate(size_index):
+        others = max((v for j, v in enumerate(size_index) if j != k), default=0.0)
+        isolation.append(max(index - others, 0.0))
+    return isolation
+
+
 def class_evidence(
-    size_index: float, alignment_index: float, signals: Signals, corroboration: float = 0.0
+    size_index: float,
+    alignment_index: float,
+    signals: Signals,
+    corroboration: float = 0.0,
+    isolation: float = 0.0,
 ) -> float:
-    """A class's evidence (>= 0): the geometric mean of its size index and its strongest
-    corroborating signal, the alignment index or ``corroboration`` (the additive probe's
-    evidence in index units, :func:`corroborate`) (``joint``), or its size index alone
-    (``size``)."""
+    """A class's evidence (>= 0). ``joint``: the geometric mean of its size index and its
+    strongest corroborating signal, the alignment index or ``corroboration`` (the additive
+    probe's evidence in index units, :func:`corroborate`), or ``isolation`` (how far its size
+    index stands above every other class's, in evidence units) where larger; ``size``: its
+    size index alone."""
     if signals == "size":
         return max(size_index, 0.0)
-    return math.sqrt(max(size_index, 0.0) * max(alignment_index, corroboration, 0.0))
+    corroborated = math.sqrt(max(size_index, 0.0) * max(alignment_index, corroboration, 0.0))
+    return max(corroborated, isolation)
+
+
+def isolation_units(config: ScanConfig) -> float:
+    """Evidence units per unit of isolation under the joint rule: an isolation of
+    ``isolation_threshold`` counts as the evidence threshold (0 when switched off)."""
+    if config.signals != "joint" or config.isolation_threshold == 0:
+        return 0.0
+    return config.threshold / config.isolation_threshold
 
 
 def judge_classes(
     size_index: list[float],
     alignment_index: list[float],
     sizes: list[float],
-    signals: Signals,
+    config: ScanConfig,
     corroboration: list[float] | None = None,
+    isolation: list[float] | None = None,
 ) -> tuple[list[float], int]:
-    """Every class's evidence under ``signals`` (:func:`class_evidence`, with the additive
-    ``corroboration`` in index units when given) and the suspect: the class with the most,
-    the smaller trigger on ties."""
+    """Every class's evidence under the rule of ``config`` (:func:`class_evidence`, with the
+    additive ``corroboration`` in index units and the ``isolation`` of each size index when
+    given) and the suspect: the class with the most, the smaller trigger on ties."""
     units = corroboration or [0.0] * len(size_index)
+    scale = isolation_units(config)
+    isolated = [scale * i for i in isolation] if isolation else [0.0] * len(size_index)
     evidence = [
-        class_evidence(s, a, signals, u)
-        for s, a, u in zip(size_index, alignment_index, units, strict=True)
+        class_evidence(s, a, config.signals, u, i)
+        for s, a, u, i in zip(size_index, alignment_index, units, isolated, strict=True)
     ]
     return evidence, max(range(len(evidence)), key=lambda k: (evidence[k], -sizes[k]))
 
@@ -415,7 +467,12 @@ def corroborate(screening: Screening, additive: ProbeReach | None, config: ScanC
         return screening
     units = [config.additive_corroboration * e for e in additive.evidence()]
     evidence, suspect = judge_classes(
-        screening.size_index, screening.alignment_index, screening.sizes, config.signals, units
+        screening.size_index,
+        screening.alignment_index,
+        screening.sizes,
+        config,
+        units,
+        screening.isolation,
     )
     return replace(screening, evidence=evidence, suspect=suspect, corroboration=units)
 
@@ -465,11 +522,16 @@ def decide(
         if additive > alignment
         else f"the text-alignment index {alignment:.2f}"
     )
-    rule = (
-        f"{size} (text-alignment index {alignment:.2f}, not used)"
-        if config.signals == "size"
-        else f"geometric mean of {size} and {corroborating}"
-    )
+    isolated = isolation_units(config) * screening.isolation[k]
+    if config.signals == "size":
+        rule = f"{size} (text-alignment index {alignment:.2f}, not used)"
+    elif isolated > 0 and isolated >= evidence:
+        rule = (
+            f"{size}, {screening.isolation[k]:.2f} above every other class's (isolated from "
+            f"{config.isolation_threshold:g}; {corroborating})"
+        )
+    else:
+        rule = f"geometric mean of {size} and {corroborating}"
     facts = (
         f"class {classnames[k]!r}: evidence {evidence:.2f} (backdoor from "
         f"{config.threshold:g}) = {rule}"
@@ -707,6 +769,7 @@ class CBPTScanner(Scanner):
             "class_size_index": dict(zip(names, screening.size_index, strict=True)),
             "class_alignment": dict(zip(names, screening.alignment, strict=True)),
             "class_alignment_index": dict(zip(names, screening.alignment_index, strict=True)),
+            "class_isolation": dict(zip(names, screening.isolation, strict=True)),
             "class_evidence": dict(zip(names, screening.evidence, strict=True)),
             "class_additive_corroboration": dict(zip(names, screening.corroboration, strict=True))
             if screening.corroboration
@@ -720,6 +783,7 @@ class CBPTScanner(Scanner):
                 "evidence_threshold": config.threshold,
                 "inconclusive_fraction": config.inconclusive_fraction,
                 "additive_corroboration": config.additive_corroboration,
+                "isolation_threshold": config.isolation_threshold,
             },
             "image_encoder_images": bundle.image_encoder_images - start_images,
             "budget": config.budget,
