@@ -40,6 +40,7 @@ from clipguard_cbpt.scanner import (
     class_evidence,
     class_isolation,
     deciding_ratio,
+    isolation_units,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,15 +50,16 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def top_evidence(
     scan: dict[str, Any],
     signals: Signals = "joint",
-    threshold: float = 2.0,
+    threshold: float | None = None,
     isolation_threshold: float | None = None,
 ) -> tuple[float, str]:
     """The largest class evidence of a scan under the rule ``signals`` and its class,
     recomputed from the per-class indices in the report (so scans made under other rules and
     thresholds are judged alike), the additive probe corroborating as the scan's settings
     say (none for scans made before it did). Under ``joint`` a size index's isolation counts
-    in units of ``threshold / isolation_threshold`` (default: the isolation threshold the
-    scan recorded, none for scans made before the scanner used it; 0 = off)."""
+    as the scanner counts it against the evidence ``threshold`` (default: the rule's) and
+    ``isolation_threshold`` (default: the one the scan recorded, none for scans made before
+    the scanner used it; 0 = off)."""
     statistics = scan["statistics"]
     sizes, alignments = statistics["class_size_index"], statistics["class_alignment_index"]
     recorded = statistics.get("thresholds", {})
@@ -65,7 +67,10 @@ def top_evidence(
     additive = statistics.get("class_additive_evidence") or {}
     if isolation_threshold is None:
         isolation_threshold = recorded.get("isolation_threshold") or 0.0
-    units = threshold / isolation_threshold if isolation_threshold else 0.0
+    rule = ScanConfig(
+        signals=signals, evidence_threshold=threshold, isolation_threshold=isolation_threshold
+    )
+    units = isolation_units(rule)
     isolation = dict(zip(sizes, class_isolation(list(sizes.values())), strict=True))
     evidence = {
         k: class_evidence(

@@ -39,11 +39,8 @@ def _screening(
 ) -> Screening:
     """A screening as :func:`screen` judges these indices under the default thresholds."""
     n = len(size_index)
-    isolation = class_isolation(size_index)
     config = ScanConfig(signals=signals)  # type: ignore[arg-type]
-    evidence, suspect = judge_classes(
-        size_index, alignment_index, [0.01] * n, config, isolation=isolation
-    )
+    evidence, suspect = judge_classes(size_index, alignment_index, [0.01] * n, config)
     return Screening(
         [],
         torch.zeros(n, 4),
@@ -53,7 +50,6 @@ def _screening(
         alignment_index,
         evidence,
         suspect,
-        isolation,
     )
 
 
@@ -124,7 +120,6 @@ def test_an_isolated_trigger_size_is_evidence_on_its_own_under_the_joint_rule() 
         [0, 0, 0],
         [0.01] * 3,
         ScanConfig(isolation_threshold=0),
-        isolation=class_isolation([gap + 0.5, 0.5, 0.0]),
     )
     assert evidence == [0.0, 0.0, 0.0]
     # a corroborated class keeps the geometric mean where it is larger

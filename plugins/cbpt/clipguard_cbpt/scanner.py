@@ -284,12 +284,15 @@ class Screening:
     alignment_index: list[float]
     evidence: list[float]
     suspect: int
-    #: per class, how far its size index stands above every other class's
-    #: (:func:`class_isolation`)
-    isolation: list[float]
     #: per class, the additive probe's evidence in index units (joint rule,
     #: :func:`corroborate`); empty until corroborated, or when the rule takes none
     corroboration: list[float] = field(default_factory=list)
+
+    @property
+    def isolation(self) -> list[float]:
+        """Per class, how far its size index stands above every other class's
+        (:func:`class_isolation`)."""
+        return class_isolation(self.size_index)
 
     @property
     def top_evidence(self) -> float:
@@ -380,10 +383,7 @@ def screen(
         alignment = text_alignment(clean_features, shots.labels, classifier.class_features)
     size_index = low_side_indices(sizes, log=True)
     alignment_index = low_side_indices(alignment)
-    isolation = class_isolation(size_index)
-    evidence, suspect = judge_classes(
-        size_index, alignment_index, sizes, config, isolation=isolation
-    )
+    evidence, suspect = judge_classes(size_index, alignment_index, sizes, config)
     return Screening(
         inversions,
         clean_features,
@@ -393,7 +393,6 @@ def screen(
         alignment_index,
         evidence,
         suspect,
-        isolation,
     )
 
 
@@ -440,14 +439,14 @@ def judge_classes(
     sizes: list[float],
     config: ScanConfig,
     corroboration: list[float] | None = None,
-    isolation: list[float] | None = None,
 ) -> tuple[list[float], int]:
     """Every class's evidence under the rule of ``config`` (:func:`class_evidence`, with the
-    additive ``corroboration`` in index units and the ``isolation`` of each size index when
-    given) and the suspect: the class with the most, the smaller trigger on ties."""
+    additive ``corroboration`` in index units when given, and the isolation of each size
+    index, :func:`class_isolation`) and the suspect: the class with the most, the smaller
+    trigger on ties."""
     units = corroboration or [0.0] * len(size_index)
     scale = isolation_units(config)
-    isolated = [scale * i for i in isolation] if isolation else [0.0] * len(size_index)
+    isolated = [scale * i for i in class_isolation(size_index)]
     evidence = [
         class_evidence(s, a, config.signals, u, i)
         for s, a, u, i in zip(size_index, alignment_index, units, isolated, strict=True)
@@ -472,7 +471,6 @@ def corroborate(screening: Screening, additive: ProbeReach | None, config: ScanC
         screening.sizes,
         config,
         units,
-        screening.isolation,
     )
     return replace(screening, evidence=evidence, suspect=suspect, corroboration=units)
 
