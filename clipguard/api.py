@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,15 @@ import tomllib
 import torch
 from pydantic import BaseModel, ValidationError
 
-from clipguard.components import RunContext, ShotSet
-from clipguard.data import ImageFolder, load_pixels, open_image_folder, split_shots, subsample
+from clipguard.components import RunContext, ScanOutcome, ShotSet, Verdict
+from clipguard.data import (
+    ImageFolder,
+    Sample,
+    load_pixels,
+    open_image_folder,
+    split_shots,
+    subsample,
+)
 from clipguard.errors import InputError
 from clipguard.io import atomic_write_bytes
 from clipguard.metrics import (
@@ -199,20 +208,36 @@ class _Run:
             )
         with self.context.stage("load data"):
             self.folder: ImageFolder = open_image_folder(data_dir, classnames_file)
-            self.shot_samples, self.rest_samples = split_shots(self.folder, shots, seed)
+        self.n_shots = shots
+        self.used_samples: list[Sample] = []
+        self._load_shots(seed)
+
+    def draw(self, seed: int) -> None:
+        """Draw another ``n_shots`` images per class with ``seed`` as the run's shots (the
+        rest are its held-out images) and seed the context and the global generators with
+        it, so the plugin called next sees an independent draw."""
+        seed_everything(seed)
+        self.context.seed = seed
+        self._load_shots(seed)
+
+    def _load_shots(self, seed: int) -> None:
+        with self.context.stage("load data"):
+            self.shot_samples, self.rest_samples = split_shots(self.folder, self.n_shots, seed)
             pixels, labels = load_pixels(
                 self.shot_samples, self.bundle.pixel_transform, self.progress, "loading shots"
             )
         self.shots = ShotSet(pixels=pixels, labels=labels, classnames=self.folder.classnames)
-        self.n_shots = shots
+        known = set(self.used_samples)
+        self.used_samples += [sample for sample in self.shot_samples if sample not in known]
 
     def data_info(self) -> DataInfo:
+        """The data folder and every shot drawn so far (count and content hash)."""
         return DataInfo(
             path=str(self.folder.root),
             classes=self.folder.classnames,
             shots=self.n_shots,
-            n_images=len(self.shot_samples),
-            files_sha256=self.folder.files_sha256(self.shot_samples),
+            n_images=len(self.used_samples),
+            files_sha256=self.folder.files_sha256(self.used_samples),
         )
 
     def run_info(self) -> RunInfo:
@@ -264,13 +289,21 @@ def scan(
     allow_torchscript: bool = False,
     out_dir: Path | str | None = None,
     quiet: bool = True,
+    draws: int = 1,
 ) -> Report:
     """Scan a checkpoint for a backdoor with a registered scanner.
 
     Loads the model safely, draws ``shots`` clean images per class from ``data_dir`` with
-    ``seed``, runs the scanner and returns the report. With ``out_dir`` it writes the
-    scanner's artefacts and ``report.json`` there, each atomically (the report last).
+    ``seed``, runs the scanner and returns the report. With ``draws`` = N > 1 the scanner
+    runs on N independent shot draws (seeds ``seed`` .. ``seed + N - 1``, the model loaded
+    once) and the finding combines them (:func:`combine_draws`): its verdict is the
+    majority's, its statistics and artefacts are those of a draw that gave that verdict, and
+    ``statistics["draws"]`` lists every draw's seed, verdict, score and target class. With
+    ``out_dir`` it writes the scanner's artefacts and ``report.json`` there, each atomically
+    (the report last).
     """
+    if draws < 1:
+        raise InputError(f"--draws must be at least 1, got {draws}")
     registry = get_registry()
     component = registry.scanner(scanner)
     config = build_config(component.Config, options, config_file, what=f"scanner {scanner}")
@@ -287,8 +320,13 @@ def scan(
         quiet,
         registry,
     )
-    with run.context.stage("scan"):
-        outcome = component.scan(run.bundle, run.shots, config, run.context)
+    outcomes = []
+    for draw in range(draws):
+        if draw:
+            run.draw(seed + draw)
+        with run.context.stage("scan"):
+            outcomes.append(component.scan(run.bundle, run.shots, config, run.context))
+    outcome = outcomes[0] if draws == 1 else combine_draws(outcomes, seed)
     out = Path(out_dir) if out_dir is not None else None
     artifacts = _write_artifacts(out, outcome.artifacts)
     finding = Finding(
@@ -314,6 +352,61 @@ def scan(
     if out is not None:
         write_report(out / "report.json", report)
     return report
+
+
+def majority_verdict(verdicts: Sequence[Verdict]) -> Verdict:
+    """The verdict of several scans of one model: ``backdoor`` or ``clean`` when more than
+    half of ``verdicts`` say so, else ``inconclusive``."""
+    for verdict in ("backdoor", "clean"):
+        if 2 * sum(v == verdict for v in verdicts) > len(verdicts):
+            return verdict
+    return "inconclusive"
+
+
+def combine_draws(outcomes: Sequence[ScanOutcome], first_seed: int) -> ScanOutcome:
+    """One finding from scans of one model on independent shot draws (``outcomes[i]`` drawn
+    with seed ``first_seed + i``).
+
+    The verdict is :func:`majority_verdict`'s and the score the median score. The finding
+    shown (explanation, statistics, artefacts, trigger) is the draw of median score among
+    those that gave the verdict and, for ``backdoor``, named the target class most of them
+    named (ties: the class named first); an ``inconclusive`` majority with no inconclusive
+    draw shows the draw of median score. ``statistics["draws"]`` lists every draw;
+    ``statistics["shown_draw"]`` is the seed of the one shown.
+    """
+    verdict = majority_verdict([o.verdict for o in outcomes])
+    seeded = [(first_seed + i, o) for i, o in enumerate(outcomes)]
+    agreeing = [(seed, o) for seed, o in seeded if o.verdict == verdict] or seeded
+    if verdict == "backdoor":
+        named = Counter(o.target_class for _, o in agreeing)  # ordered by first naming
+        top_target = max(named, key=named.__getitem__)
+        agreeing = [(seed, o) for seed, o in agreeing if o.target_class == top_target]
+    ranked = sorted(agreeing, key=lambda pair: (pair[1].score, pair[0]))
+    shown_seed, shown = ranked[(len(ranked) - 1) // 2]
+    counts = Counter(o.verdict for o in outcomes)
+    tally = ", ".join(f"{counts[v]} {v}" for v in ("backdoor", "inconclusive", "clean"))
+    draws = [
+        {
+            "seed": seed,
+            "verdict": o.verdict,
+            "score": float(o.score),
+            "target_class": o.target_class,
+        }
+        for seed, o in seeded
+    ]
+    return ScanOutcome(
+        verdict=verdict,
+        score=float(statistics.median(o.score for o in outcomes)),
+        target_class=shown.target_class if verdict != "clean" else None,
+        explanation=(
+            f"{verdict} by majority of {len(outcomes)} shot draws (seeds {first_seed} to "
+            f"{first_seed + len(outcomes) - 1}: {tally}); shown, the draw of seed "
+            f"{shown_seed}: {shown.explanation}"
+        ),
+        statistics={**shown.statistics, "draws": draws, "shown_draw": shown_seed},
+        artifacts=shown.artifacts,
+        trigger=shown.trigger,
+    )
 
 
 # --------------------------------------------------------------------------- purify

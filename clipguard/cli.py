@@ -172,6 +172,16 @@ def scan(
     arch: ArchOpt = None,
     allow_torchscript: TorchScriptOpt = False,
     seed: SeedOpt = 0,
+    draws: Annotated[
+        int,
+        typer.Option(
+            "--draws",
+            help=(
+                "scan on this many independent draws of --shots per class (seeds SEED, "
+                "SEED+1, ...) and give the majority's verdict; each draw costs a scan"
+            ),
+        ),
+    ] = 1,
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
     output_format: FormatOpt = None,
@@ -193,6 +203,7 @@ def scan(
         allow_torchscript=allow_torchscript,
         out_dir=out,
         quiet=quiet or output_format is not None,
+        draws=draws,
     )
     if output_format is not None:
         _emit(report, output_format, out)

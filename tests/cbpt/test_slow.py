@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from clipguard_cbpt.scanner import ScanConfig
+
 pytestmark = pytest.mark.slow
 
 ATTACK = "badnets"
@@ -64,7 +66,9 @@ def test_scan_flags_the_backdoored_model_and_its_target(backdoored, backdoored_s
     # the inverted trigger sends the other classes' shots to the target
     assert finding.statistics["dominant_class"] == target
     assert finding.statistics["dominant_share_others"] > 0.8
-    assert report.run.seconds < 240
+    # its cost is bounded by the default budget of encoder images plus a few measurements over
+    # the shots (seconds are the benchmark harness's: they depend on what else runs here)
+    assert 0 < report.run.image_encoder_images <= ScanConfig().budget + 4 * report.data.n_images
 
 
 def test_scan_passes_the_clean_model(clean, tmp_path) -> None:
