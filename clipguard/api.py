@@ -370,14 +370,18 @@ def combine_draws(outcomes: Sequence[ScanOutcome], first_seed: int) -> ScanOutco
     The verdict is :func:`majority_verdict`'s and the score the median score. The finding
     shown (explanation, statistics, artefacts, trigger) is the draw of median score among
     those that gave the verdict and, for ``backdoor``, named the target class most of them
-    named (ties: the class named first); an ``inconclusive`` majority with no inconclusive
-    draw shows the draw of median score. ``statistics["draws"]`` lists every draw;
+    named (ties: the class named first). A split vote (an ``inconclusive`` majority with no
+    inconclusive draw, possible for an even N) shows its ``backdoor`` draws' median, so the
+    trigger written is the suspected one and a purifier treats it as it treats an
+    inconclusive scan. ``statistics["draws"]`` lists every draw;
     ``statistics["shown_draw"]`` is the seed of the one shown.
     """
     verdict = majority_verdict([o.verdict for o in outcomes])
     seeded = [(first_seed + i, o) for i, o in enumerate(outcomes)]
-    agreeing = [(seed, o) for seed, o in seeded if o.verdict == verdict] or seeded
-    if verdict == "backdoor":
+    agreeing = [(seed, o) for seed, o in seeded if o.verdict == verdict] or [
+        (seed, o) for seed, o in seeded if o.verdict == "backdoor"
+    ]
+    if agreeing[0][1].verdict == "backdoor":
         named = Counter(o.target_class for _, o in agreeing)  # ordered by first naming
         top_target = max(named, key=named.__getitem__)
         agreeing = [(seed, o) for seed, o in agreeing if o.target_class == top_target]

@@ -58,7 +58,8 @@ def test_combined_draws_show_the_median_draw_of_the_majority_and_its_target() ->
 def test_a_split_vote_is_inconclusive_and_a_clean_majority_names_no_target() -> None:
     split = combine_draws([_outcome("backdoor", 0.9, "cat"), _outcome("clean", 0.1, None)], 0)
     assert split.verdict == "inconclusive"
-    assert split.statistics["shown_draw"] == 1  # the lower median of both scores
+    assert split.statistics["shown_draw"] == 0  # the backdoor draw: its trigger is the suspect
+    assert split.target_class == "cat" and split.score == 0.5
     clean = combine_draws(
         [_outcome("inconclusive", 0.4, "cat"), _outcome("clean", 0.2, None)] * 2
         + [_outcome("clean", 0.3, None)],
