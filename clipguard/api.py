@@ -209,7 +209,7 @@ class _Run:
         with self.context.stage("load data"):
             self.folder: ImageFolder = open_image_folder(data_dir, classnames_file)
         self.n_shots = shots
-        self.used_samples: list[Sample] = []
+        self.used_samples: set[Sample] = set()
         self._load_shots(seed)
 
     def draw(self, seed: int) -> None:
@@ -227,8 +227,7 @@ class _Run:
                 self.shot_samples, self.bundle.pixel_transform, self.progress, "loading shots"
             )
         self.shots = ShotSet(pixels=pixels, labels=labels, classnames=self.folder.classnames)
-        known = set(self.used_samples)
-        self.used_samples += [sample for sample in self.shot_samples if sample not in known]
+        self.used_samples.update(self.shot_samples)
 
     def data_info(self) -> DataInfo:
         """The data folder and every shot drawn so far (count and content hash)."""
