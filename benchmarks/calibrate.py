@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
+from statistics import median
 from typing import Annotated, Any
 
 import typer
@@ -59,9 +60,10 @@ def top_evidence(
     say (none for scans made before it did). Under ``joint`` a size index's isolation counts
     as the scanner counts it against the evidence ``threshold`` (default: the rule's) and
     ``isolation_threshold`` (default: the one the scan recorded, none for scans made before
-    the scanner used it; 0 = off)."""
+    the scanner used it; 0 = off). A scan screened on several shot draws (its
+    ``screen_draws``) gives each class the median of its evidence on the draws, as the
+    scanner does."""
     statistics = scan["statistics"]
-    sizes, alignments = statistics["class_size_index"], statistics["class_alignment_index"]
     recorded = statistics.get("thresholds", {})
     scale = recorded.get("additive_corroboration") or 0.0
     additive = statistics.get("class_additive_evidence") or {}
@@ -71,17 +73,24 @@ def top_evidence(
         signals=signals, evidence_threshold=threshold, isolation_threshold=isolation_threshold
     )
     units = isolation_units(rule)
-    isolation = dict(zip(sizes, class_isolation(list(sizes.values())), strict=True))
-    evidence = {
-        k: class_evidence(
-            sizes[k],
-            alignments[k],
-            signals,
-            scale * additive.get(k, 0.0),
-            units * isolation[k],
+    draws = statistics.get("screen_draws") or [statistics]
+    per_draw = []
+    for draw in draws:
+        sizes, alignments = draw["class_size_index"], draw["class_alignment_index"]
+        isolation = dict(zip(sizes, class_isolation(list(sizes.values())), strict=True))
+        per_draw.append(
+            {
+                k: class_evidence(
+                    sizes[k],
+                    alignments[k],
+                    signals,
+                    scale * additive.get(k, 0.0),
+                    units * isolation[k],
+                )
+                for k in sizes
+            }
         )
-        for k in sizes
-    }
+    evidence = {k: median(draw[k] for draw in per_draw) for k in per_draw[0]}
     suspect = max(sorted(evidence), key=lambda k: evidence[k])
     return evidence[suspect], suspect
 

@@ -221,13 +221,24 @@ class _Run:
         self._load_shots(seed)
 
     def _load_shots(self, seed: int) -> None:
+        self.shots, self.rest_samples = self.shots_of(seed)
+
+    def shots_of(self, seed: int) -> tuple[ShotSet, list[Sample]]:
+        """``n_shots`` images per class drawn with ``seed`` (counted among the run's images)
+        and the folder's other images; the run's own shots are left as they are."""
         with self.context.stage("load data"):
-            self.shot_samples, self.rest_samples = split_shots(self.folder, self.n_shots, seed)
+            shot_samples, rest_samples = split_shots(self.folder, self.n_shots, seed)
             pixels, labels = load_pixels(
-                self.shot_samples, self.bundle.pixel_transform, self.progress, "loading shots"
+                shot_samples, self.bundle.pixel_transform, self.progress, "loading shots"
             )
-        self.shots = ShotSet(pixels=pixels, labels=labels, classnames=self.folder.classnames)
-        self.used_samples.update(self.shot_samples)
+        self.used_samples.update(shot_samples)
+        shots = ShotSet(pixels=pixels, labels=labels, classnames=self.folder.classnames)
+        return shots, rest_samples
+
+    def offer_more_draws(self) -> None:
+        """Let the plugin draw more shots (:attr:`RunContext.draw_shots`): only for runs that
+        hold no images back for evaluation (a scan)."""
+        self.context.draw_shots = lambda index: self.shots_of(self.context.seed + index)[0]
 
     def data_info(self) -> DataInfo:
         """The data folder and every shot drawn so far (count and content hash)."""
@@ -319,6 +330,7 @@ def scan(
         quiet,
         registry,
     )
+    run.offer_more_draws()
     outcomes = []
     for draw in range(draws):
         if draw:

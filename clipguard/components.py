@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -45,12 +45,18 @@ class RunContext:
 
     ``seed`` must make the plugin's result reproducible on CPU; ``progress`` shows bars for
     long loops; ``stage(name)`` times a stage into ``stage_seconds`` for the report.
+    ``draw_shots``, where the caller offers it (``clipguard scan``), draws more clean shots:
+    ``draw_shots(i)`` for ``i >= 1`` is another draw of as many images per class as the
+    plugin's shots, with seed ``seed + i``, its images counted in the report's data hash. It
+    is None where no more may be drawn (a purify run, whose other images are its held-out
+    evaluation, or a plugin called directly).
     """
 
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: Progress = field(default_factory=lambda: Progress(quiet=True))
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    draw_shots: Callable[[int], ShotSet] | None = None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

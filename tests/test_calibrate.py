@@ -98,3 +98,18 @@ def test_an_isolated_size_index_counts_under_the_joint_rule_as_given_or_recorded
     fitted = fit_isolation_threshold([patch, natural], Rule("joint", 2.0))
     assert 1.0 < fitted < 3.5
     assert rates([patch, natural], Rule("joint", 2.0, isolation_threshold=fitted))["tpr"] == 1.0
+
+
+def test_a_scan_of_several_shot_draws_is_judged_by_each_class_median():
+    """A scan that screened three shot draws is judged as the scanner judges it: each class by
+    the median of its evidence recomputed on every draw, not by the first draw alone."""
+    draws = [{"a": 1.0, "b": 3.0}, {"a": 2.5, "b": 0.5}, {"a": 2.2, "b": 0.2}]
+    scan = _scan("badnets-s1", "badnets", "a", draws[0], None)
+    scan["statistics"]["screen_draws"] = [
+        {"class_size_index": sizes, "class_alignment_index": {"a": 0.0, "b": 0.0}}
+        for sizes in draws
+    ]
+    assert top_evidence(scan, "size") == (2.2, "a")  # medians: a 2.2, b 0.5
+    assert judge(scan, Rule("size", 2.0)) == (True, "a")
+    one = _scan("badnets-s1", "badnets", "a", draws[0], None)
+    assert judge(one, Rule("size", 2.0)) == (True, "b")  # the first draw alone

@@ -41,8 +41,9 @@ TuningConfigT = TypeVar("TuningConfigT", bound=TuningConfig)
 
 #: control-grid side of the purifier's warp trigger: the scanner's warp probe's default
 WARP_TRIGGER_GRID: int = ScanConfig.model_fields["warp_grid"].default
-#: image-encoder images of the purifier's own inversion: a cbpt scan's default budget
-SCAN_BUDGET: int = ScanConfig.model_fields["budget"].default
+#: image-encoder images of the purifier's own inversion: a cbpt scan's on one shot draw (the
+#: purifier draws no more shots: the folder's other images are its held-out evaluation)
+SCAN_BUDGET: int = 160_000
 
 
 class PurifyConfig(TuningConfig):
@@ -51,7 +52,9 @@ class PurifyConfig(TuningConfig):
     inversion_steps: int = Field(200, ge=1, description="contrastive inversion steps (kept run)")
     inversion_restarts: int = Field(3, ge=1, description="contrastive inversion restarts")
     inversion_budget: int = Field(
-        SCAN_BUDGET, ge=1, description="image-encoder images for the inversion (a cbpt scan's)"
+        SCAN_BUDGET,
+        ge=1,
+        description="image-encoder images for the inversion (a cbpt scan's on one shot draw)",
     )
     refine: bool = Field(True, description="refine the inverted trigger towards its class")
     extra_triggers: int = Field(

@@ -20,8 +20,12 @@ Procedure (see ``docs/method.md``):
    :func:`class_isolation`, from ``isolation_threshold``) is evidence on its own: a planted
    patch makes one class anomalously easy to reach, natural triggers come to several
    classes (on the CIFAR-10 zoo the patch targets' prompts are not drifted, and isolation is
-   what names them). With ``signals = "size"`` the evidence is the size index alone. The
-   suspect is the class with the most evidence.
+   what names them). With ``signals = "size"`` the evidence is the size index alone.
+   Steps 1-3 run on ``screen_draws`` independent draws of the shots where the caller can
+   draw more (``clipguard scan``; :func:`shot_draws`), and a class's evidence is the median
+   of its evidence on the draws (:func:`median_screening`): which shots were drawn moves
+   near-threshold verdicts (docs/benchmarks.md). The suspect is the class with the most
+   evidence.
 3b. **Reach probes** (:func:`~clipguard_cbpt.inversion.probe_reach`): per class, the share
    of held-out shots of the other classes that one small universal transformation, fitted on
    the other shots, sends to it. The *additive* probe (a perturbation bounded per pixel)
@@ -54,6 +58,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from statistics import median
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -126,11 +131,22 @@ class ScanConfig(InversionConfig):
     """Options of the ``cbpt`` scanner: the inversion's, plus the verdict rule and thresholds."""
 
     budget: int = Field(
-        160_000,
+        240_000,
         ge=1,
         description=(
             "maximum images through the image encoder for the whole scan (per-class "
-            "inversion, reach probes, refinement)"
+            "inversion on every shot draw, reach probes, refinement)"
+        ),
+    )
+    screen_draws: int = Field(
+        3,
+        ge=1,
+        description=(
+            "shot draws the screening (per-class inversion and text alignment) runs on where "
+            "the caller can draw more (clipguard scan: seeds seed .. seed + screen_draws - 1): "
+            "a class's evidence is the median of its evidence on the draws, so the verdict "
+            "does not hinge on which shots were drawn; the reach probes and the refinement "
+            "use the first draw"
         ),
     )
 
@@ -287,6 +303,15 @@ class Screening:
     #: per class, the additive probe's evidence in index units (joint rule,
     #: :func:`corroborate`); empty until corroborated, or when the rule takes none
     corroboration: list[float] = field(default_factory=list)
+    #: the seed and the screening of every shot draw combined (:func:`median_screening`);
+    #: empty for the screening of one draw
+    draw_seeds: list[int] = field(default_factory=list)
+    draws: list[Screening] = field(default_factory=list)
+
+    @property
+    def draw_evidence(self) -> list[list[float]]:
+        """Per shot draw combined, every class's evidence."""
+        return [draw.evidence for draw in self.draws]
 
     @property
     def isolation(self) -> list[float]:
@@ -393,6 +418,32 @@ def screen(
         alignment_index,
         evidence,
         suspect,
+    )
+
+
+def shot_draws(context: RunContext, shots: ShotSet, draws: int) -> list[tuple[RunContext, ShotSet]]:
+    """The shot draws a scan screens, each with a context of its seed: ``shots`` with
+    ``context``, then ``draws - 1`` more from :attr:`RunContext.draw_shots` (seeds
+    ``context.seed + 1`` ...; their contexts share its timings and progress), none where the
+    caller offers no more."""
+    found = [(context, shots)]
+    if context.draw_shots is not None:
+        for index in range(1, draws):
+            found.append((replace(context, seed=context.seed + index), context.draw_shots(index)))
+    return found
+
+
+def median_screening(screenings: list[Screening], seeds: list[int]) -> Screening:
+    """One screening from screenings of one model on the shot draws of ``seeds``: the first
+    draw's signals (its inversions, sizes and indices; the shots the probes and the
+    refinement use), every class's evidence the median of its evidence on the draws, and the
+    suspect the class with the largest median (the smaller first-draw trigger on ties). The
+    draws are kept in ``draws``; one screening comes back unchanged but for that record."""
+    first = screenings[0]
+    evidence = [median(column) for column in zip(*(s.evidence for s in screenings), strict=True)]
+    suspect = max(range(len(evidence)), key=lambda k: (evidence[k], -first.sizes[k]))
+    return replace(
+        first, evidence=evidence, suspect=suspect, draw_seeds=seeds, draws=list(screenings)
     )
 
 
@@ -530,6 +581,12 @@ def decide(
         )
     else:
         rule = f"geometric mean of {size} and {corroborating}"
+    if len(screening.draw_evidence) > 1:
+        each = ", ".join(f"{draw[k]:.2f}" for draw in screening.draw_evidence)
+        rule = (
+            f"the median of its evidence on {len(screening.draw_evidence)} shot draws "
+            f"({each}); on the first, {rule}"
+        )
     facts = (
         f"class {classnames[k]!r}: evidence {evidence:.2f} (backdoor from "
         f"{config.threshold:g}) = {rule}"
@@ -549,24 +606,29 @@ def locate_trigger(
     context: RunContext,
     classifier: PromptClassifier,
 ) -> tuple[Screening, Suspicion, InversionResult, InversionResult | None]:
-    """Steps 1-4: screen every class, run the reach probes, then refine the suspect's
-    trigger within the budget.
+    """Steps 1-4: screen every class on each shot draw (:func:`shot_draws`), run the reach
+    probes on ``shots``, judge the median screening (:func:`median_screening`), then refine
+    the suspect's trigger within the budget.
 
     Returns the screening, the suspicion, the kept trigger (the refined one when its
-    refinement met the success share, else the suspect's per-class trigger) and the
-    refinement (None when ``refine`` is off or no budget is left). The probes, in turn, get
-    what the screening left, less the refinement's share (``refine_steps`` batches).
+    refinement met the success share, else the suspect's per-class trigger on ``shots``) and
+    the refinement (None when ``refine`` is off or no budget is left). The screenings share
+    70 % of the budget (all of it without refinement), each draw taking at most an even share
+    of what the earlier ones left; the probes, in turn, get what the screenings left, less the
+    refinement's share (``refine_steps`` batches).
     """
     start_images = bundle.image_encoder_images
     refining = config.refine and config.refine_steps > 0
-    screening = screen(
-        bundle,
-        shots,
-        config,
-        context,
-        classifier,
-        budget=int(config.budget * 0.7) if refining else config.budget,
-    )
+    screen_budget = int(config.budget * 0.7) if refining else config.budget
+    draws = shot_draws(context, shots, config.screen_draws)
+    screenings = []
+    for index, (draw_context, draw) in enumerate(draws):
+        left = screen_budget - (bundle.image_encoder_images - start_images)
+        screenings.append(
+            screen(
+                bundle, draw, config, draw_context, classifier, budget=left // (len(draws) - index)
+            )
+        )
     probes: dict[str, ProbeReach] = {}
     reserve = config.refine_steps * config.batch_size if refining else 0
     specs = config.probes()
@@ -590,7 +652,10 @@ def locate_trigger(
                 keep=later,
                 progress=context.progress,
             )
-    screening = corroborate(screening, probes.get("additive"), config)
+    screening = median_screening(
+        [corroborate(s, probes.get("additive"), config) for s in screenings],
+        [draw_context.seed for draw_context, _ in draws],
+    )
     suspected = suspicion(screening, probes, config)
     kept = screening.inversions[suspected.suspect]
     left = config.budget - (bundle.image_encoder_images - start_images)
@@ -772,6 +837,18 @@ class CBPTScanner(Scanner):
             "class_additive_corroboration": dict(zip(names, screening.corroboration, strict=True))
             if screening.corroboration
             else None,
+            "screen_draws": [
+                {
+                    "seed": seed,
+                    "suspect_class": names[draw.suspect],
+                    "evidence": draw.top_evidence,
+                    "class_evidence": dict(zip(names, draw.evidence, strict=True)),
+                    "class_pl1": dict(zip(names, draw.sizes, strict=True)),
+                    "class_size_index": dict(zip(names, draw.size_index, strict=True)),
+                    "class_alignment_index": dict(zip(names, draw.alignment_index, strict=True)),
+                }
+                for seed, draw in zip(screening.draw_seeds, screening.draws, strict=True)
+            ],
             **probe_statistics(suspected, names, config),
             "refined": None
             if refined is None
