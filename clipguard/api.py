@@ -210,7 +210,7 @@ class _Run:
             self.folder: ImageFolder = open_image_folder(data_dir, classnames_file)
         self.n_shots = shots
         self.used_samples: set[Sample] = set()
-        self._load_shots(seed)
+        self.shots, self.rest_samples = self.shots_of(seed)
 
     def draw(self, seed: int) -> None:
         """Draw another ``n_shots`` images per class with ``seed`` as the run's shots (the
@@ -218,9 +218,6 @@ class _Run:
         it, so the plugin called next sees an independent draw."""
         seed_everything(seed)
         self.context.seed = seed
-        self._load_shots(seed)
-
-    def _load_shots(self, seed: int) -> None:
         self.shots, self.rest_samples = self.shots_of(seed)
 
     def shots_of(self, seed: int) -> tuple[ShotSet, list[Sample]]:
