@@ -53,6 +53,7 @@ def top_evidence(
     signals: Signals = "joint",
     threshold: float | None = None,
     isolation_threshold: float | None = None,
+    screen_again: tuple[float, float] | None = None,
 ) -> tuple[float, str]:
     """The largest class evidence of a scan under the rule ``signals`` and its class,
     recomputed from the per-class indices in the report (so scans made under other rules and
@@ -62,7 +63,9 @@ def top_evidence(
     ``isolation_threshold`` (default: the one the scan recorded, none for scans made before
     the scanner used it; 0 = off). A scan screened on several shot draws (its
     ``screen_draws``) gives each class the median of its evidence on the draws, as the
-    scanner does."""
+    scanner does; with ``screen_again`` (the scanner's band, in multiples of the threshold)
+    the first draw alone where its largest evidence before the additive corroboration lies
+    outside the band, as a scanner with that band would have stopped there."""
     statistics = scan["statistics"]
     recorded = statistics.get("thresholds", {})
     scale = recorded.get("additive_corroboration") or 0.0
@@ -74,22 +77,26 @@ def top_evidence(
     )
     units = isolation_units(rule)
     draws = statistics.get("screen_draws") or [statistics]
-    per_draw = []
-    for draw in draws:
+
+    def evidence_of(draw: dict[str, Any], corroboration: float) -> dict[str, float]:
         sizes, alignments = draw["class_size_index"], draw["class_alignment_index"]
         isolation = dict(zip(sizes, class_isolation(list(sizes.values())), strict=True))
-        per_draw.append(
-            {
-                k: class_evidence(
-                    sizes[k],
-                    alignments[k],
-                    signals,
-                    scale * additive.get(k, 0.0),
-                    units * isolation[k],
-                )
-                for k in sizes
-            }
-        )
+        return {
+            k: class_evidence(
+                sizes[k],
+                alignments[k],
+                signals,
+                corroboration * additive.get(k, 0.0),
+                units * isolation[k],
+            )
+            for k in sizes
+        }
+
+    if screen_again is not None and len(draws) > 1:
+        first = max(evidence_of(draws[0], 0.0).values())
+        if not screen_again[0] * rule.threshold <= first < screen_again[1] * rule.threshold:
+            draws = draws[:1]
+    per_draw = [evidence_of(draw, scale) for draw in draws]
     evidence = {k: median(draw[k] for draw in per_draw) for k in per_draw[0]}
     suspect = max(sorted(evidence), key=lambda k: evidence[k])
     return evidence[suspect], suspect
@@ -116,11 +123,15 @@ class Rule:
     probe_thresholds: dict[str, float] = field(default_factory=dict)
     #: the joint rule's isolation threshold (None: as each scan recorded; 0: off)
     isolation_threshold: float | None = None
+    #: the first draw decides alone outside this band (the scanner's; None: every draw)
+    screen_again: tuple[float, float] | None = ScanConfig().screen_again
 
 
 def judge(scan: dict[str, Any], rule: Rule) -> tuple[bool, str]:
     """``(flagged, suspect)`` of a scan under ``rule``."""
-    evidence, suspect = top_evidence(scan, rule.signals, rule.threshold, rule.isolation_threshold)
+    evidence, suspect = top_evidence(
+        scan, rule.signals, rule.threshold, rule.isolation_threshold, rule.screen_again
+    )
     tops = {
         name: top for name in rule.probe_thresholds if (top := top_probe(scan, name)) is not None
     }
@@ -223,7 +234,9 @@ def per_attack_table(models: list[ZooModel], scans: dict[str, Any], rule: Rule) 
 
 
 def _rule_evidence(scan: dict[str, Any], rule: Rule) -> float:
-    return top_evidence(scan, rule.signals, rule.threshold, rule.isolation_threshold)[0]
+    return top_evidence(
+        scan, rule.signals, rule.threshold, rule.isolation_threshold, rule.screen_again
+    )[0]
 
 
 def _seed(model: ZooModel) -> int:
@@ -332,6 +345,13 @@ def main(
     ] = False,
     no_additive: Annotated[bool, typer.Option(help="ignore the additive probe")] = False,
     no_warp: Annotated[bool, typer.Option(help="ignore the warp probe")] = False,
+    every_draw: Annotated[
+        bool,
+        typer.Option(
+            help="judge a scan of several shot draws by the median of all it screened, not "
+            "as the scanner's screen_again band would have stopped at a decisive first draw"
+        ),
+    ] = False,
     quiet: bool = False,
 ) -> None:
     """Scan every zoo model, fit thresholds on even seeds, report on odd seeds."""
@@ -364,6 +384,8 @@ def main(
     }
     fitted = threshold is None
     rule = Rule(signals_rule, threshold or defaults.threshold, probes, isolation_threshold)
+    if every_draw:
+        rule = replace(rule, screen_again=None)
     if fit_isolation:
         rule = replace(rule, isolation_threshold=fit_isolation_threshold(fit_scans, rule))
     if threshold is None:

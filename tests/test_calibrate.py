@@ -110,6 +110,11 @@ def test_a_scan_of_several_shot_draws_is_judged_by_each_class_median():
         for sizes in draws
     ]
     assert top_evidence(scan, "size") == (2.2, "a")  # medians: a 2.2, b 0.5
-    assert judge(scan, Rule("size", 2.0)) == (True, "a")
+    assert judge(scan, Rule("size", 2.0, screen_again=None)) == (True, "a")
     one = _scan("badnets-s1", "badnets", "a", draws[0], None)
     assert judge(one, Rule("size", 2.0)) == (True, "b")  # the first draw alone
+    # the scanner's band [1, 3) at threshold 2: the first draw's 3.0 decides alone, as a
+    # scan with that band would have stopped after it; at 2.9 the median decides
+    assert judge(scan, Rule("size", 2.0)) == (True, "b")
+    scan["statistics"]["screen_draws"][0]["class_size_index"]["b"] = 2.9
+    assert judge(scan, Rule("size", 2.0)) == (True, "a")

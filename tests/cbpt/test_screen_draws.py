@@ -21,6 +21,10 @@ SCREEN_ONLY = {
     "warp_pixels": 0,
     "refine": False,
 }
+#: screen every draw on offer, however decisive the first
+EVERY_DRAW = {**SCREEN_ONLY, "screen_again": (0, 1e9)}
+#: the first draw always decides alone (an empty band)
+FIRST_DRAW_ALONE = {**SCREEN_ONLY, "screen_again": (0, 0)}
 
 EVIDENCE = st.floats(min_value=0, max_value=10, allow_nan=False)
 
@@ -62,9 +66,10 @@ def test_each_draw_is_screened_as_a_scan_of_its_seed_would_be(bundle, shots) -> 
         return _other_draw(shots, index)
 
     context = RunContext(seed=7, draw_shots=draw_shots)
-    outcome = CBPTScanner().scan(bundle, shots, ScanConfig(**SCREEN_ONLY), context)
+    outcome = CBPTScanner().scan(bundle, shots, ScanConfig(**EVERY_DRAW), context)
     draws = outcome.statistics["screen_draws"]
     assert offered == [1, 2] and [d["seed"] for d in draws] == [7, 8, 9]
+    assert outcome.statistics["screen_draws_offered"] == 3
     names = list(shots.classnames)
     for index, draw in enumerate(draws):
         alone = CBPTScanner().scan(
@@ -87,19 +92,70 @@ def test_each_draw_is_screened_as_a_scan_of_its_seed_would_be(bundle, shots) -> 
 
 def test_without_more_shots_on_offer_one_draw_is_screened(bundle, shots) -> None:
     """A plugin called directly, or the purifier's own inversion, screens its shots alone."""
-    outcome = CBPTScanner().scan(bundle, shots, ScanConfig(**SCREEN_ONLY), RunContext(seed=2))
+    outcome = CBPTScanner().scan(bundle, shots, ScanConfig(**EVERY_DRAW), RunContext(seed=2))
     [draw] = outcome.statistics["screen_draws"]
     assert draw["seed"] == 2 and draw["class_evidence"] == outcome.statistics["class_evidence"]
+    assert outcome.statistics["screen_draws_offered"] == 1
     assert "shot draws" not in outcome.explanation
 
 
-@pytest.mark.parametrize("screen_draws", [1, 3])
-def test_a_scan_hashes_every_image_its_draws_screened(
-    tiny_model_path, tiny_data, screen_draws
+def test_a_decisive_first_draw_decides_alone_and_no_other_is_drawn(bundle, shots) -> None:
+    offered: list[int] = []
+
+    def draw_shots(index: int) -> ShotSet:
+        offered.append(index)
+        return _other_draw(shots, index)
+
+    context = RunContext(seed=3, draw_shots=draw_shots)
+    outcome = CBPTScanner().scan(bundle, shots, ScanConfig(**FIRST_DRAW_ALONE), context)
+    [draw] = outcome.statistics["screen_draws"]
+    assert offered == [] and draw["seed"] == 3
+    assert outcome.statistics["screen_draws_offered"] == 3
+    assert "the first of 3 shot draws decided alone" in outcome.explanation
+    alone = CBPTScanner().scan(
+        bundle, shots, ScanConfig(**SCREEN_ONLY, screen_draws=1), RunContext(seed=3)
+    )
+    assert alone.statistics["class_evidence"] == outcome.statistics["class_evidence"]
+    assert (alone.verdict, alone.score) == (outcome.verdict, outcome.score)
+
+
+@given(
+    evidence=st.floats(min_value=0, max_value=20, allow_nan=False),
+    low=st.floats(min_value=0, max_value=3, allow_nan=False),
+    width=st.floats(min_value=0, max_value=3, allow_nan=False),
+    threshold=st.floats(min_value=0.1, max_value=5, allow_nan=False),
+)
+def test_the_first_draw_is_decisive_exactly_outside_the_band(
+    evidence: float, low: float, width: float, threshold: float
 ) -> None:
-    options = {**SCREEN_ONLY, "screen_draws": screen_draws}
+    config = ScanConfig(screen_again=(low, low + width), evidence_threshold=threshold)
+    first = _screening([evidence, 0.0])
+    inside = low * threshold <= evidence < (low + width) * threshold
+    assert config.decisive(first) is not inside
+
+
+def test_the_default_band_is_half_to_one_and_a_half_thresholds() -> None:
+    config = ScanConfig()
+    assert config.screen_again == (0.5, 1.5)
+    assert config.decisive(_screening([0.99 * config.threshold / 2, 0.0]))
+    assert not config.decisive(_screening([config.threshold / 2, 0.0]))
+    assert not config.decisive(_screening([1.49 * config.threshold, 0.0]))
+    assert config.decisive(_screening([1.5 * config.threshold, 0.0]))
+
+
+@pytest.mark.parametrize(
+    ("options", "screened"),
+    [
+        ({**EVERY_DRAW, "screen_draws": 1}, 1),
+        ({**EVERY_DRAW, "screen_draws": 3}, 3),
+        ({**FIRST_DRAW_ALONE, "screen_draws": 3}, 1),
+    ],
+)
+def test_a_scan_hashes_every_image_its_draws_screened(
+    tiny_model_path, tiny_data, options, screened
+) -> None:
     report = api.scan(tiny_model_path, tiny_data, shots=2, seed=4, options=options)
     draws = report.findings[0].statistics["screen_draws"]
-    assert [d["seed"] for d in draws] == list(range(4, 4 + screen_draws))
+    assert [d["seed"] for d in draws] == list(range(4, 4 + screened))
     # 2 shots of each of 3 classes per draw; other draws add images unless they repeat them
-    assert report.data.n_images == 6 if screen_draws == 1 else 6 < report.data.n_images <= 18
+    assert report.data.n_images == 6 if screened == 1 else 6 < report.data.n_images <= 18

@@ -24,8 +24,9 @@ Procedure (see ``docs/method.md``):
    Steps 1-3 run on ``screen_draws`` independent draws of the shots where the caller can
    draw more (``clipguard scan``; :func:`shot_draws`), and a class's evidence is the median
    of its evidence on the draws (:func:`median_screening`): which shots were drawn moves
-   near-threshold verdicts (docs/benchmarks.md). The suspect is the class with the most
-   evidence.
+   near-threshold verdicts (docs/benchmarks.md). The draws after the first are screened
+   only when the first is near the threshold (``screen_again``; far from it, the first
+   decides alone). The suspect is the class with the most evidence.
 3b. **Reach probes** (:func:`~clipguard_cbpt.inversion.probe_reach`): per class, the share
    of held-out shots of the other classes that one small universal transformation, fitted on
    the other shots, sends to it. The *additive* probe (a perturbation bounded per pixel)
@@ -57,6 +58,7 @@ does not rest on it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from statistics import median
 from typing import Any, ClassVar, Literal
@@ -146,7 +148,18 @@ class ScanConfig(InversionConfig):
             "the caller can draw more (clipguard scan: seeds seed .. seed + screen_draws - 1): "
             "a class's evidence is the median of its evidence on the draws, so the verdict "
             "does not hinge on which shots were drawn; the reach probes and the refinement "
-            "use the first draw"
+            "use the first draw. The draws after the first are screened only when the first "
+            "is not decisive (screen_again)"
+        ),
+    )
+    screen_again: tuple[float, float] = Field(
+        (0.5, 1.5),
+        description=(
+            "[low, high) in multiples of the evidence threshold: the draws after the first "
+            "are screened only when the first draw's largest class evidence (before the "
+            "additive corroboration) lies in this band; outside it the first draw decides "
+            "alone, which no draw of the lab zoos' scans would have overturned "
+            "(docs/benchmarks.md). [0, 1e9] screens every draw"
         ),
     )
 
@@ -275,6 +288,8 @@ class ScanConfig(InversionConfig):
     def _default_threshold(self) -> ScanConfig:
         if self.additive_median_low >= self.additive_median_high:
             raise ValueError("additive_median_low must be below additive_median_high")
+        if not 0 <= self.screen_again[0] <= self.screen_again[1]:
+            raise ValueError("screen_again must be [low, high] with 0 <= low <= high")
         if self.evidence_threshold is None:
             self.evidence_threshold = DEFAULT_THRESHOLDS[self.signals]
         return self
@@ -284,6 +299,12 @@ class ScanConfig(InversionConfig):
         """The evidence threshold in force (never None once validated)."""
         assert self.evidence_threshold is not None
         return self.evidence_threshold
+
+    def decisive(self, first_draw: Screening) -> bool:
+        """Whether the screening of the first shot draw decides alone: its largest class
+        evidence lies outside the ``screen_again`` band (so no further draw is screened)."""
+        low, high = self.screen_again
+        return not low * self.threshold <= first_draw.top_evidence < high * self.threshold
 
 
 @dataclass
@@ -307,6 +328,8 @@ class Screening:
     #: empty for the screening of one draw
     draw_seeds: list[int] = field(default_factory=list)
     draws: list[Screening] = field(default_factory=list)
+    #: the shot draws the caller offered (fewer are screened when the first is decisive)
+    draws_offered: int = 1
 
     @property
     def draw_evidence(self) -> list[list[float]]:
@@ -421,29 +444,37 @@ def screen(
     )
 
 
-def shot_draws(context: RunContext, shots: ShotSet, draws: int) -> list[tuple[RunContext, ShotSet]]:
+def shot_draws(
+    context: RunContext, shots: ShotSet, draws: int
+) -> Iterator[tuple[RunContext, ShotSet]]:
     """The shot draws a scan screens, each with a context of its seed: ``shots`` with
     ``context``, then ``draws - 1`` more from :attr:`RunContext.draw_shots` (seeds
     ``context.seed + 1`` ...; their contexts share its timings and progress), none where the
-    caller offers no more."""
-    found = [(context, shots)]
+    caller offers no more. Each draw is drawn when the iteration reaches it, so a draw the
+    caller stops before is never drawn (nor counted among the run's images)."""
+    yield context, shots
     if context.draw_shots is not None:
         for index in range(1, draws):
-            found.append((replace(context, seed=context.seed + index), context.draw_shots(index)))
-    return found
+            yield replace(context, seed=context.seed + index), context.draw_shots(index)
 
 
-def median_screening(screenings: list[Screening], seeds: list[int]) -> Screening:
-    """One screening from screenings of one model on the shot draws of ``seeds``: the first
-    draw's signals (its inversions, sizes and indices; the shots the probes and the
-    refinement use), every class's evidence the median of its evidence on the draws, and the
-    suspect the class with the largest median (the smaller first-draw trigger on ties). The
-    draws are kept in ``draws``; one screening comes back unchanged but for that record."""
+def median_screening(screenings: list[Screening], seeds: list[int], offered: int = 1) -> Screening:
+    """One screening from screenings of one model on the shot draws of ``seeds`` (of
+    ``offered`` draws on offer): the first draw's signals (its inversions, sizes and indices;
+    the shots the probes and the refinement use), every class's evidence the median of its
+    evidence on the draws, and the suspect the class with the largest median (the smaller
+    first-draw trigger on ties). The draws are kept in ``draws``; one screening comes back
+    unchanged but for that record."""
     first = screenings[0]
     evidence = [median(column) for column in zip(*(s.evidence for s in screenings), strict=True)]
     suspect = max(range(len(evidence)), key=lambda k: (evidence[k], -first.sizes[k]))
     return replace(
-        first, evidence=evidence, suspect=suspect, draw_seeds=seeds, draws=list(screenings)
+        first,
+        evidence=evidence,
+        suspect=suspect,
+        draw_seeds=seeds,
+        draws=list(screenings),
+        draws_offered=offered,
     )
 
 
@@ -587,6 +618,12 @@ def decide(
             f"the median of its evidence on {len(screening.draw_evidence)} shot draws "
             f"({each}); on the first, {rule}"
         )
+    elif screening.draws_offered > 1:
+        low, high = (bound * config.threshold for bound in config.screen_again)
+        rule = (
+            f"{rule}; the first of {screening.draws_offered} shot draws decided alone (its "
+            f"largest evidence before corroboration lies outside [{low:g}, {high:g}))"
+        )
     facts = (
         f"class {classnames[k]!r}: evidence {evidence:.2f} (backdoor from "
         f"{config.threshold:g}) = {rule}"
@@ -606,7 +643,8 @@ def locate_trigger(
     context: RunContext,
     classifier: PromptClassifier,
 ) -> tuple[Screening, Suspicion, InversionResult, InversionResult | None]:
-    """Steps 1-4: screen every class on each shot draw (:func:`shot_draws`), run the reach
+    """Steps 1-4: screen every class on the first shot draw and, unless it is decisive
+    (:meth:`ScanConfig.decisive`), on the others on offer (:func:`shot_draws`), run the reach
     probes on ``shots``, judge the median screening (:func:`median_screening`), then refine
     the suspect's trigger within the budget.
 
@@ -620,15 +658,15 @@ def locate_trigger(
     start_images = bundle.image_encoder_images
     refining = config.refine and config.refine_steps > 0
     screen_budget = int(config.budget * 0.7) if refining else config.budget
-    draws = shot_draws(context, shots, config.screen_draws)
-    screenings = []
-    for index, (draw_context, draw) in enumerate(draws):
+    on_offer = config.screen_draws if context.draw_shots is not None else 1
+    screenings, seeds = [], []
+    for index, (draw_context, draw) in enumerate(shot_draws(context, shots, on_offer)):
         left = screen_budget - (bundle.image_encoder_images - start_images)
-        screenings.append(
-            screen(
-                bundle, draw, config, draw_context, classifier, budget=left // (len(draws) - index)
-            )
-        )
+        share = left // (on_offer - index)
+        screenings.append(screen(bundle, draw, config, draw_context, classifier, budget=share))
+        seeds.append(draw_context.seed)
+        if config.decisive(screenings[0]):
+            break
     probes: dict[str, ProbeReach] = {}
     reserve = config.refine_steps * config.batch_size if refining else 0
     specs = config.probes()
@@ -653,8 +691,7 @@ def locate_trigger(
                 progress=context.progress,
             )
     screening = median_screening(
-        [corroborate(s, probes.get("additive"), config) for s in screenings],
-        [draw_context.seed for draw_context, _ in draws],
+        [corroborate(s, probes.get("additive"), config) for s in screenings], seeds, on_offer
     )
     suspected = suspicion(screening, probes, config)
     kept = screening.inversions[suspected.suspect]
@@ -837,6 +874,7 @@ class CBPTScanner(Scanner):
             "class_additive_corroboration": dict(zip(names, screening.corroboration, strict=True))
             if screening.corroboration
             else None,
+            "screen_draws_offered": screening.draws_offered,
             "screen_draws": [
                 {
                     "seed": seed,
