@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from statistics import median
 
 import pytest
@@ -58,14 +59,19 @@ def _other_draw(shots: ShotSet, index: int) -> ShotSet:
                    shots.classnames)  # fmt: skip
 
 
-def test_each_draw_is_screened_as_a_scan_of_its_seed_would_be(bundle, shots) -> None:
-    offered: list[int] = []
+def _recording_draws(shots: ShotSet, offered: list[int]) -> Callable[[int], ShotSet]:
+    """A ``RunContext.draw_shots`` of :func:`_other_draw` that records each index drawn."""
 
     def draw_shots(index: int) -> ShotSet:
         offered.append(index)
         return _other_draw(shots, index)
 
-    context = RunContext(seed=7, draw_shots=draw_shots)
+    return draw_shots
+
+
+def test_each_draw_is_screened_as_a_scan_of_its_seed_would_be(bundle, shots) -> None:
+    offered: list[int] = []
+    context = RunContext(seed=7, draw_shots=_recording_draws(shots, offered))
     outcome = CBPTScanner().scan(bundle, shots, ScanConfig(**EVERY_DRAW), context)
     draws = outcome.statistics["screen_draws"]
     assert offered == [1, 2] and [d["seed"] for d in draws] == [7, 8, 9]
@@ -101,12 +107,7 @@ def test_without_more_shots_on_offer_one_draw_is_screened(bundle, shots) -> None
 
 def test_a_decisive_first_draw_decides_alone_and_no_other_is_drawn(bundle, shots) -> None:
     offered: list[int] = []
-
-    def draw_shots(index: int) -> ShotSet:
-        offered.append(index)
-        return _other_draw(shots, index)
-
-    context = RunContext(seed=3, draw_shots=draw_shots)
+    context = RunContext(seed=3, draw_shots=_recording_draws(shots, offered))
     outcome = CBPTScanner().scan(bundle, shots, ScanConfig(**FIRST_DRAW_ALONE), context)
     [draw] = outcome.statistics["screen_draws"]
     assert offered == [] and draw["seed"] == 3
