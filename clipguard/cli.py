@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from clipguard import api
 from clipguard.cli_errors import EXIT_BACKDOOR, EXIT_CLEAN, EXIT_LOST_CLASS, handle_errors
@@ -344,11 +345,25 @@ def evaluate(
 
 @app.command()
 @handle_errors
-def plugins(json_output: JsonOpt = False) -> None:
+def plugins(
+    json_output: JsonOpt = False,
+    options: Annotated[
+        str | None,
+        typer.Option(
+            "--options",
+            metavar="NAME",
+            help="list the options (--option key=value) of the scanner, purifier and trigger "
+            "family called NAME: type, default and meaning",
+        ),
+    ] = None,
+) -> None:
     """List the registered scanners, purifiers and trigger families, and plugin errors."""
     from clipguard.plugins import get_registry
 
     registry = get_registry()
+    if options is not None:
+        _print_options(options, registry.options_of(options), json_output)
+        return
     listing = registry.describe()
     if json_output:
         typer.echo(json.dumps({**listing, "errors": registry.errors}, indent=2))
@@ -362,6 +377,30 @@ def plugins(json_output: JsonOpt = False) -> None:
         stdout.print(table)
     for error in registry.errors:
         stderr.print(f"plugin error: {error}", style="red", highlight=False)
+
+
+def _print_options(name: str, found: dict[str, list[dict[str, Any]]], json_output: bool) -> None:
+    if json_output:
+        typer.echo(json.dumps({"name": name, **found}, indent=2))
+        return
+    for kind, rows in found.items():
+        flag = "--attack-option" if kind == "triggers" else "--option"
+        table = Table(title=f"{kind} {name!r}: {flag} key=value (values read as JSON)")
+        table.add_column("option", no_wrap=True)
+        table.add_column("type", overflow="fold", max_width=20)
+        table.add_column("default", overflow="fold", max_width=18)
+        table.add_column("description", ratio=1)
+        for row in rows:
+            cells = (row["name"], row["type"], _shown_default(row), row["description"])
+            table.add_row(*(Text(cell) for cell in cells))  # Text: "[a, b]" is not markup
+        stdout.print(table)
+
+
+def _shown_default(option: dict[str, Any]) -> str:
+    if option["required"]:
+        return "(required)"
+    value = option["default"]
+    return f"{value:.6g}" if isinstance(value, float) else json.dumps(value)
 
 
 @app.command()

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from importlib.metadata import entry_points
 from typing import Any
 
 import pluggy
+from pydantic import BaseModel, ValidationError
+from pydantic_core import to_jsonable_python
 
 from clipguard import hookspecs
 from clipguard.components import Purifier, Scanner
@@ -78,11 +81,76 @@ class Registry:
         return self._get("attack", self.triggers, name)
 
     def describe(self) -> dict[str, list[dict[str, str]]]:
-        return {
-            "scanners": [r.describe() for r in self.scanners.values()],
-            "purifiers": [r.describe() for r in self.purifiers.values()],
-            "triggers": [r.describe() for r in self.triggers.values()],
+        return {kind: [r.describe() for r in table.values()] for kind, table in self._kinds()}
+
+    def options_of(self, name: str) -> dict[str, list[dict[str, Any]]]:
+        """The options (:func:`config_options`) of the scanner, purifier and trigger family
+        registered as ``name``, by kind (``scanners``, ``purifiers``, ``triggers``; only the
+        kinds that have one). Raises :class:`PluginError` when none is called ``name``."""
+        found = {
+            kind: config_options(table[name].obj.Config)
+            for kind, table in self._kinds()
+            if name in table
         }
+        if not found:
+            known = ", ".join(sorted({n for _, table in self._kinds() for n in table})) or "none"
+            raise PluginError(
+                f"no scanner, purifier or trigger family is called {name!r} (available: {known})"
+            )
+        return found
+
+    def _kinds(self) -> list[tuple[str, dict[str, Registered]]]:
+        return [
+            ("scanners", self.scanners),
+            ("purifiers", self.purifiers),
+            ("triggers", self.triggers),
+        ]
+
+
+def config_options(config: type[BaseModel]) -> list[dict[str, Any]]:
+    """Every option of a plugin's ``Config``, in declaration order: its ``name``, JSON
+    ``type`` (``"integer"``, ``"number | null"``, ``"[number, number]"``, ``'"joint" |
+    "size"'`` ...), whether it is ``required``, its ``default`` as JSON (the value a config
+    built from the defaults holds, so a default a validator fills in shows; None for a
+    required option; a Config with required options shows each field's own default) and
+    its ``description``."""
+    schema = config.model_json_schema()
+    properties, definitions = schema.get("properties", {}), schema.get("$defs", {})
+    try:
+        defaults = config().model_dump(mode="json")
+    except ValidationError:  # a Config with required options: each field's own default
+        defaults = {
+            name: to_jsonable_python(field.get_default(call_default_factory=True))
+            for name, field in config.model_fields.items()
+            if not field.is_required()
+        }
+    return [
+        {
+            "name": name,
+            "type": _json_type(properties.get(name, {}), definitions),
+            "required": field.is_required(),
+            "default": defaults.get(name),
+            "description": field.description or "",
+        }
+        for name, field in config.model_fields.items()
+    ]
+
+
+def _json_type(schema: dict[str, Any], definitions: dict[str, Any]) -> str:
+    if "$ref" in schema:
+        schema = definitions.get(schema["$ref"].rsplit("/", 1)[-1], {})
+    if "enum" in schema:
+        return " | ".join(json.dumps(value) for value in schema["enum"])
+    if "const" in schema:
+        return json.dumps(schema["const"])
+    if "anyOf" in schema:
+        return " | ".join(_json_type(option, definitions) for option in schema["anyOf"])
+    if schema.get("type") == "array" and "prefixItems" in schema:
+        items = (_json_type(item, definitions) for item in schema["prefixItems"])
+        return f"[{', '.join(items)}]"
+    if schema.get("type") == "array":
+        return f"array of {_json_type(schema.get('items', {}), definitions)}"
+    return str(schema.get("type", "any"))
 
 
 def _allow_list() -> set[str] | None:

@@ -178,6 +178,56 @@ def test_plugins_json_lists_entries_with_package(third_party):
     assert any(t["name"] == "badnets" for t in listing["triggers"])
 
 
+def test_plugins_options_lists_every_option_with_type_default_and_meaning():
+    result = runner.invoke(app, ["plugins", "--options", "cbpt", "--json"])
+    assert result.exit_code == 0, result.output
+    listing = json.loads(result.output)
+    assert listing["name"] == "cbpt" and set(listing) == {"name", "scanners", "purifiers"}
+    band = next(o for o in listing["scanners"] if o["name"] == "screen_again")
+    assert band["type"] == "[number, number]" and band["default"] == [0.5, 1.5]
+    signals = next(o for o in listing["scanners"] if o["name"] == "signals")
+    assert signals["type"] == '"joint" | "size"' and signals["default"] == "joint"
+    # a default that a validator fills in shows as the value in force
+    threshold = next(o for o in listing["scanners"] if o["name"] == "evidence_threshold")
+    assert threshold["type"] == "number | null" and threshold["default"] == 2.0
+    table = runner.invoke(app, ["plugins", "--options", "cbpt"], env={"COLUMNS": "160"})
+    assert table.exit_code == 0
+    assert "screen_again" in table.output and "[number, number]" in table.output
+
+
+def test_every_built_in_option_says_what_it_does():
+    registry = plugins.get_registry()
+    for kind, table in (("scanners", registry.scanners), ("purifiers", registry.purifiers),
+                        ("triggers", registry.triggers)):  # fmt: skip
+        for name in table:
+            for option in registry.options_of(name)[kind]:
+                assert option["description"], f"{kind} {name}: {option['name']} undocumented"
+
+
+def test_a_third_party_config_is_listed_as_declared(third_party):
+    class Required(BaseModel):
+        label: str
+        weight: float = 0.5
+
+    assert plugins.config_options(Required) == [
+        {"name": "label", "type": "string", "required": True, "default": None, "description": ""},
+        {"name": "weight", "type": "number", "required": False, "default": 0.5,
+         "description": ""},
+    ]  # fmt: skip
+    fixed = json.loads(runner.invoke(app, ["plugins", "--options", "fixed", "--json"]).output)
+    assert [(o["name"], o["default"]) for o in fixed["scanners"]] == [
+        ("verdict", "backdoor"),
+        ("target", 0),
+    ]
+
+
+def test_plugins_options_of_an_unknown_name_is_a_clear_error():
+    result = runner.invoke(app, ["plugins", "--options", "nope"])
+    assert result.exit_code == 2
+    assert "no scanner, purifier or trigger family is called 'nope'" in result.output
+    assert "cbpt" in result.output
+
+
 def test_duplicate_name_is_an_error_naming_both_plugins(third_party):
     class Again:
         @hookimpl
