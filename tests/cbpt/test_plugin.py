@@ -359,3 +359,39 @@ def test_text_alignment_is_the_mean_cosine_of_each_class_with_its_prompt() -> No
     labels = torch.tensor([0, 0, 1, 1])
     # class 2 has no shot: 0
     assert text_alignment(features, labels, prompts) == pytest.approx([0.8, 0.9, 0.0])
+
+
+#: a tiny scan with the reach probes off, so the rule's threshold alone sets the verdict
+RULE_ONLY = {**TINY_SCAN, "additive_epsilon": 0, "warp_pixels": 0}
+
+
+def test_a_clean_verdict_writes_the_per_class_trigger_unrefined(bundle, shots) -> None:
+    """A clean scan's trigger is a natural one nothing uses, so it is not refined (it
+    costs about 10 s of a CIFAR-10 lab scan); ``refine_clean`` refines it anyway."""
+    clean = ScanConfig(**RULE_ONLY, evidence_threshold=1e9, isolation_threshold=0)
+    plain = CBPTScanner().scan(bundle, shots, clean, RunContext(seed=0))
+    assert plain.verdict == "clean" and plain.statistics["refined"] is None
+    stats = plain.statistics
+    assert stats["pl1"] == pytest.approx(stats["class_pl1"][stats["suspect_class"]])
+    refining = clean.model_copy(update={"refine_clean": True})
+    refined = CBPTScanner().scan(bundle, shots, refining, RunContext(seed=0))
+    assert refined.statistics["refined"] is not None
+    # the same screening either way: only the written trigger differs
+    assert refined.statistics["class_evidence"] == stats["class_evidence"]
+    assert refined.statistics["image_encoder_images"] > stats["image_encoder_images"]
+
+
+def test_the_purifiers_own_inversion_refines_whatever_the_verdict(bundle, shots, monkeypatch):
+    import clipguard_cbpt.purifier as purifier_module
+
+    seen: list[ScanConfig] = []
+    real = purifier_module.locate_trigger
+
+    def spy(bundle, shots, config, context, classifier):  # type: ignore[no-untyped-def]
+        seen.append(config)
+        return real(bundle, shots, config, context, classifier)
+
+    monkeypatch.setattr(purifier_module, "locate_trigger", spy)
+    config = purifier_module.PurifyConfig(steps=2, augmentations=1, inversion_budget=400)
+    purifier_module.CBPTPurifier().purify(bundle, shots, config, RunContext(seed=0))
+    assert [c.refine_clean for c in seen] == [True]

@@ -146,6 +146,8 @@ class CBPTPurifier(Purifier):
                 restarts=config.inversion_restarts,
                 budget=config.inversion_budget,
                 refine=config.refine,
+                # the purifier tunes against its trigger whatever the verdict when ungated
+                refine_clean=True,
             )
             if config.inversion_method == "scan":
                 screening, suspected, kept, _ = locate_trigger(

@@ -43,7 +43,9 @@ Procedure (see ``docs/method.md``):
    ``inconclusive``). ``additive_epsilon = 0`` / ``warp_pixels = 0`` turn a probe off.
 4. **Refinement** (``refine``, default on): the suspect's trigger is refined towards it with
    augmented shots (:func:`~clipguard_cbpt.inversion.invert_targeted`); that trigger is the
-   one written out, drawn, and reused by ``clipguard purify --trigger``.
+   one written out, drawn, and reused by ``clipguard purify --trigger``. A scan whose
+   verdict is clean skips it (``refine_clean``): the purifier's verdict gate leaves a clean
+   scan's trigger unused.
 5. **Verdict**: ``backdoor`` when the suspect's evidence reaches ``evidence_threshold`` (or
    a probe decided, 3b), ``inconclusive`` from ``inconclusive_fraction`` of it,
    else ``clean``. The threshold is
@@ -150,6 +152,14 @@ class ScanConfig(InversionConfig):
             "does not hinge on which shots were drawn; the reach probes and the refinement "
             "use the first draw. The draws after the first are screened only when the first "
             "is not decisive (screen_again)"
+        ),
+    )
+    refine_clean: bool = Field(
+        False,
+        description=(
+            "refine the suspect's trigger (refine) even when the verdict is clean: a clean "
+            "scan's trigger is a natural one that the purifier's verdict gate leaves unused, "
+            "so by default it is written as the per-class inversion found it"
         ),
     )
     screen_again: tuple[float, float] = Field(
@@ -650,7 +660,8 @@ def locate_trigger(
 
     Returns the screening, the suspicion, the kept trigger (the refined one when its
     refinement met the success share, else the suspect's per-class trigger on ``shots``) and
-    the refinement (None when ``refine`` is off or no budget is left). The screenings share
+    the refinement (None when ``refine`` is off, when the verdict is clean and
+    ``refine_clean`` off, or when no budget is left). The screenings share
     70 % of the budget (all of it without refinement), each draw taking at most an even share
     of what the earlier ones left; the probes, in turn, get what the screenings left, less the
     refinement's share (``refine_steps`` batches).
@@ -697,7 +708,8 @@ def locate_trigger(
     kept = screening.inversions[suspected.suspect]
     left = config.budget - (bundle.image_encoder_images - start_images)
     refined: InversionResult | None = None
-    if refining and left > config.batch_size:
+    wanted = config.refine_clean or verdict_of(suspected.ratio, config) != "clean"
+    if refining and wanted and left > config.batch_size:
         with context.stage("refinement"):
             refined = invert_targeted(
                 bundle,
