@@ -73,7 +73,10 @@ def top_evidence(
     if isolation_threshold is None:
         isolation_threshold = recorded.get("isolation_threshold") or 0.0
     rule = ScanConfig(
-        signals=signals, evidence_threshold=threshold, isolation_threshold=isolation_threshold
+        signals=signals,
+        evidence_threshold=threshold,
+        isolation_threshold=isolation_threshold,
+        **({} if screen_again is None else {"screen_again": screen_again}),
     )
     units = isolation_units(rule)
     draws = statistics.get("screen_draws") or [statistics]
@@ -92,10 +95,8 @@ def top_evidence(
             for k in sizes
         }
 
-    if screen_again is not None and len(draws) > 1:
-        first = max(evidence_of(draws[0], 0.0).values())
-        if not screen_again[0] * rule.threshold <= first < screen_again[1] * rule.threshold:
-            draws = draws[:1]
+    if screen_again is not None and rule.decisive(max(evidence_of(draws[0], 0.0).values())):
+        draws = draws[:1]
     per_draw = [evidence_of(draw, scale) for draw in draws]
     evidence = {k: median(draw[k] for draw in per_draw) for k in per_draw[0]}
     suspect = max(sorted(evidence), key=lambda k: evidence[k])

@@ -130,18 +130,17 @@ def test_the_first_draw_is_decisive_exactly_outside_the_band(
     evidence: float, low: float, width: float, threshold: float
 ) -> None:
     config = ScanConfig(screen_again=(low, low + width), evidence_threshold=threshold)
-    first = _screening([evidence, 0.0])
     inside = low * threshold <= evidence < (low + width) * threshold
-    assert config.decisive(first) is not inside
+    assert config.decisive(evidence) is not inside
 
 
 def test_the_default_band_is_half_to_one_and_a_half_thresholds() -> None:
     config = ScanConfig()
     assert config.screen_again == (0.5, 1.5)
-    assert config.decisive(_screening([0.99 * config.threshold / 2, 0.0]))
-    assert not config.decisive(_screening([config.threshold / 2, 0.0]))
-    assert not config.decisive(_screening([1.49 * config.threshold, 0.0]))
-    assert config.decisive(_screening([1.5 * config.threshold, 0.0]))
+    assert config.decisive(0.99 * config.threshold / 2)
+    assert not config.decisive(config.threshold / 2)
+    assert not config.decisive(1.49 * config.threshold)
+    assert config.decisive(1.5 * config.threshold)
 
 
 @pytest.mark.parametrize(

@@ -310,11 +310,18 @@ class ScanConfig(InversionConfig):
         assert self.evidence_threshold is not None
         return self.evidence_threshold
 
-    def decisive(self, first_draw: Screening) -> bool:
-        """Whether the screening of the first shot draw decides alone: its largest class
-        evidence lies outside the ``screen_again`` band (so no further draw is screened)."""
+    @property
+    def screen_again_evidence(self) -> tuple[float, float]:
+        """The ``screen_again`` band in evidence units (times the threshold in force)."""
         low, high = self.screen_again
-        return not low * self.threshold <= first_draw.top_evidence < high * self.threshold
+        return low * self.threshold, high * self.threshold
+
+    def decisive(self, first_evidence: float) -> bool:
+        """Whether a first shot draw whose largest class evidence (before the additive
+        corroboration) is ``first_evidence`` decides alone: it lies outside the
+        ``screen_again`` band, so no further draw is screened."""
+        low, high = self.screen_again_evidence
+        return not low <= first_evidence < high
 
 
 @dataclass
@@ -629,7 +636,7 @@ def decide(
             f"({each}); on the first, {rule}"
         )
     elif screening.draws_offered > 1:
-        low, high = (bound * config.threshold for bound in config.screen_again)
+        low, high = config.screen_again_evidence
         rule = (
             f"{rule}; the first of {screening.draws_offered} shot draws decided alone (its "
             f"largest evidence before corroboration lies outside [{low:g}, {high:g}))"
@@ -676,7 +683,7 @@ def locate_trigger(
         share = left // (on_offer - index)
         screenings.append(screen(bundle, draw, config, draw_context, classifier, budget=share))
         seeds.append(draw_context.seed)
-        if config.decisive(screenings[0]):
+        if config.decisive(screenings[0].top_evidence):
             break
     probes: dict[str, ProbeReach] = {}
     reserve = config.refine_steps * config.batch_size if refining else 0
