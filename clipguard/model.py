@@ -48,6 +48,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 from torchvision import transforms as tv_transforms
 
+from clipguard.attention import pack_self_attention
 from clipguard.errors import InputError, ModelLoadError, UnsafeModelError
 from clipguard.io import (
     atomic_write_bytes,
@@ -102,11 +103,16 @@ class ModelBundle:
         path: Path | None = None,
         device: str | torch.device = "cpu",
     ) -> ModelBundle:
-        """Wrap an in-memory open_clip model; ``sha256`` defaults to a hash of its weights."""
+        """Wrap an in-memory open_clip model; ``sha256`` defaults to a hash of its weights.
+
+        The model is moved to ``device``, put in eval mode and frozen in place, and the
+        self-attention of its image tower made :class:`~clipguard.attention.PackedSelfAttention`
+        (same weights and results, a cheaper backward pass)."""
         _check_text_tower(model, arch)
         device = torch.device(device)
         model = model.to(device).eval()
         model.requires_grad_(False)
+        pack_self_attention(model.visual)
         image_size = _square_size(model.visual.image_size)
         preprocess_cfg = model_cfg.get("preprocess_cfg", {}) or {}
         mean = tuple(preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
