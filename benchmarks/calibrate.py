@@ -42,6 +42,7 @@ from clipguard_cbpt.scanner import (
     class_isolation,
     deciding_ratio,
     isolation_units,
+    last_draw_moot,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +55,7 @@ def top_evidence(
     threshold: float | None = None,
     isolation_threshold: float | None = None,
     screen_again: tuple[float, float] | None = None,
+    probe_ratios: dict[str, float] | None = None,
 ) -> tuple[float, str]:
     """The largest class evidence of a scan under the rule ``signals`` and its class,
     recomputed from the per-class indices in the report (so scans made under other rules and
@@ -65,7 +67,10 @@ def top_evidence(
     ``screen_draws``) gives each class the median of its evidence on the draws, as the
     scanner does; with ``screen_again`` (the scanner's band, in multiples of the threshold)
     the first draw alone where its largest evidence before the additive corroboration lies
-    outside the band, as a scanner with that band would have stopped there."""
+    outside the band, as a scanner with that band would have stopped there; with
+    ``probe_ratios`` too (each reach probe's top evidence over its threshold), without the
+    last stored draw where the others made it moot (``last_draw_moot``), as the scanner
+    skips it."""
     statistics = scan["statistics"]
     recorded = statistics.get("thresholds", {})
     scale = recorded.get("additive_corroboration") or 0.0
@@ -98,6 +103,10 @@ def top_evidence(
     if screen_again is not None and rule.decisive(max(evidence_of(draws[0], 0.0).values())):
         draws = draws[:1]
     per_draw = [evidence_of(draw, scale) for draw in draws]
+    if screen_again is not None and probe_ratios is not None and len(per_draw) >= 3:
+        earlier = [list(draw.values()) for draw in per_draw[:-1]]
+        if last_draw_moot(earlier, probe_ratios, rule):
+            per_draw = per_draw[:-1]
     evidence = {k: median(draw[k] for draw in per_draw) for k in per_draw[0]}
     suspect = max(sorted(evidence), key=lambda k: evidence[k])
     return evidence[suspect], suspect
@@ -126,17 +135,38 @@ class Rule:
     isolation_threshold: float | None = None
     #: the first draw decides alone outside this band (the scanner's; None: every draw)
     screen_again: tuple[float, float] | None = ScanConfig().screen_again
+    #: a last draw the others made moot is left out (the scanner's skip_moot_draw)
+    skip_moot_draw: bool = ScanConfig().skip_moot_draw
+
+
+def _probe_tops(scan: dict[str, Any], rule: Rule) -> dict[str, tuple[float, str]]:
+    """Each probe of ``rule`` the scan ran: its top evidence over the rule's threshold for it,
+    and its class."""
+    tops = {
+        name: top for name in rule.probe_thresholds if (top := top_probe(scan, name)) is not None
+    }
+    return {name: (value / rule.probe_thresholds[name], k) for name, (value, k) in tops.items()}
+
+
+def _rule_evidence(scan: dict[str, Any], rule: Rule) -> tuple[float, str]:
+    """The rule's largest class evidence in ``scan`` and its class, as the scanner judges
+    (its band, and its skipping of a moot last draw)."""
+    ratios = {name: ratio for name, (ratio, _) in _probe_tops(scan, rule).items()}
+    return top_evidence(
+        scan,
+        rule.signals,
+        rule.threshold,
+        rule.isolation_threshold,
+        rule.screen_again,
+        ratios if rule.skip_moot_draw else None,
+    )
 
 
 def judge(scan: dict[str, Any], rule: Rule) -> tuple[bool, str]:
     """``(flagged, suspect)`` of a scan under ``rule``."""
-    evidence, suspect = top_evidence(
-        scan, rule.signals, rule.threshold, rule.isolation_threshold, rule.screen_again
-    )
-    tops = {
-        name: top for name in rule.probe_thresholds if (top := top_probe(scan, name)) is not None
-    }
-    ratios = {name: value / rule.probe_thresholds[name] for name, (value, _) in tops.items()}
+    evidence, suspect = _rule_evidence(scan, rule)
+    tops = _probe_tops(scan, rule)
+    ratios = {name: ratio for name, (ratio, _) in tops.items()}
     _, decided_by = deciding_ratio(evidence / rule.threshold, ratios)
     if decided_by != "rule":
         return True, tops[decided_by][1]
@@ -218,7 +248,7 @@ def per_attack_table(models: list[ZooModel], scans: dict[str, Any], rule: Rule) 
         detected = [m for m, flagged, _ in judged if flagged]
         right = [m for m, flagged, suspect in judged if flagged and suspect == m.target]
         values = ", ".join(
-            f"s{_seed(m)}: {_rule_evidence(scans[m.name], rule):.2f}" for m in chosen
+            f"s{_seed(m)}: {_rule_evidence(scans[m.name], rule)[0]:.2f}" for m in chosen
         )
         row = (
             f"| {attack} | {len(chosen)} | {len(detected)} | "
@@ -232,12 +262,6 @@ def per_attack_table(models: list[ZooModel], scans: dict[str, Any], rule: Rule) 
             row += " " + ", ".join(cells) + " |"
         lines.append(row)
     return "\n".join(lines) + "\n"
-
-
-def _rule_evidence(scan: dict[str, Any], rule: Rule) -> float:
-    return top_evidence(
-        scan, rule.signals, rule.threshold, rule.isolation_threshold, rule.screen_again
-    )[0]
 
 
 def _seed(model: ZooModel) -> int:
@@ -350,7 +374,8 @@ def main(
         bool,
         typer.Option(
             help="judge a scan of several shot draws by the median of all it screened, not "
-            "as the scanner's screen_again band would have stopped at a decisive first draw"
+            "as the scanner's screen_again band would have stopped at a decisive first draw "
+            "or its skip_moot_draw at a moot last one"
         ),
     ] = False,
     quiet: bool = False,

@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 
 from clipguard import api
 from clipguard.components import RunContext, ShotSet
-from clipguard_cbpt.scanner import CBPTScanner, ScanConfig, Screening, median_screening
+from clipguard_cbpt.scanner import (
+    CBPTScanner,
+    ScanConfig,
+    Screening,
+    deciding_ratio,
+    last_draw_moot,
+    median_screening,
+    verdict_of,
+)
 
 #: a scan without the reach probes and the refinement: what is left is the screening alone
 SCREEN_ONLY = {
@@ -22,8 +30,8 @@ SCREEN_ONLY = {
     "warp_pixels": 0,
     "refine": False,
 }
-#: screen every draw on offer, however decisive the first
-EVERY_DRAW = {**SCREEN_ONLY, "screen_again": (0, 1e9)}
+#: screen every draw on offer, however decisive the first or moot the last
+EVERY_DRAW = {**SCREEN_ONLY, "screen_again": (0, 1e9), "skip_moot_draw": False}
 #: the first draw always decides alone (an empty band)
 FIRST_DRAW_ALONE = {**SCREEN_ONLY, "screen_again": (0, 0)}
 
@@ -159,3 +167,69 @@ def test_a_scan_hashes_every_image_its_draws_screened(
     assert [d["seed"] for d in draws] == list(range(4, 4 + screened))
     # 2 shots of each of 3 classes per draw; other draws add images unless they repeat them
     assert report.data.n_images == 6 if screened == 1 else 6 < report.data.n_images <= 18
+
+
+def _verdict_and_suspect(
+    draws: list[list[float]], probes: dict[str, tuple[float, int]], config: ScanConfig
+) -> tuple[str, int | None]:
+    """What a scan concludes from the median of ``draws`` and its probes (ratio, top class):
+    the verdict, and the suspect unless the verdict is clean (as :func:`suspicion`)."""
+    evidence = [median(column) for column in zip(*draws, strict=True)]
+    top = max(range(len(evidence)), key=lambda k: evidence[k])
+    ratios = {name: ratio for name, (ratio, _) in probes.items()}
+    ratio, decided_by = deciding_ratio(evidence[top] / config.threshold, ratios)
+    verdict = verdict_of(ratio, config)
+    if verdict == "clean":
+        return verdict, None
+    return verdict, top if decided_by == "rule" else probes[decided_by][1]
+
+
+PROBES = st.dictionaries(
+    st.sampled_from(["additive", "warp"]),
+    st.tuples(st.floats(min_value=0, max_value=3, allow_nan=False), st.integers(0, 3)),
+)
+
+
+@given(
+    draws=st.lists(st.lists(EVIDENCE, min_size=4, max_size=4), min_size=2, max_size=2),
+    last=st.lists(EVIDENCE, min_size=4, max_size=4),
+    probes=PROBES,
+)
+def test_a_moot_last_draw_changes_neither_verdict_nor_suspect(draws, last, probes) -> None:
+    """Whatever the skipped draw would have given, the median of all three draws concludes
+    what the median of the two screened does."""
+    config = ScanConfig()
+    ratios = {name: ratio for name, (ratio, _) in probes.items()}
+    if last_draw_moot(draws, ratios, config):
+        expected = _verdict_and_suspect([*draws, last], probes, config)
+        assert _verdict_and_suspect(draws, probes, config) == expected
+
+
+def test_a_last_draw_that_could_tip_the_verdict_or_the_suspect_is_not_moot() -> None:
+    config = ScanConfig()  # backdoor from 2.0, inconclusive from 1.5
+    assert last_draw_moot([[0.2, 0.4], [0.3, 1.2]], {}, config)  # clean either way
+    assert not last_draw_moot([[0.2, 2.4], [0.3, 1.2]], {}, config)  # 1.2 .. 2.4
+    assert last_draw_moot([[0.2, 2.4], [0.3, 3.0]], {}, config)  # class 1 above all
+    assert not last_draw_moot([[2.2, 2.4], [2.5, 3.0]], {}, config)  # which class?
+    assert last_draw_moot([[2.2, 2.4], [2.5, 3.0]], {"warp": 5.0}, config)  # warp decides
+    assert not last_draw_moot([[0.2, 0.3]], {}, config)  # one draw bounds nothing
+
+
+@pytest.mark.parametrize(("skip", "screened"), [(True, 2), (False, 3)])
+def test_a_moot_last_draw_is_not_drawn(bundle, shots, skip, screened) -> None:
+    """With a threshold no evidence reaches (isolation off), two draws settle the verdict."""
+    offered: list[int] = []
+    context = RunContext(seed=5, draw_shots=_recording_draws(shots, offered))
+    options = {
+        **EVERY_DRAW,
+        "skip_moot_draw": skip,
+        "evidence_threshold": 1e6,
+        "isolation_threshold": 0,
+    }
+    outcome = CBPTScanner().scan(bundle, shots, ScanConfig(**options), context)
+    assert outcome.verdict == "clean"
+    assert offered == list(range(1, screened))
+    assert [d["seed"] for d in outcome.statistics["screen_draws"]] == list(range(5, 5 + screened))
+    assert outcome.statistics["screen_draws_offered"] == 3
+    moot_words = "the last of 3 could change neither verdict nor suspect"
+    assert (moot_words in outcome.explanation) is skip

@@ -26,7 +26,9 @@ Procedure (see ``docs/method.md``):
    of its evidence on the draws (:func:`median_screening`): which shots were drawn moves
    near-threshold verdicts (docs/benchmarks.md). The draws after the first are screened
    only when the first is near the threshold (``screen_again``; far from it, the first
-   decides alone). The suspect is the class with the most evidence.
+   decides alone), and the last draw only when it could change the verdict or the suspect
+   (``skip_moot_draw``, :func:`last_draw_moot`; the reach probes run before it). The
+   suspect is the class with the most evidence.
 3b. **Reach probes** (:func:`~clipguard_cbpt.inversion.probe_reach`): per class, the share
    of held-out shots of the other classes that one small universal transformation, fitted on
    the other shots, sends to it. The *additive* probe (a perturbation bounded per pixel)
@@ -152,6 +154,16 @@ class ScanConfig(InversionConfig):
             "does not hinge on which shots were drawn; the reach probes and the refinement "
             "use the first draw. The draws after the first are screened only when the first "
             "is not decisive (screen_again)"
+        ),
+    )
+    skip_moot_draw: bool = Field(
+        True,
+        description=(
+            "run the reach probes before the last shot draw on offer and skip that draw when "
+            "whatever it gave could not change the verdict, nor the suspect of a backdoor or "
+            "inconclusive verdict (the median of every class's evidence is bounded by the "
+            "draws already screened); false screens it whenever the earlier draws were not "
+            "decisive"
         ),
     )
     refine_clean: bool = Field(
@@ -345,7 +357,8 @@ class Screening:
     #: empty for the screening of one draw
     draw_seeds: list[int] = field(default_factory=list)
     draws: list[Screening] = field(default_factory=list)
-    #: the shot draws the caller offered (fewer are screened when the first is decisive)
+    #: the shot draws the caller offered (fewer are screened when the first is decisive or
+    #: the last moot)
     draws_offered: int = 1
 
     @property
@@ -396,17 +409,57 @@ def deciding_ratio(rule_ratio: float, probe_ratios: dict[str, float]) -> tuple[f
     return ratio, decided_by
 
 
-def suspicion(screening: Screening, probes: dict[str, ProbeReach], config: ScanConfig) -> Suspicion:
-    """Combine the rule's evidence with the reach probes (:func:`deciding_ratio`)."""
+def probe_ratios(
+    probes: dict[str, ProbeReach], config: ScanConfig
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Per reach probe, its largest class evidence over its threshold, and that class."""
     tops: dict[str, int] = {}
     ratios: dict[str, float] = {}
     for name, reach in probes.items():
         evidence = reach.evidence()
         tops[name] = max(range(len(evidence)), key=lambda k: evidence[k])
         ratios[name] = evidence[tops[name]] / config.probe_threshold(name)
+    return ratios, tops
+
+
+def suspicion(screening: Screening, probes: dict[str, ProbeReach], config: ScanConfig) -> Suspicion:
+    """Combine the rule's evidence with the reach probes (:func:`deciding_ratio`)."""
+    ratios, tops = probe_ratios(probes, config)
     ratio, decided_by = deciding_ratio(screening.top_evidence / config.threshold, ratios)
     suspect = screening.suspect if decided_by == "rule" else tops[decided_by]
     return Suspicion(suspect, ratio, decided_by, probes)
+
+
+def last_draw_moot(
+    draw_evidence: list[list[float]], ratios: dict[str, float], config: ScanConfig
+) -> bool:
+    """Whether one more shot draw, the last of ``len(draw_evidence) + 1``, could change
+    neither the verdict nor (for a backdoor or inconclusive verdict) the suspect.
+
+    ``draw_evidence``: per draw screened, every class's evidence (corroborated); ``ratios``:
+    each reach probe's ratio (:func:`probe_ratios`). The median is non-decreasing in every
+    value, so whatever the last draw gives, a class's median lies between the median with
+    that draw at minus and at plus infinity; the deciding ratio (:func:`deciding_ratio`) is
+    non-decreasing in the rule's. The draw is moot when the verdicts at both bounds agree and
+    either the verdict is clean, or one probe decides at both bounds (its suspect is its
+    own), or the rule decides at both and one class's lower bound exceeds every other
+    class's upper bound."""
+    columns = list(zip(*draw_evidence, strict=True))
+    low = [median([*column, -math.inf]) for column in columns]
+    high = [median([*column, math.inf]) for column in columns]
+    low_ratio, low_by = deciding_ratio(max(low) / config.threshold, ratios)
+    high_ratio, high_by = deciding_ratio(max(high) / config.threshold, ratios)
+    verdict = verdict_of(low_ratio, config)
+    if verdict != verdict_of(high_ratio, config):
+        return False
+    if verdict == "clean":
+        return True
+    if low_by != high_by:
+        return False
+    if low_by != "rule":
+        return True
+    top = max(range(len(low)), key=lambda k: low[k])
+    return all(low[top] > high[k] for k in range(len(low)) if k != top)
 
 
 def class_triggers(
@@ -629,11 +682,17 @@ def decide(
         )
     else:
         rule = f"geometric mean of {size} and {corroborating}"
-    if len(screening.draw_evidence) > 1:
+    screened = len(screening.draw_evidence)
+    if screened > 1:
         each = ", ".join(f"{draw[k]:.2f}" for draw in screening.draw_evidence)
+        skipped = (
+            f"; the last of {screening.draws_offered} could change neither verdict nor suspect"
+            if screened < screening.draws_offered
+            else ""
+        )
         rule = (
-            f"the median of its evidence on {len(screening.draw_evidence)} shot draws "
-            f"({each}); on the first, {rule}"
+            f"the median of its evidence on {screened} shot draws ({each}{skipped}); on the "
+            f"first, {rule}"
         )
     elif screening.draws_offered > 1:
         low, high = config.screen_again_evidence
@@ -661,32 +720,45 @@ def locate_trigger(
     classifier: PromptClassifier,
 ) -> tuple[Screening, Suspicion, InversionResult, InversionResult | None]:
     """Steps 1-4: screen every class on the first shot draw and, unless it is decisive
-    (:meth:`ScanConfig.decisive`), on the others on offer (:func:`shot_draws`), run the reach
-    probes on ``shots``, judge the median screening (:func:`median_screening`), then refine
-    the suspect's trigger within the budget.
+    (:meth:`ScanConfig.decisive`), on the others on offer (:func:`shot_draws`) but the last,
+    run the reach probes on ``shots``, screen the last draw unless it is moot
+    (:func:`last_draw_moot`, with ``skip_moot_draw``), judge the median screening
+    (:func:`median_screening`), then refine the suspect's trigger within the budget.
 
     Returns the screening, the suspicion, the kept trigger (the refined one when its
     refinement met the success share, else the suspect's per-class trigger on ``shots``) and
     the refinement (None when ``refine`` is off, when the verdict is clean and
     ``refine_clean`` off, or when no budget is left). The screenings share
     70 % of the budget (all of it without refinement), each draw taking at most an even share
-    of what the earlier ones left; the probes, in turn, get what the screenings left, less the
-    refinement's share (``refine_steps`` batches).
+    of what the earlier ones left; the probes, in turn, get the rest less what a pending last
+    draw may take and the refinement's share (``refine_steps`` batches).
     """
     start_images = bundle.image_encoder_images
     refining = config.refine and config.refine_steps > 0
     screen_budget = int(config.budget * 0.7) if refining else config.budget
     on_offer = config.screen_draws if context.draw_shots is not None else 1
-    screenings, seeds = [], []
-    for index, (draw_context, draw) in enumerate(shot_draws(context, shots, on_offer)):
-        left = screen_budget - (bundle.image_encoder_images - start_images)
-        share = left // (on_offer - index)
+    draws = shot_draws(context, shots, on_offer)
+    screenings: list[Screening] = []
+    seeds: list[int] = []
+    screened_images = 0
+
+    def screen_next() -> None:
+        nonlocal screened_images
+        draw_context, draw = next(draws)
+        share = (screen_budget - screened_images) // (on_offer - len(screenings))
+        before = bundle.image_encoder_images
         screenings.append(screen(bundle, draw, config, draw_context, classifier, budget=share))
         seeds.append(draw_context.seed)
-        if config.decisive(screenings[0].top_evidence):
-            break
+        screened_images += bundle.image_encoder_images - before
+
+    screen_next()
+    decisive = config.decisive(screenings[0].top_evidence)
+    while not decisive and len(screenings) < on_offer - 1:
+        screen_next()
+    pending = not decisive and len(screenings) < on_offer
     probes: dict[str, ProbeReach] = {}
     reserve = config.refine_steps * config.batch_size if refining else 0
+    reserve += screen_budget - screened_images if pending else 0
     specs = config.probes()
     n_classes = len(shots.classnames)
     for i, spec in enumerate(specs):
@@ -708,9 +780,14 @@ def locate_trigger(
                 keep=later,
                 progress=context.progress,
             )
-    screening = median_screening(
-        [corroborate(s, probes.get("additive"), config) for s in screenings], seeds, on_offer
-    )
+    corroborated = [corroborate(s, probes.get("additive"), config) for s in screenings]
+    if pending:
+        ratios, _ = probe_ratios(probes, config)
+        moot = last_draw_moot([s.evidence for s in corroborated], ratios, config)
+        if not (config.skip_moot_draw and moot):
+            screen_next()
+            corroborated.append(corroborate(screenings[-1], probes.get("additive"), config))
+    screening = median_screening(corroborated, seeds, on_offer)
     suspected = suspicion(screening, probes, config)
     kept = screening.inversions[suspected.suspect]
     left = config.budget - (bundle.image_encoder_images - start_images)
