@@ -55,7 +55,7 @@ def top_evidence(
     threshold: float | None = None,
     isolation_threshold: float | None = None,
     screen_again: tuple[float, float] | None = None,
-    probe_ratios: dict[str, float] | None = None,
+    probes: dict[str, tuple[float, str]] | None = None,
 ) -> tuple[float, str]:
     """The largest class evidence of a scan under the rule ``signals`` and its class,
     recomputed from the per-class indices in the report (so scans made under other rules and
@@ -68,7 +68,7 @@ def top_evidence(
     scanner does; with ``screen_again`` (the scanner's band, in multiples of the threshold)
     the first draw alone where its largest evidence before the additive corroboration lies
     outside the band, as a scanner with that band would have stopped there; with
-    ``probe_ratios`` too (each reach probe's top evidence over its threshold), without the
+    ``probes`` too (each reach probe's top evidence over its threshold, and its class), without the
     last stored draw where the others made it moot (``last_draw_moot``), as the scanner
     skips it."""
     statistics = scan["statistics"]
@@ -103,9 +103,11 @@ def top_evidence(
     if screen_again is not None and rule.decisive(max(evidence_of(draws[0], 0.0).values())):
         draws = draws[:1]
     per_draw = [evidence_of(draw, scale) for draw in draws]
-    if screen_again is not None and probe_ratios is not None and len(per_draw) >= 3:
-        earlier = [list(draw.values()) for draw in per_draw[:-1]]
-        if last_draw_moot(earlier, probe_ratios, rule):
+    if screen_again is not None and probes is not None and len(per_draw) >= 3:
+        classes = list(per_draw[0])
+        earlier = [[draw[k] for k in classes] for draw in per_draw[:-1]]
+        indexed = {name: (ratio, classes.index(k)) for name, (ratio, k) in probes.items()}
+        if last_draw_moot(earlier, indexed, rule):
             per_draw = per_draw[:-1]
     evidence = {k: median(draw[k] for draw in per_draw) for k in per_draw[0]}
     suspect = max(sorted(evidence), key=lambda k: evidence[k])
@@ -151,14 +153,13 @@ def _probe_tops(scan: dict[str, Any], rule: Rule) -> dict[str, tuple[float, str]
 def _rule_evidence(scan: dict[str, Any], rule: Rule) -> tuple[float, str]:
     """The rule's largest class evidence in ``scan`` and its class, as the scanner judges
     (its band, and its skipping of a moot last draw)."""
-    ratios = {name: ratio for name, (ratio, _) in _probe_tops(scan, rule).items()}
     return top_evidence(
         scan,
         rule.signals,
         rule.threshold,
         rule.isolation_threshold,
         rule.screen_again,
-        ratios if rule.skip_moot_draw else None,
+        _probe_tops(scan, rule) if rule.skip_moot_draw else None,
     )
 
 

@@ -199,8 +199,7 @@ def test_a_moot_last_draw_changes_neither_verdict_nor_suspect(draws, last, probe
     """Whatever the skipped draw would have given, the median of all three draws concludes
     what the median of the two screened does."""
     config = ScanConfig()
-    ratios = {name: ratio for name, (ratio, _) in probes.items()}
-    if last_draw_moot(draws, ratios, config):
+    if last_draw_moot(draws, probes, config):
         expected = _verdict_and_suspect([*draws, last], probes, config)
         assert _verdict_and_suspect(draws, probes, config) == expected
 
@@ -211,7 +210,11 @@ def test_a_last_draw_that_could_tip_the_verdict_or_the_suspect_is_not_moot() -> 
     assert not last_draw_moot([[0.2, 2.4], [0.3, 1.2]], {}, config)  # 1.2 .. 2.4
     assert last_draw_moot([[0.2, 2.4], [0.3, 3.0]], {}, config)  # class 1 above all
     assert not last_draw_moot([[2.2, 2.4], [2.5, 3.0]], {}, config)  # which class?
-    assert last_draw_moot([[2.2, 2.4], [2.5, 3.0]], {"warp": 5.0}, config)  # warp decides
+    assert last_draw_moot([[2.2, 2.4], [2.5, 3.0]], {"warp": (5.0, 0)}, config)  # warp decides
+    # the additive probe decides at the lower bound (1.45), the rule at the upper (1.875):
+    # moot when both name class 1, not when the probe names class 0
+    assert last_draw_moot([[0.2, 2.9], [0.3, 3.75]], {"additive": (1.56, 1)}, config)
+    assert not last_draw_moot([[0.2, 2.9], [0.3, 3.75]], {"additive": (1.56, 0)}, config)
     assert not last_draw_moot([[0.2, 0.3]], {}, config)  # one draw bounds nothing
 
 

@@ -431,22 +431,24 @@ def suspicion(screening: Screening, probes: dict[str, ProbeReach], config: ScanC
 
 
 def last_draw_moot(
-    draw_evidence: list[list[float]], ratios: dict[str, float], config: ScanConfig
+    draw_evidence: list[list[float]], probes: dict[str, tuple[float, int]], config: ScanConfig
 ) -> bool:
     """Whether one more shot draw, the last of ``len(draw_evidence) + 1``, could change
     neither the verdict nor (for a backdoor or inconclusive verdict) the suspect.
 
-    ``draw_evidence``: per draw screened, every class's evidence (corroborated); ``ratios``:
-    each reach probe's ratio (:func:`probe_ratios`). The median is non-decreasing in every
-    value, so whatever the last draw gives, a class's median lies between the median with
-    that draw at minus and at plus infinity; the deciding ratio (:func:`deciding_ratio`) is
-    non-decreasing in the rule's. The draw is moot when the verdicts at both bounds agree and
-    either the verdict is clean, or one probe decides at both bounds (its suspect is its
-    own), or the rule decides at both and one class's lower bound exceeds every other
-    class's upper bound."""
+    ``draw_evidence``: per draw screened, every class's evidence (corroborated); ``probes``:
+    each reach probe's ratio and top class (:func:`probe_ratios`). The median is
+    non-decreasing in every value, so whatever the last draw gives, a class's median lies
+    between the median with that draw at minus and at plus infinity; the deciding ratio
+    (:func:`deciding_ratio`) is non-decreasing in the rule's, and what decides is the rule or
+    the strongest probe, whichever decides at the two bounds. The draw is moot when the
+    verdicts at both bounds agree and either the verdict is clean, or every decider at the
+    bounds names the same suspect: a probe its top class, the rule the class whose lower bound
+    exceeds every other class's upper bound (none if no class does)."""
     columns = list(zip(*draw_evidence, strict=True))
     low = [median([*column, -math.inf]) for column in columns]
     high = [median([*column, math.inf]) for column in columns]
+    ratios = {name: ratio for name, (ratio, _) in probes.items()}
     low_ratio, low_by = deciding_ratio(max(low) / config.threshold, ratios)
     high_ratio, high_by = deciding_ratio(max(high) / config.threshold, ratios)
     verdict = verdict_of(low_ratio, config)
@@ -454,12 +456,17 @@ def last_draw_moot(
         return False
     if verdict == "clean":
         return True
-    if low_by != high_by:
-        return False
-    if low_by != "rule":
-        return True
     top = max(range(len(low)), key=lambda k: low[k])
-    return all(low[top] > high[k] for k in range(len(low)) if k != top)
+    dominant = all(low[top] > high[k] for k in range(len(low)) if k != top)
+    suspects = set()
+    for decided_by in {low_by, high_by}:
+        if decided_by != "rule":
+            suspects.add(probes[decided_by][1])
+        elif dominant:
+            suspects.add(top)
+        else:
+            return False
+    return len(suspects) == 1
 
 
 def class_triggers(
@@ -782,8 +789,9 @@ def locate_trigger(
             )
     corroborated = [corroborate(s, probes.get("additive"), config) for s in screenings]
     if pending:
-        ratios, _ = probe_ratios(probes, config)
-        moot = last_draw_moot([s.evidence for s in corroborated], ratios, config)
+        ratios, tops = probe_ratios(probes, config)
+        tops_and_ratios = {name: (ratios[name], tops[name]) for name in ratios}
+        moot = last_draw_moot([s.evidence for s in corroborated], tops_and_ratios, config)
         if not (config.skip_moot_draw and moot):
             screen_next()
             corroborated.append(corroborate(screenings[-1], probes.get("additive"), config))
