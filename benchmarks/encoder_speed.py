@@ -89,14 +89,13 @@ def measure_process(path: Path, batch: int, rounds: int, allocator: str) -> dict
         raise SystemExit("the malloc settings could not be applied here (not glibc?)")
     bundle = load_model(path)
     pixels = torch.rand(batch, 3, bundle.image_size, bundle.image_size)
-    seconds = []
-    for index in range(WARM_UP_PASSES + rounds):
-        if index == WARM_UP_PASSES:
-            warm = resource.getrusage(resource.RUSAGE_SELF)
-        seconds.append(_pass(bundle, pixels)[0])
+    for _ in range(WARM_UP_PASSES):
+        _pass(bundle, pixels)
+    warm = resource.getrusage(resource.RUSAGE_SELF)
+    seconds = [_pass(bundle, pixels)[0] for _ in range(rounds)]
     done = resource.getrusage(resource.RUSAGE_SELF)
     return {
-        "seconds_per_pass": statistics.median(seconds[WARM_UP_PASSES:]),
+        "seconds_per_pass": statistics.median(seconds),
         "page_faults_per_pass": (done.ru_minflt - warm.ru_minflt) / rounds,
         "system_seconds_per_pass": (done.ru_stime - warm.ru_stime) / rounds,
         "peak_resident_mb": done.ru_maxrss / 1024,
