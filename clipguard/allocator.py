@@ -8,10 +8,11 @@ of a scan's CPU time, spent in the kernel. :func:`reuse_freed_memory` raises mal
 trim thresholds so freed blocks stay in the heap and are reused.
 
 It changes no arithmetic (results are bit-identical), only where memory comes from: the
-process keeps its peak memory until it ends (about 8 % more peak resident memory on a lab
-scan). The ``clipguard`` command calls it before importing torch; a program embedding the
-Python API may call it itself. ``CLIPGUARD_SYSTEM_MALLOC=1`` leaves malloc as it is. Off
-glibc (macOS, Windows, musl) it does nothing.
+process keeps its peak memory until it ends (6 to 8 % more peak resident memory in the
+encoder passes of a lab model, ``benchmarks/encoder_speed.py``). The ``clipguard`` command
+calls it before importing torch; a program embedding the Python API may call it itself.
+``CLIPGUARD_SYSTEM_MALLOC=1`` leaves malloc as it is. Off glibc (macOS, Windows, musl) it
+does nothing.
 """
 
 from __future__ import annotations

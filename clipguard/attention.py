@@ -10,11 +10,13 @@ one concatenation), which makes a forward and backward pass of the lab models' i
 about a tenth faster on a 2-core CPU (``benchmarks/encoder_speed.py``).
 
 It changes no arithmetic: the same matrix products, the same
-:func:`torch.nn.functional.scaled_dot_product_attention` call, on the same values. Features and
-input gradients are bit-identical to :class:`torch.nn.MultiheadAttention`'s on the models
-tested (tests/core/test_attention.py). Every call it does not cover (no gradients recorded,
-attention weights requested, masks, separate key/value inputs, dropout in training, bias_k /
-zero-attention variants) goes to :class:`torch.nn.MultiheadAttention` unchanged.
+:func:`torch.nn.functional.scaled_dot_product_attention` call, on tensors laid out as torch
+lays them out. Outputs, input gradients and weight gradients are bit-identical to
+:class:`torch.nn.MultiheadAttention`'s (tests/core/test_attention.py checks random shapes and
+a lab-like image tower; ``benchmarks/encoder_speed.py`` checks any model). Every call it does
+not cover (no gradients recorded, attention weights requested, masks, separate key/value
+inputs, dropout in training, bias_k / zero-attention variants) goes to
+:class:`torch.nn.MultiheadAttention` unchanged.
 """
 
 from __future__ import annotations
