@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import encoder_speed  # noqa: E402
+
+from tests.conftest import GLIBC_ONLY  # noqa: E402
 
 
 def test_attention_comparison_reports_a_ratio_and_bit_identity(tiny_model_path) -> None:
@@ -21,10 +20,7 @@ def test_attention_comparison_reports_a_ratio_and_bit_identity(tiny_model_path) 
     assert row["speedup"] > 0 and row["packed_images_per_second"] > 0
 
 
-@pytest.mark.skipif(
-    not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
-    reason="the malloc settings are glibc's",
-)
+@GLIBC_ONLY
 def test_allocator_comparison_runs_each_setting_in_fresh_processes(tiny_model_path) -> None:
     row = encoder_speed.compare_allocator(tiny_model_path, batch=4, rounds=2, processes=1)
     assert row["comparison"] == "allocator"

@@ -10,28 +10,18 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from clipguard.allocator import SYSTEM_MALLOC_VARIABLE
+from tests.conftest import GLIBC_ONLY, LAB_LIKE_CONFIG
 
-glibc_only = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
-    reason="the settings are glibc's",
-)
-
-#: six forward and backward passes of a lab-like image tower (batch 720, whose largest
-#: activations are tens of megabytes), printing whether the settings applied and the page
-#: faults each pass took
+#: six forward and backward passes of the image tower of the config in argv[2] (batch 720,
+#: whose largest activations are tens of megabytes), printing whether the settings applied
+#: and the page faults each pass took
 _PASSES = """
 import json, resource, sys, torch
 from clipguard.allocator import reuse_freed_memory
 applied = reuse_freed_memory() if sys.argv[1] == "reuse" else False
 from clipguard.model import ModelBundle, build_clip_from_config
-config = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 4, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 1, "layers": 1},
-}
+config = json.loads(sys.argv[2])
 torch.manual_seed(0)
 bundle = ModelBundle.from_model(build_clip_from_config(config), config)
 pixels = torch.rand(720, 3, 32, 32)
@@ -46,7 +36,7 @@ print(json.dumps({"applied": applied, "faults": faults}))
 
 def _passes(mode: str, **environment: str) -> dict:
     result = subprocess.run(
-        [sys.executable, "-c", _PASSES, mode],
+        [sys.executable, "-c", _PASSES, mode, json.dumps(LAB_LIKE_CONFIG)],
         capture_output=True,
         text=True,
         check=True,
@@ -55,7 +45,7 @@ def _passes(mode: str, **environment: str) -> dict:
     return json.loads(result.stdout)
 
 
-@glibc_only
+@GLIBC_ONLY
 def test_freed_blocks_are_reused_instead_of_mapped_and_zero_filled_again() -> None:
     system, reused = _passes("system"), _passes("reuse")
     assert reused["applied"] is True and system["applied"] is False
@@ -65,7 +55,7 @@ def test_freed_blocks_are_reused_instead_of_mapped_and_zero_filled_again() -> No
     assert sum(reused["faults"][3:]) < sum(system["faults"][3:]) / 4
 
 
-@glibc_only
+@GLIBC_ONLY
 def test_the_environment_variable_leaves_malloc_alone() -> None:
     left_alone = _passes("reuse", **{SYSTEM_MALLOC_VARIABLE: "1"})
     assert left_alone["applied"] is False

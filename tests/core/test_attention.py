@@ -10,14 +10,7 @@ from hypothesis import strategies as st
 
 from clipguard.attention import PackedSelfAttention, pack_self_attention
 from clipguard.model import ModelBundle, build_clip_from_config, load_model
-from tests.conftest import TINY_CONFIG
-
-#: an image tower shaped like the CIFAR-10 lab models' (width 64, patch 4, 3 layers)
-LAB_LIKE_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "patch_size": 4, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 1, "layers": 1},
-}
+from tests.conftest import LAB_LIKE_CONFIG, TINY_CONFIG
 
 
 def _pair(width: int, heads: int, bias: bool, seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -409,24 +409,22 @@ def deciding_ratio(rule_ratio: float, probe_ratios: dict[str, float]) -> tuple[f
     return ratio, decided_by
 
 
-def probe_ratios(
-    probes: dict[str, ProbeReach], config: ScanConfig
-) -> tuple[dict[str, float], dict[str, int]]:
+def probe_ratios(probes: dict[str, ProbeReach], config: ScanConfig) -> dict[str, tuple[float, int]]:
     """Per reach probe, its largest class evidence over its threshold, and that class."""
-    tops: dict[str, int] = {}
-    ratios: dict[str, float] = {}
+    ranked = {}
     for name, reach in probes.items():
         evidence = reach.evidence()
-        tops[name] = max(range(len(evidence)), key=lambda k: evidence[k])
-        ratios[name] = evidence[tops[name]] / config.probe_threshold(name)
-    return ratios, tops
+        top = max(range(len(evidence)), key=lambda k: evidence[k])
+        ranked[name] = (evidence[top] / config.probe_threshold(name), top)
+    return ranked
 
 
 def suspicion(screening: Screening, probes: dict[str, ProbeReach], config: ScanConfig) -> Suspicion:
     """Combine the rule's evidence with the reach probes (:func:`deciding_ratio`)."""
-    ratios, tops = probe_ratios(probes, config)
+    ranked = probe_ratios(probes, config)
+    ratios = {name: ratio for name, (ratio, _) in ranked.items()}
     ratio, decided_by = deciding_ratio(screening.top_evidence / config.threshold, ratios)
-    suspect = screening.suspect if decided_by == "rule" else tops[decided_by]
+    suspect = screening.suspect if decided_by == "rule" else ranked[decided_by][1]
     return Suspicion(suspect, ratio, decided_by, probes)
 
 
@@ -789,9 +787,8 @@ def locate_trigger(
             )
     corroborated = [corroborate(s, probes.get("additive"), config) for s in screenings]
     if pending:
-        ratios, tops = probe_ratios(probes, config)
-        tops_and_ratios = {name: (ratios[name], tops[name]) for name in ratios}
-        moot = last_draw_moot([s.evidence for s in corroborated], tops_and_ratios, config)
+        ranked = probe_ratios(probes, config)
+        moot = last_draw_moot([s.evidence for s in corroborated], ranked, config)
         if not (config.skip_moot_draw and moot):
             screen_next()
             corroborated.append(corroborate(screenings[-1], probes.get("additive"), config))
