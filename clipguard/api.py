@@ -30,6 +30,7 @@ from clipguard.data import (
     open_image_folder,
     split_shots,
     subsample,
+    take_per_class,
 )
 from clipguard.errors import InputError
 from clipguard.io import atomic_write_bytes
@@ -232,10 +233,25 @@ class _Run:
         shots = ShotSet(pixels=pixels, labels=labels, classnames=self.folder.classnames)
         return shots, rest_samples
 
+    def held_out_of(self, per_class: int) -> ShotSet | None:
+        """Up to ``per_class`` images per class that are not among the run's shots, drawn
+        with the run's seed (counted among the run's images); None when there are none."""
+        samples = take_per_class(self.rest_samples, max(per_class, 0), self.context.seed)
+        if not samples:
+            return None
+        with self.context.stage("load data"):
+            pixels, labels = load_pixels(
+                samples, self.bundle.pixel_transform, self.progress, "loading held-out images"
+            )
+        self.used_samples.update(samples)
+        return ShotSet(pixels=pixels, labels=labels, classnames=self.folder.classnames)
+
     def offer_more_draws(self) -> None:
-        """Let the plugin draw more shots (:attr:`RunContext.draw_shots`): only for runs that
-        hold no images back for evaluation (a scan)."""
+        """Let the plugin draw more shots and held-out images (:attr:`RunContext.draw_shots`,
+        :attr:`RunContext.held_out_shots`): only for runs that hold no images back for
+        evaluation (a scan)."""
         self.context.draw_shots = lambda index: self.shots_of(self.context.seed + index)[0]
+        self.context.held_out_shots = self.held_out_of
 
     def data_info(self) -> DataInfo:
         """The data folder and every shot drawn so far (count and content hash)."""

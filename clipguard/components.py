@@ -49,7 +49,10 @@ class RunContext:
     ``draw_shots(i)`` for ``i >= 1`` is another draw of as many images per class as the
     plugin's shots, with seed ``seed + i``, its images counted in the report's data hash. It
     is None where no more may be drawn (a purify run, whose other images are its held-out
-    evaluation, or a plugin called directly).
+    evaluation, or a plugin called directly). ``held_out_shots``, offered alike, gives up to
+    ``n`` images per class that are not among the run's own shots (drawn with ``seed``, so
+    a plugin may measure on them what it fitted on its shots), fewer where the folder has
+    fewer left; their images are counted in the report's data hash too.
     """
 
     seed: int = 0
@@ -57,6 +60,7 @@ class RunContext:
     progress: Progress = field(default_factory=lambda: Progress(quiet=True))
     stage_seconds: dict[str, float] = field(default_factory=dict)
     draw_shots: Callable[[int], ShotSet] | None = None
+    held_out_shots: Callable[[int], ShotSet | None] | None = None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

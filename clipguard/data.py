@@ -168,6 +168,20 @@ def subsample(samples: Sequence[Sample], limit: int | None, seed: int) -> list[S
     return sorted(rng.sample(list(samples), limit))
 
 
+def take_per_class(samples: Sequence[Sample], per_class: int, seed: int) -> list[Sample]:
+    """At most ``per_class`` samples of each label in ``samples``, drawn with ``seed`` (all of
+    a label's when it has fewer), sorted; deterministic for ``seed``."""
+    by_label: dict[int, list[Sample]] = {}
+    for sample in samples:
+        by_label.setdefault(sample[1], []).append(sample)
+    rng = random.Random(seed)
+    taken: list[Sample] = []
+    for label in sorted(by_label):
+        members = sorted(by_label[label])
+        taken.extend(members if len(members) <= per_class else rng.sample(members, per_class))
+    return sorted(taken, key=lambda sample: (sample[1], sample[0]))
+
+
 def read_image(path: Path) -> Image.Image:
     """Open an image file as 8-bit RGB; :class:`InputError` naming the file if it cannot be read.
 

@@ -27,6 +27,7 @@ from clipguard_cbpt.inversion import (
     invert_targeted,
     mean_pairwise_cosine,
     prediction_distribution,
+    probe_cost,
     probe_reach,
     probe_reach_in_band,
     random_affine,
@@ -250,6 +251,61 @@ def test_probe_reach_fits_its_budget(bundle, shots) -> None:
     assert capped.steps == 1
 
 
+def test_probe_reach_also_measures_on_held_out_images(bundle, shots) -> None:
+    """Held-out images (not shots) add to what each class's reach is measured on, never to
+    what is fitted: with no room to move, the reach of ``k`` is the share of the other
+    classes' odd shots and held-out images the model already gives ``k``; the fit (and so
+    the reach on the shots alone) is unchanged; the cost is ``probe_cost``'s."""
+    text = PromptClassifier(bundle, shots.classnames).class_features
+    generator = torch.Generator().manual_seed(5)
+    held_pixels = torch.rand(9, *shots.pixels.shape[1:], generator=generator)
+    held_labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    still = AdditivePerturbation(0.0)
+    start = bundle.image_encoder_images
+    both = probe_reach(
+        bundle,
+        shots.pixels,
+        shots.labels,
+        text,
+        still,
+        2,
+        96,
+        10_000,
+        held_out=(held_pixels, held_labels),
+    )
+    assert bundle.image_encoder_images - start == probe_cost(shots.labels, 3, 96, 2, held_labels)
+    assert (
+        probe_cost(shots.labels, 3, 96, 2, held_labels) == probe_cost(shots.labels, 3, 96, 2) + 18
+    )
+    predicted = (encode_batched(bundle, shots.pixels) @ text.T).argmax(dim=1)
+    held_predicted = (encode_batched(bundle, held_pixels) @ text.T).argmax(dim=1)
+    odd = torch.arange(len(shots.labels)) % 2 == 1
+    for k in range(3):
+        hits = (predicted[odd & (shots.labels != k)] == k).sum() + (
+            held_predicted[held_labels != k] == k
+        ).sum()
+        assert both.measured[k] == 4 + 6  # odd shots of the two other classes, held-out images
+        assert both.reach[k] == pytest.approx(float(hits) / both.measured[k])
+        on_shots = (predicted[odd & (shots.labels != k)] == k).float().mean()
+        assert both.shot_reach[k] == pytest.approx(float(on_shots))
+    family = AdditivePerturbation(0.05)
+    alone = probe_reach(bundle, shots.pixels, shots.labels, text, family, 3, 96, 10_000)
+    with_held = probe_reach(
+        bundle,
+        shots.pixels,
+        shots.labels,
+        text,
+        family,
+        3,
+        96,
+        10_000,
+        held_out=(held_pixels, held_labels),
+    )
+    assert alone.measured == [4, 4, 4]
+    for k in range(3):  # the shots' hits are the same: the fit did not see the held-out images
+        assert 0 <= round(with_held.reach[k] * 10) - round(alone.reach[k] * 4) <= 6
+
+
 def test_an_adapted_probe_keeps_a_bound_whose_median_is_in_its_band(bundle, shots) -> None:
     """When the first fit's median class reach already lies in the band, the adapted probe is
     that one fit: same reach, same cost, and its one fit recorded."""
@@ -319,3 +375,33 @@ def test_an_adapted_probe_stops_where_the_band_lies_between_two_bounds(monkeypat
     assert [f.epsilon for f, _ in result.tried] == [0.02, 0.04]  # type: ignore[attr-defined]
     assert result.family == AdditivePerturbation(0.02)  # 0.01 is 0.04 below; 0.6 is 0.25 above
     assert MedianBand(0.05, 0.35, 1).distance(0.2) == 0.0
+
+
+def test_an_adapted_probe_judges_its_bound_by_the_held_out_shots(monkeypatch) -> None:
+    """Held-out images sharpen the reach reported, not the choice of bound: a fit whose
+    median on the held-out shots lies below the band is refitted at a doubled bound even
+    when its median over shots and held-out images lies inside it."""
+
+    def fake_probe(bundle, pixels, labels, features, family, *args, **kwargs) -> ProbeReach:
+        low = round(family.epsilon, 4) == 0.02
+        shots = [0.01] * 3 if low else [0.2] * 3
+        return ProbeReach(family, [0.1] * 3, steps=3, measured=[50] * 3, shot_reach=shots)
+
+    monkeypatch.setattr(inversion, "probe_reach", fake_probe)
+
+    class Counter:
+        image_encoder_images = 0
+
+    result = probe_reach_in_band(
+        Counter(),  # type: ignore[arg-type]
+        torch.zeros(12, 3, 4, 4),
+        torch.tensor([0, 1, 2] * 4),
+        torch.zeros(3, 8),
+        AdditivePerturbation(0.02),
+        3,
+        96,
+        10_000,
+        MedianBand(0.05, 0.35, refits=2),
+    )
+    assert [(f.epsilon, m) for f, m in result.tried] == [(0.02, 0.01), (0.04, 0.2)]  # type: ignore[attr-defined]
+    assert result.family == AdditivePerturbation(0.04) and result.median == 0.1

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clipguard.data import load_pixels, open_image_folder, split_shots, subsample
+from clipguard.data import load_pixels, open_image_folder, split_shots, subsample, take_per_class
 from clipguard.errors import InputError
 from clipguard.model import load_model
 from tests.conftest import TINY_CLASSES, write_image_folder
@@ -109,3 +109,18 @@ def test_load_pixels_uses_the_model_transform(folder, tiny_model_path: Path) -> 
 def test_load_pixels_of_nothing_is_an_error() -> None:
     with pytest.raises(InputError, match="no images"):
         load_pixels([], lambda image: torch.zeros(3, 2, 2))
+
+
+@settings(max_examples=30, deadline=None)
+@given(shots=st.integers(1, 5), per_class=st.integers(0, 7), seed=st.integers(0, 2**32))
+def test_take_per_class_draws_held_out_images_apart_from_the_shots(
+    folder, shots: int, per_class: int, seed: int
+) -> None:
+    """What a scan's reach probes measure on besides the shots: at most ``per_class`` of each
+    class's other images (all of them when fewer), never a shot, the same for a seed."""
+    chosen, rest = split_shots(folder, shots, seed)
+    taken = take_per_class(rest, per_class, seed)
+    assert taken == take_per_class(rest, per_class, seed)
+    assert set(taken) <= set(rest) and not set(taken) & set(chosen)
+    for label in range(folder.n_classes):
+        assert sum(1 for _, lab in taken if lab == label) == min(per_class, 6 - shots)

@@ -781,6 +781,11 @@ class ProbeReach:
     #: every fit of :func:`probe_reach_in_band`, in order: its family and median class
     #: reach; empty for :func:`probe_reach` alone
     tried: list[tuple[ProbeFamily, float]] = field(default_factory=list)
+    #: per class, how many images its reach was measured on (held-out shots and images)
+    measured: list[int] = field(default_factory=list)
+    #: per class, its reach on the held-out shots alone (``reach`` when no held-out images
+    #: were measured): what :func:`probe_reach_in_band` judges a bound by
+    shot_reach: list[float] = field(default_factory=list)
 
     @property
     def probe(self) -> str:
@@ -791,6 +796,11 @@ class ProbeReach:
     def median(self) -> float:
         """The median class's reach."""
         return float(statistics.median(self.reach))
+
+    @property
+    def shot_median(self) -> float:
+        """The median class's reach on the held-out shots alone."""
+        return float(statistics.median(self.shot_reach or self.reach))
 
     def evidence(self) -> list[float]:
         """Per class, its reach above the median reach of all classes (>= 0)."""
@@ -899,11 +909,26 @@ def _probe_rows(
     return fit, held
 
 
-def probe_cost(labels: torch.Tensor, n_classes: int, max_images: int, steps: int) -> int:
+def _held_out_rows(labels: torch.Tensor | None, n_classes: int) -> list[torch.Tensor]:
+    """Per class, the rows of the held-out images (``labels``; none when None) of the other
+    classes, which :func:`probe_reach` also measures its reach on."""
+    if labels is None:
+        return [torch.zeros(0, dtype=torch.long) for _ in range(n_classes)]
+    return [torch.nonzero(labels != k).flatten() for k in range(n_classes)]
+
+
+def probe_cost(
+    labels: torch.Tensor,
+    n_classes: int,
+    max_images: int,
+    steps: int,
+    held_out_labels: torch.Tensor | None = None,
+) -> int:
     """Encoder images of one whole :func:`probe_reach` fit of ``steps`` steps on shots with
-    ``labels``."""
+    ``labels``, measured on held-out images with ``held_out_labels`` too."""
     fit, held = _probe_rows(labels, n_classes, max_images)
-    return steps * sum(len(r) for r in fit) + sum(len(r) for r in held)
+    extra = _held_out_rows(held_out_labels, n_classes)
+    return steps * sum(len(r) for r in fit) + sum(len(r) for r in held + extra)
 
 
 def probe_reach(
@@ -917,23 +942,29 @@ def probe_reach(
     budget: int,
     chunk_images: int = 1024,
     progress: Progress | None = None,
+    held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> ProbeReach:
     """For every class ``k``, how far one small universal transformation of ``family`` reaches.
 
     The shots are split by position (even / odd). A transformation ``T_k`` of ``family``, from
     the identity, is fitted with Adam (``family.lr``) for ``steps`` steps to send the even shots
     of the other classes (at most ``max_images``) to ``k``; the reach of ``k`` is the share of
-    the odd shots of the other classes (at most ``max_images``) that ``T_k`` sends to ``k``. A
-    backdoor whose trigger lies in (or near) the family makes its target reachable far beyond
-    the other classes; a clean model's classes are reached alike (docs/method.md). All classes
-    are optimised together (each loss depends on its own ``T_k`` only), in encoder calls of at
-    most ``chunk_images`` images. Costs ``steps`` times the fitted images plus the held-out
-    ones, and runs fewer steps, or none (``skipped``), when ``budget`` encoder images do not
-    allow them. Shows a progress bar on ``progress``. Deterministic.
+    the odd shots of the other classes (at most ``max_images``), and of the ``held_out``
+    images (pixels, labels: images that are not shots) of the other classes, that ``T_k``
+    sends to ``k``. A backdoor whose trigger lies in (or
+    near) the family makes its target reachable far beyond the other classes; a clean
+    model's classes are reached alike (docs/method.md); the more images the reach is
+    measured on, the less a clean class's reach varies by chance. All classes are optimised
+    together (each loss depends on its own ``T_k`` only), in encoder calls of at most
+    ``chunk_images`` images. Costs ``steps`` times the fitted images plus the measured ones
+    (:func:`probe_cost`), and runs fewer steps, or none (``skipped``), when ``budget`` encoder
+    images do not allow them. Shows a progress bar on ``progress``. Deterministic.
     """
     n_classes = int(class_features.shape[0])
     fit, held = _probe_rows(labels, n_classes, max_images)
-    per_step, to_measure = sum(len(r) for r in fit), sum(len(r) for r in held)
+    extra = _held_out_rows(None if held_out is None else held_out[1], n_classes)
+    per_step = sum(len(r) for r in fit)
+    to_measure = sum(len(r) for r in held + extra)
     if per_step == 0 or to_measure == 0 or budget < per_step + to_measure:
         return ProbeReach(family, [0.0] * n_classes, 0, "encoder budget too small or no shots")
     steps = min(steps, (budget - to_measure) // per_step)
@@ -950,16 +981,23 @@ def probe_reach(
             chunk_images,
             on_step=advance,
         )
-    reach = []
+    reach, measured, shot_reach = [], [], []
     with torch.no_grad():
         for k in range(n_classes):
-            if len(held[k]) == 0:
+            images = [pixels[held[k]]]
+            if held_out is not None:
+                images.append(held_out[0][extra[k]])
+            transformed = family.apply(torch.cat(images), parameters[k])
+            measured.append(len(transformed))
+            if len(transformed) == 0:
                 reach.append(0.0)
+                shot_reach.append(0.0)
                 continue
-            transformed = family.apply(pixels[held[k]], parameters[k])
-            predicted = (encode_batched(bundle, transformed) @ class_features.T).argmax(dim=1)
-            reach.append(float((predicted == k).float().mean()))
-    return ProbeReach(family, reach, steps)
+            hits = (encode_batched(bundle, transformed) @ class_features.T).argmax(dim=1) == k
+            reach.append(float(hits.float().mean()))
+            shots_hit = hits[: len(held[k])]
+            shot_reach.append(float(shots_hit.float().mean()) if len(shots_hit) else 0.0)
+    return ProbeReach(family, reach, steps, measured=measured, shot_reach=shot_reach)
 
 
 @dataclass(frozen=True)
@@ -989,8 +1027,12 @@ def probe_reach_in_band(
     keep: int = 0,
     chunk_images: int = 1024,
     progress: Progress | None = None,
+    held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> ProbeReach:
-    """:func:`probe_reach` with a bound suited to the model.
+    """:func:`probe_reach` with a bound suited to the model (reach measured on the odd
+    shots and ``held_out`` images alike; the bound judged by the odd shots alone, the
+    ``shot_median``, as the band was chosen, so held-out images sharpen the reach reported
+    at the bound the shots choose).
 
     One bound does not suit every model: an additive change of 0.02 per pixel sends a median
     CIFAR-10 lab class 10-20 % of the other classes' held-out shots but a synthetic-set class
@@ -1004,7 +1046,13 @@ def probe_reach_in_band(
     the fit whose median lies nearest the band (the first of equals), with every fit in
     ``tried``. Costs each fit's encoder images (:func:`probe_reach`). Deterministic.
     """
-    whole_fit = probe_cost(labels, int(class_features.shape[0]), max_images, steps)
+    whole_fit = probe_cost(
+        labels,
+        int(class_features.shape[0]),
+        max_images,
+        steps,
+        None if held_out is None else held_out[1],
+    )
     start = bundle.image_encoder_images
     fits: list[ProbeReach] = []
     current, direction = family, 0
@@ -1022,18 +1070,19 @@ def probe_reach_in_band(
                 left,
                 chunk_images,
                 progress,
+                held_out,
             )
         )
         latest = fits[-1]
         if latest.skipped is not None or len(fits) > band.refits:
             break
-        turn = 1 if latest.median < band.low else -1 if latest.median > band.high else 0
+        turn = 1 if latest.shot_median < band.low else -1 if latest.shot_median > band.high else 0
         left = budget - (bundle.image_encoder_images - start)
         if turn == 0 or turn == -direction or left - keep < whole_fit:
             break
         current, direction = current.rescaled(2.0**turn), turn
-    best = min(fits, key=lambda f: band.distance(f.median))
-    return replace(best, tried=[(f.family, f.median) for f in fits])
+    best = min(fits, key=lambda f: band.distance(f.shot_median))
+    return replace(best, tried=[(f.family, f.shot_median) for f in fits])
 
 
 def _class_trigger(mask: torch.Tensor, pattern: torch.Tensor) -> MaskPatternTrigger:

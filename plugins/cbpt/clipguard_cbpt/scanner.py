@@ -237,6 +237,16 @@ class ScanConfig(InversionConfig):
     additive_images: int = Field(
         96, ge=1, description="most shots per class fitted, and measured, by each reach probe"
     )
+    probe_held_out: int = Field(
+        48,
+        ge=0,
+        description=(
+            "images per class, besides the shots, on which the reach probes also measure "
+            "their reach (drawn from the data folder's other images, where a scan offers "
+            "them; fewer when the folder has fewer); 0 measures on the held-out half of the "
+            "shots alone"
+        ),
+    )
     additive_threshold: float = Field(
         DEFAULT_ADDITIVE_THRESHOLD,
         gt=0,
@@ -655,9 +665,11 @@ def decide(
     if suspected.decided_by != "rule":
         probe = suspected.probes[suspected.decided_by]
         k = suspected.suspect
+        measured = f"the {probe.measured[k]}" if probe.measured else "the"
         facts = (
             f"class {classnames[k]!r}: {probe.family.describe()} sends {probe.reach[k]:.0%} of "
-            f"held-out shots of other classes to it, {probe.evidence()[k]:.2f} above the median "
+            f"{measured} held-out images of other classes to it, "
+            f"{probe.evidence()[k]:.2f} above the median "
             f"class (backdoor from {config.probe_threshold(probe.probe):g}; the "
             f"{config.signals} rule's evidence {screening.top_evidence:.2f}, from "
             f"{config.threshold:g}, class {classnames[screening.suspect]!r})"
@@ -726,8 +738,9 @@ def locate_trigger(
 ) -> tuple[Screening, Suspicion, InversionResult, InversionResult | None]:
     """Steps 1-4: screen every class on the first shot draw and, unless it is decisive
     (:meth:`ScanConfig.decisive`), on the others on offer (:func:`shot_draws`) but the last,
-    run the reach probes on ``shots``, screen the last draw unless it is moot
-    (:func:`last_draw_moot`, with ``skip_moot_draw``), judge the median screening
+    run the reach probes on ``shots`` (their reach measured on ``probe_held_out`` more
+    images per class too, where the context offers them), screen the last draw unless it is
+    moot (:func:`last_draw_moot`, with ``skip_moot_draw``), judge the median screening
     (:func:`median_screening`), then refine the suspect's trigger within the budget.
 
     Returns the screening, the suspicion, the kept trigger (the refined one when its
@@ -766,11 +779,13 @@ def locate_trigger(
     reserve += screen_budget - screened_images if pending else 0
     specs = config.probes()
     n_classes = len(shots.classnames)
+    held_out = probe_held_out(context, config) if specs else None
+    held_out_labels = None if held_out is None else held_out[1]
     for i, spec in enumerate(specs):
         left = config.budget - (bundle.image_encoder_images - start_images) - reserve
         # an adapted probe's extra fits leave room for one fit of every later probe
         later = sum(
-            probe_cost(shots.labels, n_classes, config.additive_images, s.steps)
+            probe_cost(shots.labels, n_classes, config.additive_images, s.steps, held_out_labels)
             for s in specs[i + 1 :]
         )
         with context.stage(f"{spec.family.name} reach"):
@@ -784,6 +799,7 @@ def locate_trigger(
                 budget=max(left, 0),
                 keep=later,
                 progress=context.progress,
+                held_out=held_out,
             )
     corroborated = [corroborate(s, probes.get("additive"), config) for s in screenings]
     if pending:
@@ -817,6 +833,18 @@ def locate_trigger(
     return screening, suspected, kept, refined
 
 
+def probe_held_out(
+    context: RunContext, config: ScanConfig
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The images (pixels, labels) besides the shots that the reach probes also measure on:
+    ``config.probe_held_out`` per class from :attr:`RunContext.held_out_shots`, None where
+    the run offers none (a purify run, a plugin called directly) or the option is 0."""
+    if context.held_out_shots is None or config.probe_held_out == 0:
+        return None
+    images = context.held_out_shots(config.probe_held_out)
+    return None if images is None else (images.pixels, images.labels)
+
+
 def run_probe(
     bundle: ModelBundle,
     pixels: torch.Tensor,
@@ -827,11 +855,13 @@ def run_probe(
     budget: int,
     keep: int = 0,
     progress: Progress | None = None,
+    held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> ProbeReach:
     """The reach probe of ``spec`` on the shots
-    (:func:`~clipguard_cbpt.inversion.probe_reach_in_band`): fits until the median class's
-    reach lies in its band, the extra fits leaving ``keep`` images of ``budget`` unspent (one
-    fit for :data:`FIXED_BOUND`)."""
+    (:func:`~clipguard_cbpt.inversion.probe_reach_in_band`), its reach measured on the
+    held-out shots and ``held_out`` images: fits until the median class's reach lies in its
+    band, the extra fits leaving ``keep`` images of ``budget`` unspent (one fit for
+    :data:`FIXED_BOUND`)."""
     return probe_reach_in_band(
         bundle,
         pixels,
@@ -844,6 +874,7 @@ def run_probe(
         spec.band,
         keep,
         progress=progress,
+        held_out=held_out,
     )
 
 
@@ -1050,6 +1081,10 @@ def probe_statistics(suspected: Suspicion, names: list[str], config: ScanConfig)
                     "skipped": probe.skipped,
                     "threshold": config.probe_threshold(name),
                     "median_reach": probe.median,
+                    "shot_median_reach": probe.shot_median,
+                    "measured_images": dict(zip(names, probe.measured, strict=True))
+                    if probe.measured
+                    else None,
                     "tried": [
                         {**family.settings(), "median_reach": median}
                         for family, median in probe.tried
