@@ -18,15 +18,19 @@ PROBE_ONLY = {
 }
 
 
-@pytest.mark.parametrize(("held_out", "measured", "images"), [(2, 2 + 4, 6 + 6), (0, 2, 6)])
+@pytest.mark.parametrize(
+    ("shots", "held_out", "measured", "images"),
+    [(2, 2, 2 + 4, 6 + 6), (2, 0, 2, 6), (2, 48, 2 + 8, 18), (6, 48, 6, 18)],
+)
 def test_a_scan_measures_reach_on_held_out_images_and_hashes_them(
-    tiny_model_path, tiny_data, held_out: int, measured: int, images: int
+    tiny_model_path, tiny_data, shots: int, held_out: int, measured: int, images: int
 ) -> None:
-    """2 shots per class (3 classes): each class's reach is measured on the other classes'
-    odd shots (2) and their ``probe_held_out`` images each (2 x 2); the held-out images
-    are counted among the scan's images (6 per class in the folder, 2 of them shots)."""
+    """3 classes of 6 images: each class's reach is measured on the other classes' odd
+    shots (half of ``shots`` each) and on their ``probe_held_out`` other images each (as
+    many as are left: 4 with 2 shots, none with 6); the held-out images are counted among
+    the scan's images."""
     options = {**PROBE_ONLY, "probe_held_out": held_out}
-    report = api.scan(tiny_model_path, tiny_data, shots=2, seed=1, options=options)
+    report = api.scan(tiny_model_path, tiny_data, shots=shots, seed=1, options=options)
     additive = report.findings[0].statistics["additive"]
     assert set(additive["measured_images"].values()) == {measured}
     assert report.data.n_images == images
