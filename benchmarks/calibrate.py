@@ -18,6 +18,7 @@ import datetime
 import json
 import shlex
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
@@ -389,6 +390,13 @@ def main(
     found = [model for folder in zoo for model in find_models(folder)]
     if not found:
         raise typer.BadParameter("no models with cards found")
+    names = Counter(m.name for m in found)
+    if repeated := sorted(name for name, count in names.items() if count > 1):
+        # scans, run folders and results entries are keyed by model name
+        raise typer.BadParameter(
+            f"model names repeat across the --zoo folders ({', '.join(repeated[:4])}"
+            f"{', ...' if len(repeated) > 4 else ''}): judge each zoo on its own"
+        )
     failed = [m.name for m in found if m.backdoored and _card_asr(m) < min_asr]
     models = [m for m in found if m.name not in failed]
     date = datetime.date.today().isoformat()

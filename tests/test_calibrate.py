@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from calibrate import (  # noqa: E402
     Rule,
+    app,
     fit_isolation_threshold,
     fit_threshold,
     judge,
@@ -118,3 +121,19 @@ def test_a_scan_of_several_shot_draws_is_judged_by_each_class_median():
     assert judge(scan, Rule("size", 2.0)) == (True, "b")
     scan["statistics"]["screen_draws"][0]["class_size_index"]["b"] = 2.9
     assert judge(scan, Rule("size", 2.0)) == (True, "a")
+
+
+def test_zoos_whose_model_names_repeat_are_refused(tmp_path: Path) -> None:
+    """Two lab zoos name their models alike (badnets-s0 ...); judged together, one zoo's
+    scans would stand for the other's, so the script refuses and says why."""
+    for zoo in ("synthetic", "cifar10"):
+        folder = tmp_path / zoo
+        folder.mkdir()
+        (folder / "badnets-s0.safetensors").write_bytes(b"")
+        card = {"attack": "badnets", "target": "cat", "dataset": {"root": str(tmp_path)}}
+        (folder / "badnets-s0.card.json").write_text(json.dumps(card))
+    zoos = ["--zoo", str(tmp_path / "synthetic"), "--zoo", str(tmp_path / "cifar10")]
+    result = CliRunner().invoke(app, [*zoos, "--results", str(tmp_path / "r.json")])
+    assert result.exit_code != 0
+    assert "model names repeat across the --zoo folders (badnets-s0)" in result.output
+    assert not (tmp_path / "r.json").exists()
