@@ -951,14 +951,14 @@ def probe_reach(
     of the other classes (at most ``max_images``) to ``k``; the reach of ``k`` is the share of
     the odd shots of the other classes (at most ``max_images``), and of the ``held_out``
     images (pixels, labels: images that are not shots) of the other classes, that ``T_k``
-    sends to ``k``. A backdoor whose trigger lies in (or
-    near) the family makes its target reachable far beyond the other classes; a clean
-    model's classes are reached alike (docs/method.md); the more images the reach is
-    measured on, the less a clean class's reach varies by chance. All classes are optimised
-    together (each loss depends on its own ``T_k`` only), in encoder calls of at most
-    ``chunk_images`` images. Costs ``steps`` times the fitted images plus the measured ones
-    (:func:`probe_cost`), and runs fewer steps, or none (``skipped``), when ``budget`` encoder
-    images do not allow them. Shows a progress bar on ``progress``. Deterministic.
+    sends to ``k`` (``shot_reach``: the share of the odd shots alone). A backdoor whose
+    trigger lies in (or near) the family makes its target reachable far beyond the other
+    classes; a clean model's classes are reached alike (docs/method.md); the more images the
+    reach is measured on, the less a clean class's reach varies by chance. All classes are
+    optimised together (each loss depends on its own ``T_k`` only), in encoder calls of at
+    most ``chunk_images`` images. Costs ``steps`` times the fitted images plus the measured
+    ones (:func:`probe_cost`), and runs fewer steps, or none (``skipped``), when ``budget``
+    encoder images do not allow them. Shows a progress bar on ``progress``. Deterministic.
     """
     n_classes = int(class_features.shape[0])
     fit, held = _probe_rows(labels, n_classes, max_images)
