@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from clipguard import api
+from clipguard.components import RunContext, ShotSet
+from clipguard.prompts import PromptClassifier
+from clipguard_cbpt.inversion import AdditivePerturbation, probe_cost, probe_reach
+from clipguard_cbpt.scanner import ScanConfig, probe_held_out
 
 #: one draw, the additive probe alone at a fixed bound, no refinement
 PROBE_ONLY = {
@@ -34,3 +39,41 @@ def test_a_scan_measures_reach_on_held_out_images_and_hashes_them(
     additive = report.findings[0].statistics["additive"]
     assert set(additive["measured_images"].values()) == {measured}
     assert report.data.n_images == images
+
+
+def test_with_many_classes_fewer_held_out_images_are_drawn() -> None:
+    """Each class's reach is measured on at most ``probe_held_out_max`` held-out images of
+    the other classes, so a scan of many classes draws fewer than ``probe_held_out`` per
+    class (10 classes: 48 each; 1,000 classes: 1 each) and none when the option is 0."""
+    asked: list[int] = []
+
+    def held_out_shots(per_class: int) -> ShotSet:
+        asked.append(per_class)
+        return ShotSet(torch.zeros(2, 3, 4, 4), torch.tensor([0, 1]), ["a", "b"])
+
+    context = RunContext(held_out_shots=held_out_shots)
+    for n_classes in (10, 1000):
+        assert probe_held_out(context, ScanConfig(), n_classes) is not None
+    assert asked == [48, 1]
+    assert probe_held_out(context, ScanConfig(probe_held_out=0), 10) is None
+    assert probe_held_out(RunContext(), ScanConfig(), 10) is None
+
+
+def test_probe_reach_measures_on_at_most_max_held_out_images(bundle, shots) -> None:
+    text = PromptClassifier(bundle, shots.classnames).class_features
+    held = (torch.rand(9, 3, 16, 16), torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2]))
+    family = AdditivePerturbation(0.02)
+    capped = probe_reach(
+        bundle,
+        shots.pixels,
+        shots.labels,
+        text,
+        family,
+        1,
+        96,
+        10_000,
+        held_out=held,
+        max_held_out=3,
+    )
+    assert capped.measured == [4 + 3] * 3
+    assert probe_cost(shots.labels, 3, 96, 1, held[1], 3) == 12 + 3 * (4 + 3)

@@ -766,6 +766,10 @@ class SmoothWarp(ProbeFamily):
         return replace(self, max_pixels=self.max_pixels * factor)
 
 
+#: most held-out images (not shots) each class's probe reach is also measured on
+HELD_OUT_IMAGES = 600
+
+
 @dataclass
 class ProbeReach:
     """A reach probe's result for every class (:func:`probe_reach`)."""
@@ -909,12 +913,17 @@ def _probe_rows(
     return fit, held
 
 
-def _held_out_rows(labels: torch.Tensor | None, n_classes: int) -> list[torch.Tensor]:
+def _held_out_rows(
+    labels: torch.Tensor | None, n_classes: int, max_images: int
+) -> list[torch.Tensor]:
     """Per class, the rows of the held-out images (``labels``; none when None) of the other
-    classes, which :func:`probe_reach` also measures its reach on."""
+    classes, which :func:`probe_reach` also measures its reach on (at most ``max_images``
+    each, evenly spread)."""
     if labels is None:
         return [torch.zeros(0, dtype=torch.long) for _ in range(n_classes)]
-    return [torch.nonzero(labels != k).flatten() for k in range(n_classes)]
+    return [
+        _spread_rows(torch.nonzero(labels != k).flatten(), max_images) for k in range(n_classes)
+    ]
 
 
 def probe_cost(
@@ -923,11 +932,12 @@ def probe_cost(
     max_images: int,
     steps: int,
     held_out_labels: torch.Tensor | None = None,
+    max_held_out: int = HELD_OUT_IMAGES,
 ) -> int:
     """Encoder images of one whole :func:`probe_reach` fit of ``steps`` steps on shots with
     ``labels``, measured on held-out images with ``held_out_labels`` too."""
     fit, held = _probe_rows(labels, n_classes, max_images)
-    extra = _held_out_rows(held_out_labels, n_classes)
+    extra = _held_out_rows(held_out_labels, n_classes, max_held_out)
     return steps * sum(len(r) for r in fit) + sum(len(r) for r in held + extra)
 
 
@@ -943,6 +953,7 @@ def probe_reach(
     chunk_images: int = 1024,
     progress: Progress | None = None,
     held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_held_out: int = HELD_OUT_IMAGES,
 ) -> ProbeReach:
     """For every class ``k``, how far one small universal transformation of ``family`` reaches.
 
@@ -950,8 +961,9 @@ def probe_reach(
     the identity, is fitted with Adam (``family.lr``) for ``steps`` steps to send the even shots
     of the other classes (at most ``max_images``) to ``k``; the reach of ``k`` is the share of
     the odd shots of the other classes (at most ``max_images``), and of the ``held_out``
-    images (pixels, labels: images that are not shots) of the other classes, that ``T_k``
-    sends to ``k`` (``shot_reach``: the share of the odd shots alone). A backdoor whose
+    images (pixels, labels: images that are not shots) of the other classes (at most
+    ``max_held_out``), that ``T_k`` sends to ``k`` (``shot_reach``: the share of the odd
+    shots alone). A backdoor whose
     trigger lies in (or near) the family makes its target reachable far beyond the other
     classes; a clean model's classes are reached alike (docs/method.md); the more images the
     reach is measured on, the less a clean class's reach varies by chance. All classes are
@@ -962,7 +974,7 @@ def probe_reach(
     """
     n_classes = int(class_features.shape[0])
     fit, held = _probe_rows(labels, n_classes, max_images)
-    extra = _held_out_rows(None if held_out is None else held_out[1], n_classes)
+    extra = _held_out_rows(None if held_out is None else held_out[1], n_classes, max_held_out)
     per_step = sum(len(r) for r in fit)
     to_measure = sum(len(r) for r in held + extra)
     if per_step == 0 or to_measure == 0 or budget < per_step + to_measure:
@@ -1028,6 +1040,7 @@ def probe_reach_in_band(
     chunk_images: int = 1024,
     progress: Progress | None = None,
     held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_held_out: int = HELD_OUT_IMAGES,
 ) -> ProbeReach:
     """:func:`probe_reach` with a bound suited to the model (reach measured on the odd
     shots and ``held_out`` images alike; the bound judged by the odd shots alone, the
@@ -1052,6 +1065,7 @@ def probe_reach_in_band(
         max_images,
         steps,
         None if held_out is None else held_out[1],
+        max_held_out,
     )
     start = bundle.image_encoder_images
     fits: list[ProbeReach] = []
@@ -1071,6 +1085,7 @@ def probe_reach_in_band(
                 chunk_images,
                 progress,
                 held_out,
+                max_held_out,
             )
         )
         latest = fits[-1]

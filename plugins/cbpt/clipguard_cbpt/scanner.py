@@ -77,6 +77,7 @@ from clipguard.prompts import PromptClassifier
 from clipguard.triggers import TriggerFile, trigger_file_bytes
 from clipguard_cbpt import __version__
 from clipguard_cbpt.inversion import (
+    HELD_OUT_IMAGES,
     AdditivePerturbation,
     InversionConfig,
     InversionResult,
@@ -245,6 +246,14 @@ class ScanConfig(InversionConfig):
             "their reach (drawn from the data folder's other images, where a scan offers "
             "them; fewer when the folder has fewer); 0 measures on the held-out half of the "
             "shots alone"
+        ),
+    )
+    probe_held_out_max: int = Field(
+        HELD_OUT_IMAGES,
+        ge=1,
+        description=(
+            "most held-out images each class's reach is measured on (evenly spread over the "
+            "other classes; with many classes fewer than probe_held_out per class are drawn)"
         ),
     )
     additive_threshold: float = Field(
@@ -779,13 +788,20 @@ def locate_trigger(
     reserve += screen_budget - screened_images if pending else 0
     specs = config.probes()
     n_classes = len(shots.classnames)
-    held_out = probe_held_out(context, config) if specs else None
+    held_out = probe_held_out(context, config, n_classes) if specs else None
     held_out_labels = None if held_out is None else held_out[1]
     for i, spec in enumerate(specs):
         left = config.budget - (bundle.image_encoder_images - start_images) - reserve
         # an adapted probe's extra fits leave room for one fit of every later probe
         later = sum(
-            probe_cost(shots.labels, n_classes, config.additive_images, s.steps, held_out_labels)
+            probe_cost(
+                shots.labels,
+                n_classes,
+                config.additive_images,
+                s.steps,
+                held_out_labels,
+                config.probe_held_out_max,
+            )
             for s in specs[i + 1 :]
         )
         with context.stage(f"{spec.family.name} reach"):
@@ -800,6 +816,7 @@ def locate_trigger(
                 keep=later,
                 progress=context.progress,
                 held_out=held_out,
+                max_held_out=config.probe_held_out_max,
             )
     corroborated = [corroborate(s, probes.get("additive"), config) for s in screenings]
     if pending:
@@ -834,14 +851,16 @@ def locate_trigger(
 
 
 def probe_held_out(
-    context: RunContext, config: ScanConfig
+    context: RunContext, config: ScanConfig, n_classes: int
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The images (pixels, labels) besides the shots that the reach probes also measure on:
-    ``config.probe_held_out`` per class from :attr:`RunContext.held_out_shots`, None where
+    ``config.probe_held_out`` per class from :attr:`RunContext.held_out_shots`, fewer where
+    ``n_classes - 1`` classes of them would exceed ``config.probe_held_out_max``; None where
     the run offers none (a purify run, a plugin called directly) or the option is 0."""
     if context.held_out_shots is None or config.probe_held_out == 0:
         return None
-    images = context.held_out_shots(config.probe_held_out)
+    needed = math.ceil(config.probe_held_out_max / max(n_classes - 1, 1))
+    images = context.held_out_shots(min(config.probe_held_out, needed))
     return None if images is None else (images.pixels, images.labels)
 
 
@@ -856,6 +875,7 @@ def run_probe(
     keep: int = 0,
     progress: Progress | None = None,
     held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_held_out: int = HELD_OUT_IMAGES,
 ) -> ProbeReach:
     """The reach probe of ``spec`` on the shots
     (:func:`~clipguard_cbpt.inversion.probe_reach_in_band`), its reach measured on the
@@ -875,6 +895,7 @@ def run_probe(
         keep,
         progress=progress,
         held_out=held_out,
+        max_held_out=max_held_out,
     )
 
 
