@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -255,24 +256,21 @@ def test_probe_reach_also_measures_on_held_out_images(bundle, shots) -> None:
     """Held-out images (not shots) add to what each class's reach is measured on, never to
     what is fitted: with no room to move, the reach of ``k`` is the share of the other
     classes' odd shots and held-out images the model already gives ``k``; the fit (and so
-    the reach on the shots alone) is unchanged; the cost is ``probe_cost``'s."""
+    the reach on the shots alone) is unchanged; the cost is ``probe_cost``'s; at most
+    ``max_held_out`` held-out images are measured per class."""
     text = PromptClassifier(bundle, shots.classnames).class_features
     generator = torch.Generator().manual_seed(5)
     held_pixels = torch.rand(9, *shots.pixels.shape[1:], generator=generator)
     held_labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
-    still = AdditivePerturbation(0.0)
+
+    def reach(epsilon: float, steps: int, **held_out: Any) -> ProbeReach:
+        family = AdditivePerturbation(epsilon)
+        return probe_reach(
+            bundle, shots.pixels, shots.labels, text, family, steps, 96, 10_000, **held_out
+        )
+
     start = bundle.image_encoder_images
-    both = probe_reach(
-        bundle,
-        shots.pixels,
-        shots.labels,
-        text,
-        still,
-        2,
-        96,
-        10_000,
-        held_out=(held_pixels, held_labels),
-    )
+    both = reach(0.0, 2, held_out=(held_pixels, held_labels))
     assert bundle.image_encoder_images - start == probe_cost(shots.labels, 3, 96, 2, held_labels)
     assert (
         probe_cost(shots.labels, 3, 96, 2, held_labels) == probe_cost(shots.labels, 3, 96, 2) + 18
@@ -288,22 +286,14 @@ def test_probe_reach_also_measures_on_held_out_images(bundle, shots) -> None:
         assert both.reach[k] == pytest.approx(float(hits) / both.measured[k])
         on_shots = (predicted[odd & (shots.labels != k)] == k).float().mean()
         assert both.shot_reach[k] == pytest.approx(float(on_shots))
-    family = AdditivePerturbation(0.05)
-    alone = probe_reach(bundle, shots.pixels, shots.labels, text, family, 3, 96, 10_000)
-    with_held = probe_reach(
-        bundle,
-        shots.pixels,
-        shots.labels,
-        text,
-        family,
-        3,
-        96,
-        10_000,
-        held_out=(held_pixels, held_labels),
-    )
+    alone = reach(0.05, 3)
+    with_held = reach(0.05, 3, held_out=(held_pixels, held_labels))
     assert alone.measured == [4, 4, 4]
     for k in range(3):  # the shots' hits are the same: the fit did not see the held-out images
         assert 0 <= round(with_held.reach[k] * 10) - round(alone.reach[k] * 4) <= 6
+    capped = reach(0.02, 1, held_out=(held_pixels, held_labels), max_held_out=3)
+    assert capped.measured == [4 + 3] * 3
+    assert probe_cost(shots.labels, 3, 96, 1, held_labels, 3) == 12 + 3 * (4 + 3)
 
 
 def test_an_adapted_probe_keeps_a_bound_whose_median_is_in_its_band(bundle, shots) -> None:

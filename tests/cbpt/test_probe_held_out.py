@@ -7,8 +7,6 @@ import torch
 
 from clipguard import api
 from clipguard.components import RunContext, ShotSet
-from clipguard.prompts import PromptClassifier
-from clipguard_cbpt.inversion import AdditivePerturbation, probe_cost, probe_reach
 from clipguard_cbpt.scanner import ScanConfig, probe_held_out
 
 #: one draw, the additive probe alone at a fixed bound, no refinement
@@ -57,23 +55,3 @@ def test_with_many_classes_fewer_held_out_images_are_drawn() -> None:
     assert asked == [48, 1]
     assert probe_held_out(context, ScanConfig(probe_held_out=0), 10) is None
     assert probe_held_out(RunContext(), ScanConfig(), 10) is None
-
-
-def test_probe_reach_measures_on_at_most_max_held_out_images(bundle, shots) -> None:
-    text = PromptClassifier(bundle, shots.classnames).class_features
-    held = (torch.rand(9, 3, 16, 16), torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2]))
-    family = AdditivePerturbation(0.02)
-    capped = probe_reach(
-        bundle,
-        shots.pixels,
-        shots.labels,
-        text,
-        family,
-        1,
-        96,
-        10_000,
-        held_out=held,
-        max_held_out=3,
-    )
-    assert capped.measured == [4 + 3] * 3
-    assert probe_cost(shots.labels, 3, 96, 1, held[1], 3) == 12 + 3 * (4 + 3)

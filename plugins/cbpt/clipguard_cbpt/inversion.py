@@ -896,21 +896,27 @@ def transform_towards(
     return TransformTrigger(family, parameters[0])
 
 
+def _other_class_rows(
+    labels: torch.Tensor, n_classes: int, max_images: int, among: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Per class ``k``, the rows (of those flagged in ``among``; all when None) whose label is
+    not ``k``: at most ``max_images``, evenly spread."""
+    others = [labels != k for k in range(n_classes)]
+    if among is not None:
+        others = [rows & among for rows in others]
+    return [_spread_rows(torch.nonzero(rows).flatten(), max_images) for rows in others]
+
+
 def _probe_rows(
     labels: torch.Tensor, n_classes: int, max_images: int
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per class, the rows of :func:`probe_reach`: the even shots of the other classes it
     fits on and the odd ones it measures on (at most ``max_images`` each, evenly spread)."""
     even = torch.arange(len(labels)) % 2 == 0
-    fit = [
-        _spread_rows(torch.nonzero((labels != k) & even).flatten(), max_images)
-        for k in range(n_classes)
-    ]
-    held = [
-        _spread_rows(torch.nonzero((labels != k) & ~even).flatten(), max_images)
-        for k in range(n_classes)
-    ]
-    return fit, held
+    return (
+        _other_class_rows(labels, n_classes, max_images, even),
+        _other_class_rows(labels, n_classes, max_images, ~even),
+    )
 
 
 def _held_out_rows(
@@ -921,9 +927,7 @@ def _held_out_rows(
     each, evenly spread)."""
     if labels is None:
         return [torch.zeros(0, dtype=torch.long) for _ in range(n_classes)]
-    return [
-        _spread_rows(torch.nonzero(labels != k).flatten(), max_images) for k in range(n_classes)
-    ]
+    return _other_class_rows(labels, n_classes, max_images)
 
 
 def probe_cost(
