@@ -44,6 +44,7 @@ from clipguard_cbpt.scanner import (
     deciding_ratio,
     isolation_units,
     last_draw_moot,
+    probe_flags_suspect,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +58,8 @@ def top_evidence(
     isolation_threshold: float | None = None,
     screen_again: tuple[float, float] | None = None,
     probes: dict[str, tuple[float, str]] | None = None,
+    skip_moot_draw: bool = True,
+    probe_settles: bool = True,
 ) -> tuple[float, str]:
     """The largest class evidence of a scan under the rule ``signals`` and its class,
     recomputed from the per-class indices in the report (so scans made under other rules and
@@ -69,9 +72,10 @@ def top_evidence(
     scanner does; with ``screen_again`` (the scanner's band, in multiples of the threshold)
     the first draw alone where its largest evidence before the additive corroboration lies
     outside the band, as a scanner with that band would have stopped there; with
-    ``probes`` too (each reach probe's top evidence over its threshold, and its class), without the
-    last stored draw where the others made it moot (``last_draw_moot``), as the scanner
-    skips it."""
+    ``probes`` too (each reach probe's top evidence over its threshold, and its class), the
+    stored draws up to the one after which the scanner stops screening: a probe flags the
+    suspect of the draws so far (``probe_settles``, ``probe_flags_suspect``) or the last
+    stored draw is moot (``skip_moot_draw``, ``last_draw_moot``)."""
     statistics = scan["statistics"]
     recorded = statistics.get("thresholds", {})
     scale = recorded.get("additive_corroboration") or 0.0
@@ -104,14 +108,27 @@ def top_evidence(
     if screen_again is not None and rule.decisive(max(evidence_of(draws[0], 0.0).values())):
         draws = draws[:1]
     per_draw = [evidence_of(draw, scale) for draw in draws]
-    if screen_again is not None and probes is not None and len(per_draw) >= 3:
+
+    def medians(screened: list[dict[str, float]]) -> tuple[dict[str, float], str]:
+        evidence = {k: median(draw[k] for draw in screened) for k in screened[0]}
+        return evidence, max(sorted(evidence), key=lambda k: evidence[k])
+
+    if screen_again is not None and probes is not None:
         classes = list(per_draw[0])
-        earlier = [[draw[k] for k in classes] for draw in per_draw[:-1]]
         indexed = {name: (ratio, classes.index(k)) for name, (ratio, k) in probes.items()}
-        if last_draw_moot(earlier, indexed, rule):
-            per_draw = per_draw[:-1]
-    evidence = {k: median(draw[k] for draw in per_draw) for k in per_draw[0]}
-    suspect = max(sorted(evidence), key=lambda k: evidence[k])
+        screened = 1
+        while screened < len(per_draw):
+            so_far = per_draw[:screened]
+            suspect = classes.index(medians(so_far)[1])
+            if probe_settles and probe_flags_suspect(suspect, indexed):
+                break
+            earlier = [[draw[k] for k in classes] for draw in so_far]
+            last = screened == len(per_draw) - 1
+            if skip_moot_draw and last and last_draw_moot(earlier, indexed, rule):
+                break
+            screened += 1
+        per_draw = per_draw[:screened]
+    evidence, suspect = medians(per_draw)
     return evidence[suspect], suspect
 
 
@@ -140,6 +157,8 @@ class Rule:
     screen_again: tuple[float, float] | None = ScanConfig().screen_again
     #: a last draw the others made moot is left out (the scanner's skip_moot_draw)
     skip_moot_draw: bool = ScanConfig().skip_moot_draw
+    #: the draws after a probe flagged the suspect are left out (the scanner's probe_settles)
+    probe_settles: bool = ScanConfig().probe_settles
 
 
 def _probe_tops(scan: dict[str, Any], rule: Rule) -> dict[str, tuple[float, str]]:
@@ -160,7 +179,9 @@ def _rule_evidence(scan: dict[str, Any], rule: Rule) -> tuple[float, str]:
         rule.threshold,
         rule.isolation_threshold,
         rule.screen_again,
-        _probe_tops(scan, rule) if rule.skip_moot_draw else None,
+        _probe_tops(scan, rule),
+        rule.skip_moot_draw,
+        rule.probe_settles,
     )
 
 
@@ -376,8 +397,9 @@ def main(
         bool,
         typer.Option(
             help="judge a scan of several shot draws by the median of all it screened, not "
-            "as the scanner's screen_again band would have stopped at a decisive first draw "
-            "or its skip_moot_draw at a moot last one"
+            "as the scanner's screen_again band would have stopped at a decisive first draw, "
+            "its probe_settles at a probe's flag of the suspect or its skip_moot_draw at a "
+            "moot last one"
         ),
     ] = False,
     quiet: bool = False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,27 @@ def test_a_scan_of_several_shot_draws_is_judged_by_each_class_median():
     assert judge(scan, Rule("size", 2.0)) == (True, "b")
     scan["statistics"]["screen_draws"][0]["class_size_index"]["b"] = 2.9
     assert judge(scan, Rule("size", 2.0)) == (True, "a")
+
+
+def test_a_probe_that_flags_the_first_draws_suspect_ends_the_screening():
+    """As the scanner's probe_settles: once the strongest probe of ratio 1 or more names the
+    suspect of the draws so far, the later draws are not screened (here the median of three
+    would name "a")."""
+    draws = [{"a": 1.0, "b": 2.9}, {"a": 2.5, "b": 0.5}, {"a": 2.2, "b": 0.2}]
+    scan = _scan("sig-s1", "sig", "b", draws[0], {"a": 0.0, "b": 0.25})
+    scan["statistics"]["screen_draws"] = [
+        {"class_size_index": sizes, "class_alignment_index": {"a": 0.0, "b": 0.0}}
+        for sizes in draws
+    ]
+    rule = Rule("size", 2.0, {"additive": 0.24})
+    assert top_evidence(scan, "size", 2.0, None, rule.screen_again, {"additive": (1.04, "b")}) == (
+        2.9,
+        "b",
+    )
+    assert judge(scan, rule) == (True, "b")
+    assert judge(scan, replace(rule, probe_settles=False)) == (True, "a")  # medians: 2.2, 0.5
+    scan["statistics"]["class_additive_evidence"] = {"a": 0.25, "b": 0.0}  # flags "a" instead
+    assert judge(scan, rule) == (True, "a")
 
 
 def test_zoos_whose_model_names_repeat_are_refused(tmp_path: Path) -> None:

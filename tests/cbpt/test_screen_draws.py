@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from clipguard import api
 from clipguard.components import RunContext, ShotSet
+from clipguard_cbpt import scanner
 from clipguard_cbpt.scanner import (
     CBPTScanner,
     ScanConfig,
@@ -19,6 +20,7 @@ from clipguard_cbpt.scanner import (
     deciding_ratio,
     last_draw_moot,
     median_screening,
+    probe_flags_suspect,
     verdict_of,
 )
 
@@ -30,8 +32,13 @@ SCREEN_ONLY = {
     "warp_pixels": 0,
     "refine": False,
 }
-#: screen every draw on offer, however decisive the first or moot the last
-EVERY_DRAW = {**SCREEN_ONLY, "screen_again": (0, 1e9), "skip_moot_draw": False}
+#: screen every draw on offer, however decisive the first, flagged by a probe or moot the last
+EVERY_DRAW = {
+    **SCREEN_ONLY,
+    "screen_again": (0, 1e9),
+    "skip_moot_draw": False,
+    "probe_settles": False,
+}
 #: the first draw always decides alone (an empty band)
 FIRST_DRAW_ALONE = {**SCREEN_ONLY, "screen_again": (0, 0)}
 
@@ -215,6 +222,11 @@ def test_a_last_draw_that_could_tip_the_verdict_or_the_suspect_is_not_moot() -> 
     # moot when both name class 1, not when the probe names class 0
     assert last_draw_moot([[0.2, 2.9], [0.3, 3.75]], {"additive": (1.56, 1)}, config)
     assert not last_draw_moot([[0.2, 2.9], [0.3, 3.75]], {"additive": (1.56, 0)}, config)
+    # the probe (1.07, class 1) flags it whatever the last draw gives; class 0 may overtake
+    # class 1's median (up to 1.6 against 1.4) but never reach the probe's ratio, so only
+    # class 1 can be named (CIFAR-10 sig-s1's case: its third draw is skipped)
+    assert last_draw_moot([[1.2, 2.9], [1.6, 1.4]], {"additive": (1.07, 1)}, config)
+    assert not last_draw_moot([[1.2, 2.9], [2.2, 1.4]], {"additive": (1.07, 1)}, config)
     assert not last_draw_moot([[0.2, 0.3]], {}, config)  # one draw bounds nothing
 
 
@@ -236,3 +248,59 @@ def test_a_moot_last_draw_is_not_drawn(bundle, shots, skip, screened) -> None:
     assert outcome.statistics["screen_draws_offered"] == 3
     moot_words = "the last of 3 could change neither verdict nor suspect"
     assert (moot_words in outcome.explanation) is skip
+
+
+def test_a_probe_settles_the_screening_only_by_flagging_its_suspect() -> None:
+    assert probe_flags_suspect(1, {"additive": (1.07, 1)})
+    assert not probe_flags_suspect(0, {"additive": (1.07, 1)})  # another class
+    assert not probe_flags_suspect(1, {"additive": (0.99, 1)})  # below its threshold
+    assert not probe_flags_suspect(1, {})
+    # the strongest probe is the one that would decide: here the warp probe, on class 2
+    assert not probe_flags_suspect(1, {"additive": (1.5, 1), "warp": (2.0, 2)})
+    assert probe_flags_suspect(2, {"additive": (1.5, 1), "warp": (2.0, 2)})
+
+
+@given(
+    draws=st.lists(st.lists(EVIDENCE, min_size=4, max_size=4), min_size=1, max_size=2),
+    more=st.lists(st.lists(EVIDENCE, min_size=4, max_size=4), min_size=1, max_size=2),
+    probes=PROBES,
+)
+def test_once_a_probe_flags_the_suspect_more_draws_leave_the_verdict_backdoor(
+    draws, more, probes
+) -> None:
+    """The verdict part of ``probe_settles`` is exact (the suspect part is not: docs)."""
+    config = ScanConfig()
+    evidence = [median(column) for column in zip(*draws, strict=True)]
+    suspect = max(range(len(evidence)), key=lambda k: evidence[k])
+    if probe_flags_suspect(suspect, probes):
+        assert _verdict_and_suspect(draws, probes, config)[0] == "backdoor"
+        assert _verdict_and_suspect([*draws, *more], probes, config)[0] == "backdoor"
+
+
+@pytest.mark.parametrize("settles", [True, False])
+def test_a_probe_that_flags_the_suspect_ends_the_screening(
+    bundle, shots, monkeypatch, settles
+) -> None:
+    """With ``probe_settles`` no draw after the first is drawn once a probe flags the first
+    draw's suspect; without it the draws are screened as the band asks."""
+    flagged: list[int] = []
+
+    def flags(suspect: int, probes: dict[str, tuple[float, int]]) -> bool:
+        flagged.append(suspect)
+        return True
+
+    monkeypatch.setattr(scanner, "probe_flags_suspect", flags)
+    offered: list[int] = []
+    context = RunContext(seed=6, draw_shots=_recording_draws(shots, offered))
+    options = {**EVERY_DRAW, "probe_settles": settles}
+    outcome = CBPTScanner().scan(bundle, shots, ScanConfig(**options), context)
+    draws = outcome.statistics["screen_draws"]
+    if settles:
+        assert offered == [] and [d["seed"] for d in draws] == [6]
+        [suspect] = flagged
+        assert shots.classnames[suspect] == draws[0]["suspect_class"]
+        assert outcome.statistics["screen_draws_stopped"] == "probe"
+        assert "a reach probe flags this class, so the first of 3 shot draws" in outcome.explanation
+    else:
+        assert offered == [1, 2] and flagged == []
+        assert outcome.statistics["screen_draws_stopped"] is None

@@ -26,9 +26,11 @@ Procedure (see ``docs/method.md``):
    of its evidence on the draws (:func:`median_screening`): which shots were drawn moves
    near-threshold verdicts (docs/benchmarks.md). The draws after the first are screened
    only when the first is near the threshold (``screen_again``; far from it, the first
-   decides alone), and the last draw only when it could change the verdict or the suspect
-   (``skip_moot_draw``, :func:`last_draw_moot`; the reach probes run before it). The
-   suspect is the class with the most evidence.
+   decides alone) and, one by one, only until a reach probe (3b, run after the first draw)
+   flags the class the draws so far suspect (``probe_settles``,
+   :func:`probe_flags_suspect`); the last draw only when it could change the verdict or the
+   suspect (``skip_moot_draw``, :func:`last_draw_moot`). The suspect is the class with the
+   most evidence.
 3b. **Reach probes** (:func:`~clipguard_cbpt.inversion.probe_reach`): per class, the share
    of held-out shots of the other classes that one small universal transformation, fitted on
    the other shots, sends to it. The *additive* probe (a perturbation bounded per pixel)
@@ -165,6 +167,15 @@ class ScanConfig(InversionConfig):
             "inconclusive verdict (the median of every class's evidence is bounded by the "
             "draws already screened); false screens it whenever the earlier draws were not "
             "decisive"
+        ),
+    )
+    probe_settles: bool = Field(
+        True,
+        description=(
+            "stop screening shot draws once a reach probe flags the class the draws screened so "
+            "far suspect (the strongest probe's ratio reaches 1 and its top class is the "
+            "screening's suspect): the verdict is then backdoor whatever more draws give; "
+            "false screens the draws the band and skip_moot_draw call for"
         ),
     )
     refine_clean: bool = Field(
@@ -376,9 +387,13 @@ class Screening:
     #: empty for the screening of one draw
     draw_seeds: list[int] = field(default_factory=list)
     draws: list[Screening] = field(default_factory=list)
-    #: the shot draws the caller offered (fewer are screened when the first is decisive or
-    #: the last moot)
+    #: the shot draws the caller offered (fewer are screened when the first is decisive, a
+    #: probe settles it or the last is moot)
     draws_offered: int = 1
+    #: why fewer than ``draws_offered`` draws were screened: "band" (the first draw was
+    #: decisive), "probe" (:func:`probe_settles`) or "moot" (:func:`last_draw_moot`); None
+    #: when every draw on offer was screened
+    stopped: Literal["band", "probe", "moot"] | None = None
 
     @property
     def draw_evidence(self) -> list[list[float]]:
@@ -455,35 +470,44 @@ def last_draw_moot(
 
     ``draw_evidence``: per draw screened, every class's evidence (corroborated); ``probes``:
     each reach probe's ratio and top class (:func:`probe_ratios`). The median is
-    non-decreasing in every value, so whatever the last draw gives, a class's median lies
-    between the median with that draw at minus and at plus infinity; the deciding ratio
-    (:func:`deciding_ratio`) is non-decreasing in the rule's, and what decides is the rule or
-    the strongest probe, whichever decides at the two bounds. The draw is moot when the
-    verdicts at both bounds agree and either the verdict is clean, or every decider at the
-    bounds names the same suspect: a probe its top class, the rule the class whose lower bound
-    exceeds every other class's upper bound (none if no class does)."""
+    non-decreasing in every value, so whatever the last draw gives, each class's median lies
+    anywhere between its median with that draw at minus and at plus infinity, independently
+    of the other classes'; the deciding ratio (:func:`deciding_ratio`) is non-decreasing in
+    the rule's. The draw is moot when the verdicts at both bounds agree and either the
+    verdict is clean or only one class can come out as the suspect: the strongest probe of
+    ratio 1 or more (:func:`deciding_ratio`) names its top class wherever the rule's ratio
+    can stay below the probe's; the rule names a class that can have the largest median
+    while its ratio reaches that probe's (any ratio without such a probe)."""
     columns = list(zip(*draw_evidence, strict=True))
     low = [median([*column, -math.inf]) for column in columns]
     high = [median([*column, math.inf]) for column in columns]
     ratios = {name: ratio for name, (ratio, _) in probes.items()}
-    low_ratio, low_by = deciding_ratio(max(low) / config.threshold, ratios)
-    high_ratio, high_by = deciding_ratio(max(high) / config.threshold, ratios)
-    verdict = verdict_of(low_ratio, config)
-    if verdict != verdict_of(high_ratio, config):
+    verdict = verdict_of(deciding_ratio(max(low) / config.threshold, ratios)[0], config)
+    if verdict != verdict_of(deciding_ratio(max(high) / config.threshold, ratios)[0], config):
         return False
     if verdict == "clean":
         return True
-    top = max(range(len(low)), key=lambda k: low[k])
-    dominant = all(low[top] > high[k] for k in range(len(low)) if k != top)
+    probe_ratio, strongest = deciding_ratio(0.0, ratios)
     suspects = set()
-    for decided_by in {low_by, high_by}:
-        if decided_by != "rule":
-            suspects.add(probes[decided_by][1])
-        elif dominant:
-            suspects.add(top)
-        else:
-            return False
+    if strongest != "rule" and max(low) / config.threshold < probe_ratio:
+        suspects.add(probes[strongest][1])
+    for k, upper in enumerate(high):
+        can_lead = all(upper >= low[j] for j in range(len(low)) if j != k)
+        if can_lead and upper / config.threshold >= probe_ratio:
+            suspects.add(k)
     return len(suspects) == 1
+
+
+def probe_flags_suspect(suspect: int, probes: dict[str, tuple[float, int]]) -> bool:
+    """Whether the strongest reach probe of ratio 1 or more (:func:`deciding_ratio`; ``probes``
+    as :func:`probe_ratios` gives them) names the class ``suspect``, the suspect of the shot
+    draws screened so far. The verdict is then
+    backdoor whatever more shot draws give (a probe's flag stands, and the rule can only add
+    to it), and two signals agree on the class, so ``probe_settles`` screens no more draws.
+    Not exact for the suspect: more draws could raise another class's median above the
+    probe's ratio (on the lab zoos' stored draws, none did; docs/benchmarks.md)."""
+    _, strongest = deciding_ratio(0.0, {name: ratio for name, (ratio, _) in probes.items()})
+    return strongest != "rule" and probes[strongest][1] == suspect
 
 
 def class_triggers(
@@ -552,13 +576,18 @@ def shot_draws(
             yield replace(context, seed=context.seed + index), context.draw_shots(index)
 
 
-def median_screening(screenings: list[Screening], seeds: list[int], offered: int = 1) -> Screening:
+def median_screening(
+    screenings: list[Screening],
+    seeds: list[int],
+    offered: int = 1,
+    stopped: Literal["band", "probe", "moot"] | None = None,
+) -> Screening:
     """One screening from screenings of one model on the shot draws of ``seeds`` (of
-    ``offered`` draws on offer): the first draw's signals (its inversions, sizes and indices;
-    the shots the probes and the refinement use), every class's evidence the median of its
-    evidence on the draws, and the suspect the class with the largest median (the smaller
-    first-draw trigger on ties). The draws are kept in ``draws``; one screening comes back
-    unchanged but for that record."""
+    ``offered`` draws on offer, fewer screened for the reason ``stopped``): the first draw's
+    signals (its inversions, sizes and indices; the shots the probes and the refinement use),
+    every class's evidence the median of its evidence on the draws, and the suspect the class
+    with the largest median (the smaller first-draw trigger on ties). The draws are kept in
+    ``draws``; one screening comes back unchanged but for that record."""
     first = screenings[0]
     evidence = [median(column) for column in zip(*(s.evidence for s in screenings), strict=True)]
     suspect = max(range(len(evidence)), key=lambda k: (evidence[k], -first.sizes[k]))
@@ -569,6 +598,7 @@ def median_screening(screenings: list[Screening], seeds: list[int], offered: int
         draw_seeds=seeds,
         draws=list(screenings),
         draws_offered=offered,
+        stopped=stopped,
     )
 
 
@@ -661,6 +691,20 @@ def verdict_of(ratio: float, config: ScanConfig) -> str:
     return "clean"
 
 
+def flagging_probe(suspected: Suspicion, k: int, config: ScanConfig) -> str:
+    """How the strongest probe of ratio 1 or more flags class ``k``, for an explanation of a
+    screening that such a probe ended (``probe_settles``)."""
+    ranked = probe_ratios(suspected.probes, config)
+    _, name = deciding_ratio(0.0, {probe: ratio for probe, (ratio, _) in ranked.items()})
+    if name == "rule":
+        return "a reach probe flags this class"
+    evidence = suspected.probes[name].evidence()[k]
+    return (
+        f"the {name} probe flags this class too ({evidence:.2f}, from "
+        f"{config.probe_threshold(name):g})"
+    )
+
+
 def decide(
     screening: Screening, suspected: Suspicion, classnames: list[str], config: ScanConfig
 ) -> tuple[str, float, str]:
@@ -709,23 +753,26 @@ def decide(
     else:
         rule = f"geometric mean of {size} and {corroborating}"
     screened = len(screening.draw_evidence)
-    if screened > 1:
-        each = ", ".join(f"{draw[k]:.2f}" for draw in screening.draw_evidence)
-        skipped = (
-            f"; the last of {screening.draws_offered} could change neither verdict nor suspect"
-            if screened < screening.draws_offered
-            else ""
+    offered = screening.draws_offered
+    flagging = flagging_probe(suspected, k, config) if screening.stopped == "probe" else ""
+    if screening.stopped == "band":
+        low, high = config.screen_again_evidence
+        rule = (
+            f"{rule}; the first of {offered} shot draws decided alone (its largest evidence "
+            f"before corroboration lies outside [{low:g}, {high:g}))"
         )
+    elif screened > 1:
+        each = ", ".join(f"{draw[k]:.2f}" for draw in screening.draw_evidence)
+        skipped = {
+            "moot": f"; the last of {offered} could change neither verdict nor suspect",
+            "probe": f"; {flagging}, so no more of the {offered} were screened",
+        }.get(screening.stopped or "", "")
         rule = (
             f"the median of its evidence on {screened} shot draws ({each}{skipped}); on the "
             f"first, {rule}"
         )
-    elif screening.draws_offered > 1:
-        low, high = config.screen_again_evidence
-        rule = (
-            f"{rule}; the first of {screening.draws_offered} shot draws decided alone (its "
-            f"largest evidence before corroboration lies outside [{low:g}, {high:g}))"
-        )
+    elif screening.stopped == "probe":
+        rule = f"{rule}; {flagging}, so the first of {offered} shot draws decided alone"
     facts = (
         f"class {classnames[k]!r}: evidence {evidence:.2f} (backdoor from "
         f"{config.threshold:g}) = {rule}"
@@ -745,11 +792,13 @@ def locate_trigger(
     context: RunContext,
     classifier: PromptClassifier,
 ) -> tuple[Screening, Suspicion, InversionResult, InversionResult | None]:
-    """Steps 1-4: screen every class on the first shot draw and, unless it is decisive
-    (:meth:`ScanConfig.decisive`), on the others on offer (:func:`shot_draws`) but the last,
-    run the reach probes on ``shots`` (their reach measured on ``probe_held_out`` more
-    images per class too, where the context offers them), screen the last draw unless it is
-    moot (:func:`last_draw_moot`, with ``skip_moot_draw``), judge the median screening
+    """Steps 1-4: screen every class on the first shot draw, run the reach probes on
+    ``shots`` (their reach measured on ``probe_held_out`` more images per class too, where
+    the context offers them), then, unless the first draw is decisive
+    (:meth:`ScanConfig.decisive`), screen the other draws on offer (:func:`shot_draws`) one
+    by one until a probe flags the suspect of the draws screened so far
+    (:func:`probe_flags_suspect`, with ``probe_settles``) or the last is moot
+    (:func:`last_draw_moot`, with ``skip_moot_draw``); judge the median screening
     (:func:`median_screening`), then refine the suspect's trigger within the budget.
 
     Returns the screening, the suspicion, the kept trigger (the refined one when its
@@ -757,8 +806,8 @@ def locate_trigger(
     the refinement (None when ``refine`` is off, when the verdict is clean and
     ``refine_clean`` off, or when no budget is left). The screenings share
     70 % of the budget (all of it without refinement), each draw taking at most an even share
-    of what the earlier ones left; the probes, in turn, get the rest less what a pending last
-    draw may take and the refinement's share (``refine_steps`` batches).
+    of what the earlier ones left; the probes, in turn, get the rest less what the pending
+    draws may take and the refinement's share (``refine_steps`` batches).
     """
     start_images = bundle.image_encoder_images
     refining = config.refine and config.refine_steps > 0
@@ -780,12 +829,9 @@ def locate_trigger(
 
     screen_next()
     decisive = config.decisive(screenings[0].top_evidence)
-    while not decisive and len(screenings) < on_offer - 1:
-        screen_next()
-    pending = not decisive and len(screenings) < on_offer
     probes: dict[str, ProbeReach] = {}
     reserve = config.refine_steps * config.batch_size if refining else 0
-    reserve += screen_budget - screened_images if pending else 0
+    reserve += screen_budget - screened_images if not decisive and on_offer > 1 else 0
     specs = config.probes()
     n_classes = len(shots.classnames)
     held_out = probe_held_out(context, config, n_classes) if specs else None
@@ -818,14 +864,26 @@ def locate_trigger(
                 held_out=held_out,
                 max_held_out=config.probe_held_out_max,
             )
-    corroborated = [corroborate(s, probes.get("additive"), config) for s in screenings]
-    if pending:
-        ranked = probe_ratios(probes, config)
-        moot = last_draw_moot([s.evidence for s in corroborated], ranked, config)
-        if not (config.skip_moot_draw and moot):
+    ranked = probe_ratios(probes, config)
+    corroborated = [corroborate(screenings[0], probes.get("additive"), config)]
+    stopped: Literal["band", "probe", "moot"] | None = None
+    if decisive and on_offer > 1:
+        stopped = "band"
+    while stopped is None and len(screenings) < on_offer:
+        if config.probe_settles and probe_flags_suspect(
+            median_screening(corroborated, seeds).suspect, ranked
+        ):
+            stopped = "probe"
+        elif (
+            config.skip_moot_draw
+            and len(screenings) == on_offer - 1
+            and last_draw_moot([s.evidence for s in corroborated], ranked, config)
+        ):
+            stopped = "moot"
+        else:
             screen_next()
             corroborated.append(corroborate(screenings[-1], probes.get("additive"), config))
-    screening = median_screening(corroborated, seeds, on_offer)
+    screening = median_screening(corroborated, seeds, on_offer, stopped)
     suspected = suspicion(screening, probes, config)
     kept = screening.inversions[suspected.suspect]
     left = config.budget - (bundle.image_encoder_images - start_images)
@@ -1028,6 +1086,7 @@ class CBPTScanner(Scanner):
             if screening.corroboration
             else None,
             "screen_draws_offered": screening.draws_offered,
+            "screen_draws_stopped": screening.stopped,
             "screen_draws": [
                 {
                     "seed": seed,
