@@ -8,6 +8,7 @@ transform (``ModelBundle.pixel_transform``): ``3 x H x W`` tensors in ``[0, 1]``
 
 from __future__ import annotations
 
+import os
 import random
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -36,6 +37,29 @@ Sample = tuple[Path, int]
 _WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
+#: whether the platform's paths compare case-insensitively (Windows), as pathlib compares them
+_CASE_FOLDED = os.path.normcase("A") != "A"
+
+
+def path_order(path: Path) -> tuple[str, ...]:
+    """The sort key that orders paths as :mod:`pathlib` compares them (part by part, case-folded
+    where the platform's paths are case-insensitive), computed once per path: sorting tens of
+    thousands of :class:`~pathlib.Path` objects directly costs a Python-level comparison
+    each time (about a second for CIFAR-10's 50,000 training images)."""
+    return tuple(map(os.path.normcase, path.parts)) if _CASE_FOLDED else path.parts
+
+
+def _suffix(name: str) -> str:
+    """The suffix of a file name, as :attr:`pathlib.PurePath.suffix` gives it."""
+    dot = name.rfind(".")
+    return name[dot:] if 0 < dot < len(name) - 1 else ""
+
+
+def _sample_order(sample: Sample) -> tuple[tuple[str, ...], int]:
+    """The sort key of a ``(path, label)`` sample: as the tuple compares (:func:`path_order`)."""
+    return path_order(sample[0]), sample[1]
+
+
 @dataclass(frozen=True)
 class ImageFolder:
     """An indexed image folder: class names in folder order and ``(path, label)`` samples."""
@@ -51,7 +75,10 @@ class ImageFolder:
 
     def files_sha256(self, samples: Iterable[Sample] | None = None) -> str:
         """A sha256 over the relative names and contents of ``samples`` (default: all)."""
-        chosen = sorted(path for path, _ in (samples if samples is not None else self.samples))
+        chosen = sorted(
+            (path for path, _ in (samples if samples is not None else self.samples)),
+            key=path_order,
+        )
         return sha256_files(chosen, root=self.root)
 
 
@@ -121,11 +148,15 @@ def open_image_folder(root: Path | str, classnames_file: Path | None = None) -> 
             )
     samples: list[Sample] = []
     for label, folder in enumerate(folders):
-        files = sorted(
-            p
-            for p in (root / folder).iterdir()
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        directory = root / folder
+        with os.scandir(directory) as entries:  # file types without a stat per file
+            names = [
+                entry.name
+                for entry in entries
+                if entry.is_file() and _suffix(entry.name).lower() in IMAGE_SUFFIXES
+            ]
+        # one folder: ordered by name as pathlib orders its paths (path_order)
+        files = [directory / name for name in sorted(names, key=os.path.normcase)]
         if not files:
             raise InputError(f"{root / folder}: class folder holds no images")
         samples.extend((path, label) for path in files)
@@ -153,8 +184,8 @@ def split_shots(folder: ImageFolder, shots: int, seed: int) -> tuple[list[Sample
                 f"--shots {shots}"
             )
         rng.shuffle(paths)
-        chosen.extend((p, label) for p in sorted(paths[:shots]))
-        rest.extend((p, label) for p in sorted(paths[shots:]))
+        chosen.extend((p, label) for p in sorted(paths[:shots], key=path_order))
+        rest.extend((p, label) for p in sorted(paths[shots:], key=path_order))
     return chosen, rest
 
 
@@ -165,7 +196,7 @@ def subsample(samples: Sequence[Sample], limit: int | None, seed: int) -> list[S
     if limit is None or len(samples) <= limit:
         return list(samples)
     rng = random.Random(seed)
-    return sorted(rng.sample(list(samples), limit))
+    return sorted(rng.sample(list(samples), limit), key=_sample_order)
 
 
 def take_per_class(samples: Sequence[Sample], per_class: int, seed: int) -> list[Sample]:
@@ -177,9 +208,9 @@ def take_per_class(samples: Sequence[Sample], per_class: int, seed: int) -> list
     rng = random.Random(seed)
     taken: list[Sample] = []
     for label in sorted(by_label):
-        members = sorted(by_label[label])
+        members = sorted(by_label[label], key=_sample_order)
         taken.extend(members if len(members) <= per_class else rng.sample(members, per_class))
-    return sorted(taken, key=lambda sample: (sample[1], sample[0]))
+    return sorted(taken, key=lambda sample: (sample[1], path_order(sample[0])))
 
 
 def read_image(path: Path) -> Image.Image:

@@ -10,7 +10,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clipguard.data import load_pixels, open_image_folder, split_shots, subsample, take_per_class
+from clipguard.data import (
+    _suffix,
+    load_pixels,
+    open_image_folder,
+    path_order,
+    split_shots,
+    subsample,
+    take_per_class,
+)
 from clipguard.errors import InputError
 from clipguard.model import load_model
 from tests.conftest import TINY_CLASSES, write_image_folder
@@ -26,6 +34,24 @@ def test_class_names_come_from_folders_with_underscores_as_spaces(folder) -> Non
     assert folder.folders == ["blue_circle", "green_bar", "red_square"]
     assert folder.classnames == ["blue circle", "green bar", "red square"]
     assert len(folder.samples) == 18
+
+
+PATH_PART = st.text(st.sampled_from("aAbB._-0z"), min_size=1, max_size=6).filter(
+    lambda part: part not in (".", "..")
+)
+
+
+@given(st.lists(st.lists(PATH_PART, min_size=1, max_size=4), max_size=30), st.booleans())
+def test_path_order_sorts_paths_as_pathlib_compares_them(parts, absolute) -> None:
+    """The data folder's listings, shot draws and hashes are sorted by this key instead of by
+    Path comparisons; the order (so every draw of a seed) must not change."""
+    paths = [Path("/" if absolute else ".", *p) for p in parts]
+    assert sorted(paths, key=path_order) == sorted(paths)
+
+
+@given(st.text(st.sampled_from("ab.JPG"), max_size=8).filter(lambda n: n not in ("", ".", "..")))
+def test_file_suffixes_are_read_as_pathlib_reads_them(name) -> None:
+    assert _suffix(name) == Path(name).suffix
 
 
 def test_split_shots_is_deterministic_for_a_seed(folder) -> None:
