@@ -304,3 +304,28 @@ def test_a_probe_that_flags_the_suspect_ends_the_screening(
     else:
         assert offered == [1, 2] and flagged == []
         assert outcome.statistics["screen_draws_stopped"] is None
+
+
+def test_the_probes_get_all_but_what_the_pending_draws_can_take(bundle, shots, monkeypatch):
+    """With draws pending, the reach probes are left the budget less what those draws can
+    use at most (screening_cost each) and the refinement's share, not the draws' whole share
+    of the budget, which had left the additive probe no room to adapt its bound."""
+    seen: list[tuple[int, int]] = []
+    run_probe = scanner.run_probe
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["budget"], bundle.image_encoder_images))
+        return run_probe(*args, **kwargs)
+
+    monkeypatch.setattr(scanner, "run_probe", recording)
+    config = ScanConfig(**{**EVERY_DRAW, "additive_epsilon": 0.02})  # no refinement
+    context = RunContext(seed=1, draw_shots=lambda index: _other_draw(shots, index))
+    start = bundle.image_encoder_images
+    CBPTScanner().scan(bundle, shots, config, context)
+    [(budget, used)] = seen
+    pending = 2 * scanner.screening_cost(config, shots)
+    assert pending < config.budget - (used - start)  # the draws' share: the rest of it
+    assert budget == config.budget - (used - start) - pending
+    assert scanner.screening_cost(config, shots) == (
+        config.class_steps * config.class_batch_size * len(shots.classnames) + len(shots.labels)
+    )

@@ -108,6 +108,8 @@ N_PICTURE_PAIRS = 8
 
 
 Signals = Literal["joint", "size"]
+#: why a screening ended before every shot draw on offer (:attr:`Screening.stopped`)
+Stopped = Literal["band", "probe", "moot"]
 
 #: the evidence threshold of each rule when none is given (docs/benchmarks.md): joint from
 #: the synthetic zoo; size = the middle of the gap between the clean and the detected
@@ -391,9 +393,9 @@ class Screening:
     #: probe settles it or the last is moot)
     draws_offered: int = 1
     #: why fewer than ``draws_offered`` draws were screened: "band" (the first draw was
-    #: decisive), "probe" (:func:`probe_settles`) or "moot" (:func:`last_draw_moot`); None
-    #: when every draw on offer was screened
-    stopped: Literal["band", "probe", "moot"] | None = None
+    #: decisive), "probe" (a probe flagged the suspect, :func:`probe_flags_suspect`) or
+    #: "moot" (:func:`last_draw_moot`); None when every draw on offer was screened
+    stopped: Stopped | None = None
 
     @property
     def draw_evidence(self) -> list[list[float]]:
@@ -501,9 +503,9 @@ def last_draw_moot(
 def probe_flags_suspect(suspect: int, probes: dict[str, tuple[float, int]]) -> bool:
     """Whether the strongest reach probe of ratio 1 or more (:func:`deciding_ratio`; ``probes``
     as :func:`probe_ratios` gives them) names the class ``suspect``, the suspect of the shot
-    draws screened so far. The verdict is then
-    backdoor whatever more shot draws give (a probe's flag stands, and the rule can only add
-    to it), and two signals agree on the class, so ``probe_settles`` screens no more draws.
+    draws screened so far. The verdict is then backdoor whatever more shot draws give (a
+    probe's flag stands, and the rule can only add to it), and two signals agree on the
+    class, so ``probe_settles`` screens no more draws.
     Not exact for the suspect: more draws could raise another class's median above the
     probe's ratio (on the lab zoos' stored draws, none did; docs/benchmarks.md)."""
     _, strongest = deciding_ratio(0.0, {name: ratio for name, (ratio, _) in probes.items()})
@@ -562,6 +564,13 @@ def screen(
     )
 
 
+def screening_cost(config: ScanConfig, shots: ShotSet) -> int:
+    """The most encoder images the screening of one shot draw like ``shots`` takes: every
+    class's batch on every step of the per-class inversion, and one pass over the shots for
+    the text alignment. What the reach probes leave for the draws still pending."""
+    return config.class_steps * config.class_batch_size * len(shots.classnames) + len(shots.labels)
+
+
 def shot_draws(
     context: RunContext, shots: ShotSet, draws: int
 ) -> Iterator[tuple[RunContext, ShotSet]]:
@@ -580,7 +589,7 @@ def median_screening(
     screenings: list[Screening],
     seeds: list[int],
     offered: int = 1,
-    stopped: Literal["band", "probe", "moot"] | None = None,
+    stopped: Stopped | None = None,
 ) -> Screening:
     """One screening from screenings of one model on the shot draws of ``seeds`` (of
     ``offered`` draws on offer, fewer screened for the reason ``stopped``): the first draw's
@@ -807,7 +816,8 @@ def locate_trigger(
     ``refine_clean`` off, or when no budget is left). The screenings share
     70 % of the budget (all of it without refinement), each draw taking at most an even share
     of what the earlier ones left; the probes, in turn, get the rest less what the pending
-    draws may take and the refinement's share (``refine_steps`` batches).
+    draws can take (:func:`screening_cost` each, within their share) and the refinement's
+    share (``refine_steps`` batches).
     """
     start_images = bundle.image_encoder_images
     refining = config.refine and config.refine_steps > 0
@@ -831,7 +841,8 @@ def locate_trigger(
     decisive = config.decisive(screenings[0].top_evidence)
     probes: dict[str, ProbeReach] = {}
     reserve = config.refine_steps * config.batch_size if refining else 0
-    reserve += screen_budget - screened_images if not decisive and on_offer > 1 else 0
+    pending = 0 if decisive else on_offer - len(screenings)
+    reserve += min(screen_budget - screened_images, pending * screening_cost(config, shots))
     specs = config.probes()
     n_classes = len(shots.classnames)
     held_out = probe_held_out(context, config, n_classes) if specs else None
@@ -866,7 +877,7 @@ def locate_trigger(
             )
     ranked = probe_ratios(probes, config)
     corroborated = [corroborate(screenings[0], probes.get("additive"), config)]
-    stopped: Literal["band", "probe", "moot"] | None = None
+    stopped: Stopped | None = None
     if decisive and on_offer > 1:
         stopped = "band"
     while stopped is None and len(screenings) < on_offer:
