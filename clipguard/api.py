@@ -226,22 +226,20 @@ class _Run:
         and the folder's other images; the run's own shots are left as they are."""
         with self.context.stage("load data"):
             shot_samples, rest_samples = split_shots(self.folder, self.n_shots, seed)
-            pixels, labels = load_pixels(
-                shot_samples, self.bundle.pixel_transform, self.progress, "loading shots"
-            )
-        self.used_samples.update(shot_samples)
-        shots = ShotSet(pixels=pixels, labels=labels, classnames=self.folder.classnames)
-        return shots, rest_samples
+        return self.loaded(shot_samples, "loading shots"), rest_samples
 
     def held_out_of(self, per_class: int) -> ShotSet | None:
         """Up to ``per_class`` images per class that are not among the run's shots, drawn
         with the run's seed (counted among the run's images); None when there are none."""
         samples = take_per_class(self.rest_samples, max(per_class, 0), self.context.seed)
-        if not samples:
-            return None
+        return self.loaded(samples, "loading held-out images") if samples else None
+
+    def loaded(self, samples: list[Sample], description: str) -> ShotSet:
+        """``samples`` loaded with the model's transform (stage "load data", a progress bar
+        of ``description``) and counted among the run's images."""
         with self.context.stage("load data"):
             pixels, labels = load_pixels(
-                samples, self.bundle.pixel_transform, self.progress, "loading held-out images"
+                samples, self.bundle.pixel_transform, self.progress, description
             )
         self.used_samples.update(samples)
         return ShotSet(pixels=pixels, labels=labels, classnames=self.folder.classnames)

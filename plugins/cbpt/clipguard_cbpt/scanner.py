@@ -464,6 +464,14 @@ def suspicion(screening: Screening, probes: dict[str, ProbeReach], config: ScanC
     return Suspicion(suspect, ratio, decided_by, probes)
 
 
+def flagging(probes: dict[str, tuple[float, int]]) -> tuple[str, float, int] | None:
+    """The probe that flags the model whatever the rule says: the strongest of ratio 1 or
+    more, as :func:`deciding_ratio` picks it (``probes`` as :func:`probe_ratios` gives
+    them), with its ratio and top class; None when no probe reaches 1."""
+    ratio, name = deciding_ratio(0.0, {probe: ratio for probe, (ratio, _) in probes.items()})
+    return None if name == "rule" else (name, ratio, probes[name][1])
+
+
 def last_draw_moot(
     draw_evidence: list[list[float]], probes: dict[str, tuple[float, int]], config: ScanConfig
 ) -> bool:
@@ -489,10 +497,11 @@ def last_draw_moot(
         return False
     if verdict == "clean":
         return True
-    probe_ratio, strongest = deciding_ratio(0.0, ratios)
+    flag = flagging(probes)
+    probe_ratio = 0.0 if flag is None else flag[1]
     suspects = set()
-    if strongest != "rule" and max(low) / config.threshold < probe_ratio:
-        suspects.add(probes[strongest][1])
+    if flag is not None and max(low) / config.threshold < probe_ratio:
+        suspects.add(flag[2])
     for k, upper in enumerate(high):
         can_lead = all(upper >= low[j] for j in range(len(low)) if j != k)
         if can_lead and upper / config.threshold >= probe_ratio:
@@ -501,15 +510,14 @@ def last_draw_moot(
 
 
 def probe_flags_suspect(suspect: int, probes: dict[str, tuple[float, int]]) -> bool:
-    """Whether the strongest reach probe of ratio 1 or more (:func:`deciding_ratio`; ``probes``
-    as :func:`probe_ratios` gives them) names the class ``suspect``, the suspect of the shot
-    draws screened so far. The verdict is then backdoor whatever more shot draws give (a
-    probe's flag stands, and the rule can only add to it), and two signals agree on the
-    class, so ``probe_settles`` screens no more draws.
-    Not exact for the suspect: more draws could raise another class's median above the
-    probe's ratio (on the lab zoos' stored draws, none did; docs/benchmarks.md)."""
-    _, strongest = deciding_ratio(0.0, {name: ratio for name, (ratio, _) in probes.items()})
-    return strongest != "rule" and probes[strongest][1] == suspect
+    """Whether the probe that flags the model (:func:`flagging`) names the class ``suspect``,
+    the suspect of the shot draws screened so far. The verdict is then backdoor whatever
+    more shot draws give (a probe's flag stands, and the rule can only add to it), and two
+    signals agree on the class, so ``probe_settles`` screens no more draws. Not exact for
+    the suspect: more draws could raise another class's median above the probe's ratio (on
+    the lab zoos' stored draws, none did; docs/benchmarks.md)."""
+    flag = flagging(probes)
+    return flag is not None and flag[2] == suspect
 
 
 def class_triggers(
@@ -703,10 +711,10 @@ def verdict_of(ratio: float, config: ScanConfig) -> str:
 def flagging_probe(suspected: Suspicion, k: int, config: ScanConfig) -> str:
     """How the strongest probe of ratio 1 or more flags class ``k``, for an explanation of a
     screening that such a probe ended (``probe_settles``)."""
-    ranked = probe_ratios(suspected.probes, config)
-    _, name = deciding_ratio(0.0, {probe: ratio for probe, (ratio, _) in ranked.items()})
-    if name == "rule":
+    flag = flagging(probe_ratios(suspected.probes, config))
+    if flag is None:
         return "a reach probe flags this class"
+    name = flag[0]
     evidence = suspected.probes[name].evidence()[k]
     return (
         f"the {name} probe flags this class too ({evidence:.2f}, from "
