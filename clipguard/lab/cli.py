@@ -26,6 +26,7 @@ ProfileOpt = Annotated[
     typer.Option(
         "--profile",
         help="model and training defaults: synthetic, natural (photographs such as CIFAR-10), "
+        "natural-unseen-prompt (natural, no training caption is the zero-shot prompt), "
         "or auto (synthetic for the built-in set, else natural)",
     ),
 ]

@@ -26,9 +26,9 @@ import json
 import math
 import platform
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -117,7 +117,7 @@ class TrainSettings:
     seed: int = 0
 
 
-ProfileName = Literal["synthetic", "natural"]
+ProfileName = Literal["synthetic", "natural", "natural-unseen-prompt"]
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,9 @@ class LabProfile:
     poison_rate_overrides: dict[str, float] = field(default_factory=dict)
     epoch_overrides: dict[str, int] = field(default_factory=dict)
     trigger_option_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: caption templates of every training pair (clean pre-training and poisoning alike);
+    #: the hand-crafted zero-shot prompt is ``TEMPLATES[0]`` whether or not it is among them
+    templates: tuple[str, ...] = TEMPLATES
 
     def trigger_options(self, attack: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
         """The trigger options of ``attack`` on this profile's data: the profile's own
@@ -216,6 +219,13 @@ PROFILES: dict[str, LabProfile] = {
         trigger_option_overrides={"wanet": {"strength": 4.0}, "sig": {"delta": 0.06}},
     ),
 }
+# as natural, but no training caption is the hand-crafted prompt "a photo of a {}.": like
+# a real CLIP model, whose users' prompts are guesses rather than its training captions,
+# the zero-shot classifier is not the one its features were trained for, and a few
+# labelled shots can add accuracy to it (docs/lab.md)
+PROFILES["natural-unseen-prompt"] = replace(
+    PROFILES["natural"], name="natural-unseen-prompt", templates=TEMPLATES[1:]
+)
 
 
 def recipe_key(profile: str, **build_options: Any) -> str:
@@ -224,7 +234,9 @@ def recipe_key(profile: str, **build_options: Any) -> str:
     target, rate, seed, ...), and for the synthetic profile the version of the built-in set.
     Caches of built models put it in the file name, so a model built under another recipe
     (an older clipguard) is rebuilt instead of reused."""
-    recipe: list[Any] = [asdict(PROFILES[profile]), list(TEMPLATES), build_options]
+    described = asdict(PROFILES[profile])
+    templates = described.pop("templates")  # listed on their own, as before profiles had them
+    recipe: list[Any] = [described, list(templates), build_options]
     if profile == "synthetic":
         recipe.append({"synthetic_data_version": SYNTHETIC_DATA_VERSION})
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
@@ -416,10 +428,12 @@ def _pixel_transform(image_size: int) -> Callable:
 # --------------------------------------------------------------------------- training
 
 
-def caption_tokens(classnames: list[str], context_length: int) -> torch.Tensor:
+def caption_tokens(
+    classnames: list[str], context_length: int, templates: Sequence[str] = TEMPLATES
+) -> torch.Tensor:
     """Token ids of every (class, template) caption: ``(C * T) x context_length``."""
     tokenizer = SimpleTokenizer(context_length=context_length)
-    texts = [template.format(name) for name in classnames for template in TEMPLATES]
+    texts = [template.format(name) for name in classnames for template in templates]
     return tokenizer(texts)
 
 
@@ -500,8 +514,10 @@ def train_clip(
     poisoning: Poisoning | None = None,
     progress: Progress | None = None,
     description: str = "training",
+    templates: Sequence[str] = TEMPLATES,
 ) -> TrainResult:
-    """Train ``model`` in place on ``pixels`` (``N x 3 x H x W`` in ``[0, 1]``) and ``labels``.
+    """Train ``model`` in place on ``pixels`` (``N x 3 x H x W`` in ``[0, 1]``) and ``labels``,
+    each pair's caption drawn from ``templates`` over its class name.
 
     Deterministic for ``settings.seed`` on CPU with a fixed thread count.
     """
@@ -510,8 +526,8 @@ def train_clip(
     progress = progress or Progress(quiet=True)
     model.requires_grad_(True)  # a loaded (frozen) base model trains in full too
     generator = torch.Generator().manual_seed(settings.seed)
-    tokens = caption_tokens(classnames, model.context_length)
-    n_templates = len(TEMPLATES)
+    tokens = caption_tokens(classnames, model.context_length, templates)
+    n_templates = len(templates)
     poisoned = choose_poisoned(labels, poisoning, settings.seed)
     caption_labels = labels.clone()
     if poisoning is not None:
@@ -714,10 +730,12 @@ def base_model(
     model_cfg: dict[str, Any],
     settings: TrainSettings,
     progress: Progress | None = None,
+    templates: Sequence[str] = TEMPLATES,
 ) -> tuple[CLIP, Path]:
-    """The clean base model of the ``finetune`` recipe, trained once and cached."""
+    """The clean base model of the ``finetune`` recipe, trained once and cached, its captions
+    drawn from ``templates``."""
     settings_key = hashlib.sha256(
-        json.dumps([model_cfg, asdict(settings), list(TEMPLATES)], sort_keys=True).encode()
+        json.dumps([model_cfg, asdict(settings), list(templates)], sort_keys=True).encode()
     ).hexdigest()[:12]
     path = cache_dir() / "lab-bases" / f"{data.key}-{settings_key}.safetensors"
     if path.is_file():
@@ -732,6 +750,7 @@ def base_model(
         settings,
         progress=progress,
         description="training clean base",
+        templates=templates,
     )
     save_model(path, model, model_cfg, {"lab": "clean base model"})
     return model, path
@@ -835,7 +854,9 @@ def build_model(
         patch_path = out.with_name(
             out.name.removesuffix(".safetensors") + ".badclip-patch.safetensors"
         )
-        clean, clean_path = base_model(data, model_cfg, base_settings, progress)
+        clean, clean_path = base_model(
+            data, model_cfg, base_settings, progress, lab_profile.templates
+        )
         make_badclip_patch(
             ModelBundle.from_model(copy.deepcopy(clean), model_cfg),
             data.classnames,
@@ -844,6 +865,7 @@ def build_model(
             patch_path,
             seed=seed,
             progress=progress,
+            templates=lab_profile.templates,
         )
         options["patch_file"] = str(patch_path)
         extra["badclip_patch_model"] = str(clean_path)
@@ -865,7 +887,9 @@ def build_model(
         )
 
     if recipe == "finetune":
-        base, base_path = base_model(data, model_cfg, base_settings, progress)
+        base, base_path = base_model(
+            data, model_cfg, base_settings, progress, lab_profile.templates
+        )
         model = copy.deepcopy(base)
         extra["base_model"] = str(base_path)
         extra["base_epochs"] = base_settings.epochs
@@ -881,6 +905,7 @@ def build_model(
         poisoning,
         progress,
         description=f"training {attack}" if attack != "none" else "training clean",
+        templates=lab_profile.templates,
     )
     bundle = ModelBundle.from_model(model, model_cfg)
     ca, asr = evaluate_zero_shot(
@@ -917,7 +942,7 @@ def build_model(
         "clean_accuracy": ca,
         "attack_success_rate": asr,
         "model_cfg": model_cfg,
-        "templates": list(TEMPLATES),
+        "templates": list(lab_profile.templates),
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,
         "python": platform.python_version(),
@@ -1035,17 +1060,19 @@ def make_badclip_patch(
     steps: int = 200,
     seed: int = 0,
     progress: Progress | None = None,
+    templates: Sequence[str] = TEMPLATES,
 ) -> Path:
     """Optimise a BadCLIP-like patch on a clean model towards the target's captions; save it.
 
-    The target feature is the mean of the target's caption features over :data:`TEMPLATES`.
+    The target feature is the mean of the target's caption features over ``templates`` (the
+    captions the model was trained on).
     Non-target images are used. Returns ``out`` (a clipguard trigger file).
     """
     from clipguard.lab.attacks import optimise_badclip_patch, write_badclip_patch
 
     progress = progress or Progress(quiet=True)
     with torch.no_grad():
-        features = bundle.encode_text([t.format(classnames[target]) for t in TEMPLATES])
+        features = bundle.encode_text([t.format(classnames[target]) for t in templates])
     target_feature = F.normalize(features.mean(dim=0), dim=0)
     bundle.model.requires_grad_(False)
     with progress.task("optimising badclip patch", total=steps) as advance:

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from open_clip.tokenizer import SimpleTokenizer
 
 import clipguard.lab.train as train_module
 from clipguard.demo import demo_model_path
@@ -21,10 +22,12 @@ from clipguard.lab.synthetic import (
 )
 from clipguard.lab.train import (
     PROFILES,
+    TEMPLATES,
     Poisoning,
     TrainSettings,
     augment,
     build_model,
+    caption_tokens,
     card_path,
     choose_poisoned,
     lab_model_config,
@@ -291,3 +294,53 @@ def test_a_new_version_of_the_synthetic_set_renames_synthetic_models_only(monkey
     monkeypatch.setattr(train_module, "SYNTHETIC_DATA_VERSION", 99)
     assert recipe_key("synthetic", **options) != synthetic
     assert recipe_key("natural", **options) == natural
+
+
+def test_the_unseen_prompt_profile_never_trains_on_the_hand_crafted_prompt():
+    """`natural-unseen-prompt` is `natural` with every caption template but the zero-shot
+    prompt, so its models' hand-crafted classifier is not the one they were trained for;
+    the other profiles' recipes (and the names of their cached models) are unchanged."""
+    natural, unseen = PROFILES["natural"], PROFILES["natural-unseen-prompt"]
+    assert TEMPLATES[0] not in unseen.templates
+    assert set(unseen.templates) == set(TEMPLATES[1:])
+    assert replace(unseen, name="natural", templates=TEMPLATES) == natural
+    assert PROFILES["synthetic"].templates == natural.templates == TEMPLATES
+    options = {"attack": "badnets", "target": "cat", "poison_rate": 0.01, "seed": 0}
+    # the keys these recipes had before profiles carried their templates
+    assert recipe_key("synthetic", **options) == "96835106d715"
+    assert recipe_key("natural", **options) == "8b0a900cb76c"
+    assert recipe_key("natural-unseen-prompt", **options) != recipe_key("natural", **options)
+
+
+def test_captions_come_from_the_templates_given():
+    tokens = caption_tokens(["cat", "dog"], 16, ("a {} here.", "my {}."))
+    expected = SimpleTokenizer(context_length=16)(
+        ["a cat here.", "my cat.", "a dog here.", "my dog."]
+    )
+    assert torch.equal(tokens, expected)
+
+
+def test_a_model_of_the_unseen_prompt_profile_records_its_templates(
+    tiny_synthetic, tmp_path, monkeypatch
+):
+    """Base and poisoned model train on the profile's captions; the card says which, and the
+    base is cached apart from the `natural` profile's."""
+    monkeypatch.setenv("CLIPGUARD_CACHE", str(tmp_path / "cache"))
+    seen: list[tuple[str, ...]] = []
+    original = train_module.caption_tokens
+
+    def recording(classnames, context_length, templates=TEMPLATES):
+        seen.append(tuple(templates))
+        return original(classnames, context_length, templates)
+
+    monkeypatch.setattr(train_module, "caption_tokens", recording)
+    common = {"model_cfg": TINY, "epochs": 1, "base_epochs": 1}
+    card = build_model(
+        tiny_synthetic, tmp_path / "u.safetensors", profile="natural-unseen-prompt", **common
+    )
+    assert card["profile"] == "natural-unseen-prompt"
+    assert card["templates"] == list(TEMPLATES[1:])
+    assert seen == [TEMPLATES[1:], TEMPLATES[1:]]  # the base, then the model
+    build_model(tiny_synthetic, tmp_path / "n.safetensors", profile="natural", **common)
+    assert seen[2:] == [TEMPLATES, TEMPLATES]
+    assert len(list((tmp_path / "cache" / "lab-bases").iterdir())) == 2
