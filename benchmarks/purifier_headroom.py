@@ -171,29 +171,22 @@ def pretraining(args: argparse.Namespace) -> None:
         name: round(float((predictions[data.test_labels == k] == k).float().mean()), 3)
         for k, name in enumerate(data.classnames)
     }
-    few_shot = []
-    for seed in range(3):
-        rows = draw_shots(data.train_labels, n_classes, 16, seed)
-        few_shot.append(
-            probe_accuracy(
-                initial,
-                features(bundle, data.train_pixels[rows]),
-                data.train_labels[rows],
-                test_features,
-                data.test_labels,
-                steps=300,
-            )
+
+    def probe_on(rows: torch.Tensor, steps: int) -> float:
+        return probe_accuracy(
+            initial,
+            features(bundle, data.train_pixels[rows]),
+            data.train_labels[rows],
+            test_features,
+            data.test_labels,
+            steps,
         )
+
+    few_shot = [
+        probe_on(draw_shots(data.train_labels, n_classes, 16, seed), steps=300) for seed in range(3)
+    ]
     many = torch.randperm(data.train_labels.numel(), generator=torch.Generator().manual_seed(9))
-    many = many[:10_000]
-    many_shot = probe_accuracy(
-        initial,
-        features(bundle, data.train_pixels[many]),
-        data.train_labels[many],
-        test_features,
-        data.test_labels,
-        steps=500,
-    )
+    many_shot = probe_on(many[:10_000], steps=500)
     print(
         json.dumps(
             {

@@ -75,7 +75,7 @@ from pydantic import BaseModel, Field, model_validator
 from clipguard.components import RunContext, Scanner, ScanOutcome, ShotSet
 from clipguard.model import ModelBundle
 from clipguard.progress import Progress
-from clipguard.prompts import PromptClassifier
+from clipguard.prompts import PromptClassifier, PromptSet
 from clipguard.triggers import TriggerFile, trigger_file_bytes
 from clipguard_cbpt import __version__
 from clipguard_cbpt.inversion import (
@@ -99,6 +99,7 @@ from clipguard_cbpt.inversion import (
 )
 from clipguard_cbpt.render import render_trigger_png
 from clipguard_cbpt.signals import low_side_indices, text_alignment
+from clipguard_cbpt.tuning import TuningConfig, cache_features, tune_prompts
 
 #: the reach probes a scan can run (:meth:`ScanConfig.probes`), in report order
 PROBES: tuple[str, ...] = ("additive", "warp")
@@ -186,6 +187,16 @@ class ScanConfig(InversionConfig):
             "refine the suspect's trigger (refine) even when the verdict is clean: a clean "
             "scan's trigger is a natural one that the purifier's verdict gate leaves unused, "
             "so by default it is written as the per-class inversion found it"
+        ),
+    )
+    fit_prompts: bool = Field(
+        False,
+        description=(
+            "scan through class-wise prompts fitted to the first draw's clean shots (CoOp, "
+            "clean cross-entropy only) instead of the hand-crafted ones: for models whose "
+            "hand-crafted prompts read their features badly, where a class the prompts "
+            "over-predict looks easy to reach (docs/benchmarks.md); every signal, the text "
+            "alignment included, then measures the fitted prompts"
         ),
     )
     screen_again: tuple[float, float] = Field(
@@ -1047,7 +1058,7 @@ class CBPTScanner(Scanner):
         assert isinstance(config, ScanConfig)
         torch.set_num_threads(min(torch.get_num_threads(), 2))
         start_images = bundle.image_encoder_images
-        classifier = PromptClassifier(bundle, shots.classnames)
+        classifier = scan_classifier(bundle, shots, config, context)
         screening, suspected, kept, refined = locate_trigger(
             bundle, shots, config, context, classifier
         )
@@ -1146,6 +1157,37 @@ class CBPTScanner(Scanner):
             },
             trigger=trigger_file,
         )
+
+
+def scan_classifier(
+    bundle: ModelBundle, shots: ShotSet, config: ScanConfig, context: RunContext
+) -> PromptClassifier:
+    """The classifier a scan inverts and probes through: the hand-crafted prompts, or with
+    ``fit_prompts`` class-wise prompts tuned on ``shots`` (stage "prompt fitting": the
+    ``coop`` purifier's tuning, its augmented views drawn from ``context.generator(5)``)."""
+    if not config.fit_prompts:
+        return PromptClassifier(bundle, shots.classnames)
+    tuning = TuningConfig(trigger_weight=0.0, anchor_weight=0.0, no_trigger_loss=True)
+    with context.stage("prompt fitting"):
+        cache = cache_features(
+            bundle,
+            shots.pixels,
+            shots.labels,
+            None,
+            tuning.augmentations,
+            tuning.crop_scale,
+            context.generator(5),
+        )
+        learned, _ = tune_prompts(
+            bundle, list(shots.classnames), cache, None, tuning, context.progress
+        )
+    prompts = PromptSet(
+        context=learned,
+        classnames=list(shots.classnames),
+        model_sha256=bundle.sha256,
+        architecture=bundle.arch,
+    )
+    return PromptClassifier(bundle, shots.classnames, prompts)
 
 
 def probe_evidence_settings(suspected: Suspicion) -> dict[str, float | None]:
