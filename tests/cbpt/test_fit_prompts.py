@@ -6,7 +6,9 @@ import torch
 
 from clipguard.components import RunContext
 from clipguard.prompts import PromptClassifier
+from clipguard.triggers import MaskPatternTrigger, TriggerFile
 from clipguard_cbpt import scanner
+from clipguard_cbpt.purifier import tuning_target
 from clipguard_cbpt.scanner import CBPTScanner, ScanConfig, scan_classifier
 from tests.cbpt.test_screen_draws import SCREEN_ONLY
 
@@ -55,3 +57,21 @@ def test_a_scan_with_fitted_prompts_inverts_through_them(bundle, shots, monkeypa
     expected = scan_classifier(bundle, shots, ScanConfig(fit_prompts=True), RunContext(seed=0))
     assert len(used) == 1 and torch.equal(used[0], expected.class_features)
     assert outcome.verdict in ("clean", "backdoor", "inconclusive")
+
+
+def test_the_purifier_steers_away_from_the_suspect_of_a_scan_with_fitted_prompts() -> None:
+    """A scan that read the model through fitted prompts names the target; the hand-crafted
+    prompts' dominant class of its trigger is used only for other triggers."""
+    trigger = MaskPatternTrigger(mask=torch.zeros(1, 4, 4), pattern=torch.zeros(3, 4, 4))
+    names = ["cat", "dog", "deer"]
+
+    def made_by(settings: dict) -> TriggerFile:
+        return TriggerFile(trigger=trigger, model_sha256="", classnames=names, settings=settings)
+
+    fitted = {"target_class": "deer", "options": {"fit_prompts": True}}
+    assert tuning_target(made_by(fitted), names, dominant=0) == 2
+    handcrafted = {"target_class": "deer", "options": {"fit_prompts": False}}
+    assert tuning_target(made_by(handcrafted), names, dominant=0) == 0
+    assert tuning_target(made_by({}), names, dominant=1) == 1
+    unknown = {"target_class": "horse", "options": {"fit_prompts": True}}
+    assert tuning_target(made_by(unknown), names, dominant=1) == 1

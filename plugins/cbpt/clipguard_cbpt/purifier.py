@@ -180,7 +180,7 @@ class CBPTPurifier(Purifier):
         distribution = prediction_distribution(
             baseline.predict, shots.pixels, shots.labels, trigger.trigger, shots.classnames
         )
-        target = int(distribution["dominant_index"])
+        target = tuning_target(trigger, list(shots.classnames), int(distribution["dominant_index"]))
         gated = config.gate_on_verdict and says_clean(trigger.settings)
         if gated:
             config = without_trigger_loss(config, config.gated_distill_weight)
@@ -250,6 +250,20 @@ def shot_features(
             config.crop_scale,
             context.generator(3),
         )
+
+
+def tuning_target(trigger: TriggerFile, classnames: list[str], dominant: int) -> int:
+    """The class the purifier steers the trigger's images away from: ``dominant``, the class
+    the hand-crafted prompts send most triggered shots to, unless the trigger comes from a
+    scan that read the model through prompts fitted to its shots (``fit_prompts``); the
+    hand-crafted prompts of such a model may send the trigger elsewhere, so that scan's
+    suspect (``target_class``) is the target."""
+    settings = trigger.settings
+    fitted = bool((settings.get("options") or {}).get("fit_prompts"))
+    named = settings.get("target_class")
+    if fitted and named in classnames:
+        return classnames.index(named)
+    return dominant
 
 
 def without_trigger_loss(config: TuningConfigT, distill_weight: float) -> TuningConfigT:
