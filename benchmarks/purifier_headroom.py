@@ -4,7 +4,7 @@ Usage::
 
     # a clean base trained under another pre-training recipe, and what 16 shots can add to it
     python benchmarks/purifier_headroom.py pretraining --dataset CIFAR \
-        --variant {baseline,long-tail,confusion} [--strength S] --out BASE.safetensors
+        --variant {baseline,long-tail,confusion,unseen-prompt} [--strength S] --out BASE.safetensors
     clipguard purify BASE.safetensors --data CIFAR/train --eval-data CIFAR/test \
         --eval-limit 0 --plugin coop --out OUT          # CoOp-like tuning on it, 16 shots
 
@@ -68,14 +68,9 @@ from clipguard.metrics import evaluate_zero_shot
 from clipguard.model import ModelBundle, build_clip_from_config, load_model, save_model
 from clipguard.prompts import handcrafted_text_features
 from clipguard.triggers import load_trigger_file
+from clipguard_cbpt.inversion import encode_batched as features
 
 PROBE_LOGIT_SCALE = 100.0
-
-
-@torch.no_grad()
-def features(bundle: ModelBundle, pixels: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """Normalised image features of ``pixels``, in chunks."""
-    return torch.cat([bundle.encode_image(part) for part in pixels.split(chunk)])
 
 
 def draw_shots(labels: torch.Tensor, n_classes: int, shots: int, seed: int) -> torch.Tensor:
@@ -118,8 +113,8 @@ def pretraining_templates(variant: str) -> tuple[str, ...]:
 
 def pretraining_pairs(
     data: SplitData, variant: str, strength: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The pre-training images, their labels and the labels their captions name."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-training images and the labels their captions name."""
     pixels, labels = data.train_pixels, data.train_labels
     n_classes = len(data.classnames)
     generator = torch.Generator().manual_seed(123)
@@ -131,11 +126,11 @@ def pretraining_pairs(
             count = max(1, round(len(members) * strength ** (-rank / (n_classes - 1))))
             kept.append(members[torch.randperm(len(members), generator=generator)[:count]])
         rows = torch.cat(kept).sort().values
-        return pixels[rows], labels[rows], labels[rows]
+        return pixels[rows], labels[rows]
     if variant == "confusion":
         confused = torch.rand(labels.numel(), generator=generator) < strength
-        return pixels, labels, torch.where(confused, (labels + 1) % n_classes, labels)
-    return pixels, labels, labels
+        return pixels, torch.where(confused, (labels + 1) % n_classes, labels)
+    return pixels, labels
 
 
 def pretraining(args: argparse.Namespace) -> None:
@@ -148,7 +143,7 @@ def pretraining(args: argparse.Namespace) -> None:
         bundle = load_model(args.out)
         n_pairs = None
     else:
-        pixels, _, captions = pretraining_pairs(data, args.variant, args.strength)
+        pixels, captions = pretraining_pairs(data, args.variant, args.strength)
         n_pairs = int(captions.numel())
         torch.manual_seed(0)
         model = build_clip_from_config(model_cfg)

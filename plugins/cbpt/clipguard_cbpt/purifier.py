@@ -30,6 +30,7 @@ from clipguard_cbpt.scanner import (
     verdict_of,
 )
 from clipguard_cbpt.tuning import (
+    CoOpConfig,
     FeatureCache,
     TuningConfig,
     cache_features,
@@ -105,13 +106,6 @@ class PurifyConfig(TuningConfig):
             "trigger) or contrastive (CBPT stage 1, refined towards its dominant class)"
         ),
     )
-
-
-class CoOpConfig(TuningConfig):
-    """Options of the ``coop`` baseline: CoOp-CSC prompt tuning with ``L_clean`` only."""
-
-    trigger_weight: float = Field(0.0, ge=0, description="unused by coop (no trigger)")
-    anchor_weight: float = Field(0.0, ge=0, description="b: weight of L_anchor (0 = plain CoOp)")
 
 
 class CBPTPurifier(Purifier):

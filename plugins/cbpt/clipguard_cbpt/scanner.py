@@ -99,7 +99,7 @@ from clipguard_cbpt.inversion import (
 )
 from clipguard_cbpt.render import render_trigger_png
 from clipguard_cbpt.signals import low_side_indices, text_alignment
-from clipguard_cbpt.tuning import TuningConfig, cache_features, tune_prompts
+from clipguard_cbpt.tuning import CoOpConfig, cache_features, tune_prompts
 
 #: the reach probes a scan can run (:meth:`ScanConfig.probes`), in report order
 PROBES: tuple[str, ...] = ("additive", "warp")
@@ -1167,7 +1167,7 @@ def scan_classifier(
     ``coop`` purifier's tuning, its augmented views drawn from ``context.generator(5)``)."""
     if not config.fit_prompts:
         return PromptClassifier(bundle, shots.classnames)
-    tuning = TuningConfig(trigger_weight=0.0, anchor_weight=0.0, no_trigger_loss=True)
+    tuning = CoOpConfig(no_trigger_loss=True)  # as the coop purifier tunes
     with context.stage("prompt fitting"):
         cache = cache_features(
             bundle,

@@ -78,6 +78,13 @@ class TuningConfig(BaseModel):
     )
 
 
+class CoOpConfig(TuningConfig):
+    """Options of the ``coop`` baseline: CoOp-CSC prompt tuning with ``L_clean`` only."""
+
+    trigger_weight: float = Field(0.0, ge=0, description="unused by coop (no trigger)")
+    anchor_weight: float = Field(0.0, ge=0, description="b: weight of L_anchor (0 = plain CoOp)")
+
+
 @dataclass
 class FeatureCache:
     """Image features computed once before tuning.
