@@ -40,6 +40,9 @@ DEFENCES: dict[str, tuple[str, dict[str, Any], bool]] = {
     "cbpt-random-mask": ("cbpt", {"random_mask": True}, True),
     # besides the mask trigger, a smooth warp of at most 8 pixels fitted towards the target
     "cbpt-warp-trigger": ("cbpt", {"warp_trigger_pixels": 8.0}, True),
+    # held to the hand-crafted prompts whatever the scan (before 2026-12-02 #11 the default;
+    # now a trigger of a fit_prompts scan holds the prompts to prompts fitted by plain CoOp)
+    "cbpt-handcrafted-reference": ("cbpt", {"reference_prompts": "handcrafted"}, True),
     # a KL term keeping the clean-view predictions of the hand-crafted prompts (candidate)
     "cbpt-distill": ("cbpt", {"distill_weight": 3.0}, True),
     # the fine-tuning baselines with the settings that scored best (CA - ASR) on the held-out

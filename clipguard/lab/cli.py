@@ -141,6 +141,14 @@ def zoo(
             help="i/n: build every n-th model from the i-th, so n processes share the work",
         ),
     ] = "0/1",
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only",
+            help="build only the planned models whose name matches this pattern "
+            "(repeatable; e.g. '*-s1' for a further seed)",
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Build clean models on several seeds and every attack (varied targets); manifest.json."""
@@ -157,6 +165,7 @@ def zoo(
         progress=Progress(quiet=quiet),
         profile=profile,
         shard=_parse_shard(shard),
+        only=only or (),
     )
     typer.echo(f"zoo {out}: {len(manifest['models'])} models (manifest.json)")
 

@@ -8,7 +8,9 @@ atomically). ``ZOO/manifest.json`` lists every finished model with its card's ke
 
 from __future__ import annotations
 
+import fnmatch
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +129,7 @@ def build_zoo(
     progress: Progress | None = None,
     profile: str = "auto",
     shard: tuple[int, int] = (0, 1),
+    only: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Build (or complete) a zoo in ``out``; returns the manifest (also ``out/manifest.json``).
 
@@ -134,7 +137,10 @@ def build_zoo(
     and the poison rate and epochs of each attack; ``recipe``, ``poison_rate`` and ``epochs``
     replace the defaults. ``shard=(i, n)`` builds only the models at plan positions ``i``,
     ``i + n``, ...: ``n`` processes with the same other arguments build a zoo in parallel.
-    The manifest lists every finished model of the plan, whoever built it, in plan order.
+    ``only`` (shell patterns such as ``*-s1``) builds just the planned models whose name
+    matches one of them, e.g. a further seed of a zoo built before; a pattern that matches
+    no planned model is an error. The manifest lists every finished model of the plan,
+    whoever built it and whatever ``only`` was, in plan order.
     """
     index, count = shard
     if not 0 <= index < count:
@@ -151,6 +157,17 @@ def build_zoo(
     plan = plan_zoo(
         classnames, lab_profile, recipe, clean_seeds, attack_seeds, poison_rate, attacks
     )
+
+    def named(entry: ZooEntry, patterns: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in patterns)
+
+    unmatched = [pattern for pattern in only if not any(named(e, [pattern]) for e in plan)]
+    if unmatched:
+        raise InputError(
+            f"--only {', '.join(unmatched)}: no planned model matches "
+            f"(planned: {', '.join(e.name for e in plan)})"
+        )
+    wanted = [entry for entry in plan if not only or named(entry, only)]
 
     def finished(entry: ZooEntry) -> bool:
         model_path = out / f"{entry.name}.safetensors"
@@ -173,7 +190,7 @@ def build_zoo(
         atomic_write_json(out / MANIFEST, manifest)
         return manifest
 
-    mine = plan[index::count]
+    mine = wanted[index::count]
     for entry in progress.track(mine, description="building zoo"):
         if not finished(entry):
             build_model(

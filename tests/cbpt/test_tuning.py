@@ -19,6 +19,7 @@ from clipguard_cbpt.purifier import (
 )
 from clipguard_cbpt.scanner import DEFAULT_THRESHOLDS
 from clipguard_cbpt.tuning import (
+    FeatureCache,
     TuningConfig,
     cache_features,
     prompt_losses,
@@ -33,16 +34,21 @@ def _patch_trigger(size: int = 16) -> MaskPatternTrigger:
     return MaskPatternTrigger(mask=mask, pattern=torch.ones(3, size, size))
 
 
-def test_cache_shapes_and_cost(bundle, shots) -> None:
-    cache = cache_features(
+def _patched_cache(bundle, shots, augmentations: int) -> FeatureCache:
+    """The shots' feature cache with the corner patch trigger, ``augmentations`` views."""
+    return cache_features(
         bundle,
         shots.pixels,
         shots.labels,
         _patch_trigger(),
-        2,
+        augmentations,
         0.7,
         torch.Generator().manual_seed(0),
     )
+
+
+def test_cache_shapes_and_cost(bundle, shots) -> None:
+    cache = _patched_cache(bundle, shots, 2)
     n, e = shots.pixels.shape[0], 32
     assert cache.clean.shape == (3, n, e) and cache.triggered.shape == (3, n, e)
     assert cache.encoder_images == 2 * 3 * n
@@ -55,15 +61,7 @@ def test_cache_shapes_and_cost(bundle, shots) -> None:
 
 @pytest.mark.parametrize("kind", ["true-class", "away", "both"])
 def test_losses_are_scalars(bundle, shots, kind) -> None:
-    cache = cache_features(
-        bundle,
-        shots.pixels,
-        shots.labels,
-        _patch_trigger(),
-        1,
-        0.7,
-        torch.Generator().manual_seed(0),
-    )
+    cache = _patched_cache(bundle, shots, 1)
     anchor = handcrafted_text_features(bundle, shots.classnames)
     config = TuningConfig(trigger_loss=kind)
     losses = prompt_losses(anchor, anchor, cache, bundle.logit_scale, 0, config)
@@ -84,15 +82,7 @@ def test_losses_are_scalars(bundle, shots, kind) -> None:
 
 
 def test_tuning_loop_never_runs_the_image_encoder(bundle, shots, monkeypatch) -> None:
-    cache = cache_features(
-        bundle,
-        shots.pixels,
-        shots.labels,
-        _patch_trigger(),
-        1,
-        0.7,
-        torch.Generator().manual_seed(0),
-    )
+    cache = _patched_cache(bundle, shots, 1)
     calls, images = bundle.image_encoder_calls, bundle.image_encoder_images
 
     def refuse(*args, **kwargs):
@@ -107,18 +97,25 @@ def test_tuning_loop_never_runs_the_image_encoder(bundle, shots, monkeypatch) ->
 
 
 def test_tuning_lowers_the_loss(bundle, shots) -> None:
-    cache = cache_features(
-        bundle,
-        shots.pixels,
-        shots.labels,
-        _patch_trigger(),
-        0,
-        0.7,
-        torch.Generator().manual_seed(0),
-    )
+    cache = _patched_cache(bundle, shots, 0)
     config = TuningConfig(steps=15, lr=1e-3, no_trigger_loss=True, no_anchor_loss=True)
     _, stats = tune_prompts(bundle, shots.classnames, cache, 0, config)
     assert stats["loss_last"]["clean"] < stats["loss_first"]["clean"]
+
+
+def test_fitted_reference_starts_from_and_anchors_to_plain_coop(bundle, shots) -> None:
+    cache = _patched_cache(bundle, shots, 0)
+    plain = TuningConfig(steps=6, no_trigger_loss=True, no_anchor_loss=True)
+    coop, _ = tune_prompts(bundle, shots.classnames, cache, None, plain)
+    fitted = TuningConfig(steps=6, reference_prompts="fitted")
+    context, stats = tune_prompts(bundle, shots.classnames, cache, 0, fitted)
+    # both tunings ran the text encoder; the final one started at the fitted prompts,
+    # so its anchor loss starts at zero
+    assert stats["text_encoder_prompts"] == 2 * 6 * 3
+    assert stats["loss_first"]["anchor"] == pytest.approx(0.0, abs=1e-5)
+    assert not torch.equal(context, coop)
+    again, _ = tune_prompts(bundle, shots.classnames, cache, 0, fitted)
+    assert torch.equal(context, again)
 
 
 def test_random_mask_keeps_the_size() -> None:

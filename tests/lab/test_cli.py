@@ -199,6 +199,43 @@ def test_zoo_is_resumable(tmp_path, monkeypatch):
         zoo(shard=(2, 2))
 
 
+def test_zoo_only_builds_the_models_named(tmp_path, monkeypatch):
+    from clipguard.lab import zoo as zoo_module
+    from clipguard.lab.synthetic import write_synthetic
+
+    data = write_synthetic(tmp_path / "syn", 0, 2, 1)
+    built = []
+    real = zoo_module.build_model
+
+    def tiny_build(*args, **kwargs):
+        built.append(args[1].name)
+        return real(*args, **kwargs, model_cfg=lab_model_config(vision_layers=1))
+
+    monkeypatch.setattr(zoo_module, "build_model", tiny_build)
+
+    def zoo(*only: str) -> dict:
+        return build_zoo(
+            data,
+            tmp_path / "zoo",
+            clean_seeds=2,
+            attack_seeds=2,
+            epochs=1,
+            attacks=("sig",),
+            only=only,
+        )
+
+    manifest = zoo("*-s1")
+    assert built == ["clean-s1.safetensors", "sig-s1.safetensors"]
+    assert [m["name"] for m in manifest["models"]] == ["clean-s1", "sig-s1"]
+    # a later run for other models keeps the earlier ones in the manifest
+    manifest = zoo("clean-s0")
+    assert built[2:] == ["clean-s0.safetensors"]
+    assert [m["name"] for m in manifest["models"]] == ["clean-s0", "clean-s1", "sig-s1"]
+    with pytest.raises(InputError, match="no planned model matches"):
+        build_zoo(data, tmp_path / "zoo", clean_seeds=1, attacks=("sig",), only=("*-s7",))
+    assert len(built) == 3
+
+
 def test_badclip_patch_command_then_evaluate(tmp_path, tiny_model_path):
     data = tmp_path / "syn"
     run_cli(

@@ -163,6 +163,7 @@ class CBPTPurifier(Purifier):
                 classnames=list(shots.classnames),
                 settings={
                     "inverted_by": f"{self.name} purifier",
+                    "prompts": "hand-crafted",
                     **judged,
                     "seed": context.seed,
                     "options": scan_config.model_dump(mode="json"),
@@ -175,6 +176,8 @@ class CBPTPurifier(Purifier):
             baseline.predict, shots.pixels, shots.labels, trigger.trigger, shots.classnames
         )
         target = tuning_target(trigger, list(shots.classnames), int(distribution["dominant_index"]))
+        config = resolve_reference(config, trigger)
+        statistics["reference_prompts"] = config.reference_prompts
         gated = config.gate_on_verdict and says_clean(trigger.settings)
         if gated:
             config = without_trigger_loss(config, config.gated_distill_weight)
@@ -246,18 +249,37 @@ def shot_features(
         )
 
 
+def scanned_through_fitted_prompts(trigger: TriggerFile) -> bool:
+    """Whether ``trigger`` comes from a scan that read the model through prompts fitted to
+    its shots (the ``cbpt`` scanner's ``fit_prompts``, which judged or was told that the
+    hand-crafted prompts read the model badly): its ``prompts`` setting, or for files
+    written before that setting, ``fit_prompts=true`` among its options."""
+    settings = trigger.settings
+    if "prompts" in settings:
+        return settings["prompts"] == "fitted"
+    options = settings.get("options")
+    return isinstance(options, dict) and options.get("fit_prompts") is True
+
+
 def tuning_target(trigger: TriggerFile, classnames: list[str], dominant: int) -> int:
     """The class the purifier steers the trigger's images away from: ``dominant``, the class
     the hand-crafted prompts send most triggered shots to, unless the trigger comes from a
     scan that read the model through prompts fitted to its shots (``fit_prompts``); the
     hand-crafted prompts of such a model may send the trigger elsewhere, so that scan's
     suspect (``target_class``) is the target."""
-    settings = trigger.settings
-    fitted = bool((settings.get("options") or {}).get("fit_prompts"))
-    named = settings.get("target_class")
-    if fitted and named in classnames:
+    named = trigger.settings.get("target_class")
+    if scanned_through_fitted_prompts(trigger) and named in classnames:
         return classnames.index(named)
     return dominant
+
+
+def resolve_reference(config: TuningConfigT, trigger: TriggerFile) -> TuningConfigT:
+    """``config`` with ``reference_prompts="auto"`` decided for ``trigger``: ``"fitted"`` for
+    the trigger of a scan through fitted prompts, else ``"handcrafted"`` (a set value stays)."""
+    if config.reference_prompts != "auto":
+        return config
+    fitted = scanned_through_fitted_prompts(trigger)
+    return config.model_copy(update={"reference_prompts": "fitted" if fitted else "handcrafted"})
 
 
 def without_trigger_loss(config: TuningConfigT, distill_weight: float) -> TuningConfigT:

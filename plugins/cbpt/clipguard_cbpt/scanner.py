@@ -2,11 +2,15 @@
 
 Procedure (see ``docs/method.md``):
 
+0. **The prompts read through** (:func:`scan_classifier`): the hand-crafted prompts, or
+   class-wise prompts fitted to the first draw's shots when they classify held-out images
+   ``fit_prompts_gain`` better (``fit_prompts="auto"``, the default; ``True`` / ``False``
+   force one). Every later step classifies, and aligns, through them.
 1. **Per-class inversion** (:func:`~clipguard_cbpt.inversion.invert_per_class`): for every
    class ``k`` the smallest trigger that sends the other classes' clean shots to ``k``, all
    classes in one encoder call; its mask size is ``n_k``.
 2. **Text alignment** (:func:`~clipguard_cbpt.signals.text_alignment`): ``a_k``, the mean
-   cosine between the clean shots of ``k`` and the hand-crafted prompt of ``k``.
+   cosine between the clean shots of ``k`` and the prompt of ``k``.
 3. **Evidence**: the low-side robust anomaly index of ``log n_k`` and of ``a_k`` (Neural
    Cleanse's MAD index, only below the median). With ``signals = "joint"`` (default) a
    class's evidence is the geometric mean of its two indices, so it must stand out on both:
@@ -123,6 +127,10 @@ DEFAULT_ADDITIVE_THRESHOLD = 0.24
 #: the joint rule's default isolation threshold (fitted on the even seeds of both lab zoos)
 DEFAULT_ISOLATION_THRESHOLD = 1.86
 
+#: with fit_prompts=auto, the held-out accuracy fitted prompts must add to the hand-crafted
+#: prompts' to be read through (between the lab zoos' CoOp gains; docs/benchmarks.md)
+FIT_PROMPTS_GAIN = 0.08
+
 
 #: the band of a probe that keeps its bound: one fit, whatever its median
 FIXED_BOUND = MedianBand(0.0, 1.0, refits=0)
@@ -189,14 +197,28 @@ class ScanConfig(InversionConfig):
             "so by default it is written as the per-class inversion found it"
         ),
     )
-    fit_prompts: bool = Field(
-        False,
+    fit_prompts: bool | Literal["auto"] = Field(
+        "auto",
         description=(
             "scan through class-wise prompts fitted to the first draw's clean shots (CoOp, "
             "clean cross-entropy only) instead of the hand-crafted ones: for models whose "
             "hand-crafted prompts read their features badly, where a class the prompts "
             "over-predict looks easy to reach (docs/benchmarks.md); every signal, the text "
-            "alignment included, then measures the fitted prompts"
+            "alignment included, then measures the fitted prompts. auto: fit them, and read "
+            "through them when they classify the reach probes' held-out images at least "
+            "fit_prompts_gain better than the hand-crafted prompts (hand-crafted where the "
+            "caller offers no held-out images)"
+        ),
+    )
+    fit_prompts_gain: float = Field(
+        FIT_PROMPTS_GAIN,
+        ge=0,
+        le=1,
+        description=(
+            "with fit_prompts=auto: the held-out accuracy the fitted prompts must add to the "
+            "hand-crafted prompts' for the scan to read through them (the lab zoos: at most "
+            "+0.005 on the natural and synthetic profiles, +0.185 and more where the "
+            "hand-crafted prompt was never a caption; docs/benchmarks.md)"
         ),
     )
     screen_again: tuple[float, float] = Field(
@@ -1058,7 +1080,8 @@ class CBPTScanner(Scanner):
         assert isinstance(config, ScanConfig)
         torch.set_num_threads(min(torch.get_num_threads(), 2))
         start_images = bundle.image_encoder_images
-        classifier = scan_classifier(bundle, shots, config, context)
+        reading = scan_classifier(bundle, shots, config, context)
+        classifier = reading.classifier
         screening, suspected, kept, refined = locate_trigger(
             bundle, shots, config, context, classifier
         )
@@ -1087,11 +1110,15 @@ class CBPTScanner(Scanner):
                 **probe_evidence_settings(suspected),
                 "decided_by": suspected.decided_by,
                 "dominant_class": stats["dominant_class"],
+                "prompts": reading.name,
                 "options": config.model_dump(mode="json"),
             },
             producer=f"clipguard_cbpt {self.name} {self.version}",
         )
         statistics: dict[str, Any] = {
+            "prompts": reading.name,
+            "prompt_accuracy": reading.accuracy,
+            "prompt_accuracy_images": reading.held_out_images,
             "suspect_class": suspect,
             "decided_by": suspected.decided_by,
             "evidence": screening.top_evidence,
@@ -1159,14 +1186,63 @@ class CBPTScanner(Scanner):
         )
 
 
+@dataclass
+class PromptReading:
+    """The prompts a scan reads the model through (:func:`scan_classifier`).
+
+    ``fitted``: whether they are prompts fitted to the shots; ``accuracy``: with
+    ``fit_prompts="auto"``, the held-out accuracy of the ``"hand-crafted"`` and the
+    ``"fitted"`` prompts that decided it, on ``held_out_images`` images (None otherwise).
+    """
+
+    classifier: PromptClassifier
+    fitted: bool
+    accuracy: dict[str, float] | None = None
+    held_out_images: int = 0
+
+    @property
+    def name(self) -> str:
+        """``"fitted"`` or ``"hand-crafted"`` (the trigger file's ``prompts`` setting)."""
+        return "fitted" if self.fitted else "hand-crafted"
+
+
 def scan_classifier(
     bundle: ModelBundle, shots: ShotSet, config: ScanConfig, context: RunContext
-) -> PromptClassifier:
+) -> PromptReading:
     """The classifier a scan inverts and probes through: the hand-crafted prompts, or with
     ``fit_prompts`` class-wise prompts tuned on ``shots`` (stage "prompt fitting": the
-    ``coop`` purifier's tuning, its augmented views drawn from ``context.generator(5)``)."""
-    if not config.fit_prompts:
-        return PromptClassifier(bundle, shots.classnames)
+    ``coop`` purifier's tuning, its augmented views drawn from ``context.generator(5)``).
+    With ``fit_prompts="auto"`` both classify the reach probes' held-out images
+    (:func:`probe_held_out`) and the fitted prompts are read through when they are at least
+    ``config.fit_prompts_gain`` more accurate; without held-out images, the hand-crafted."""
+    handcrafted = PromptClassifier(bundle, shots.classnames)
+    if config.fit_prompts is True:
+        return PromptReading(fitted_classifier(bundle, shots, context), fitted=True)
+    held_out = None
+    if config.fit_prompts == "auto":
+        held_out = probe_held_out(context, config, len(shots.classnames))
+    if held_out is None:
+        return PromptReading(handcrafted, fitted=False)
+    fitted = fitted_classifier(bundle, shots, context)
+    pixels, labels = held_out
+    with context.stage("prompt fitting"):
+        features = encode_batched(bundle, pixels)
+    accuracy = {
+        name: float((features @ each.class_features.T).argmax(dim=1).eq(labels).float().mean())
+        for name, each in (("hand-crafted", handcrafted), ("fitted", fitted))
+    }
+    use_fitted = accuracy["fitted"] - accuracy["hand-crafted"] >= config.fit_prompts_gain
+    return PromptReading(
+        fitted if use_fitted else handcrafted,
+        fitted=use_fitted,
+        accuracy=accuracy,
+        held_out_images=int(labels.numel()),
+    )
+
+
+def fitted_classifier(bundle: ModelBundle, shots: ShotSet, context: RunContext) -> PromptClassifier:
+    """Class-wise prompts tuned on ``shots`` by the ``coop`` purifier's tuning (stage
+    "prompt fitting", augmented views from ``context.generator(5)``)."""
     tuning = CoOpConfig(no_trigger_loss=True)  # as the coop purifier tunes
     with context.stage("prompt fitting"):
         cache = cache_features(

@@ -11,7 +11,8 @@ Loss: ``L = L_clean + a * L_trigger + b * L_anchor`` with
 * ``L_trigger``: on triggered views, cross-entropy to the true label (``"true-class"``), or
   ``-log(1 - p(target | T(x)))`` over non-target shots (``"away"``: push triggered images
   off the suspected target class), or the sum of both (``"both"``);
-* ``L_anchor``: ``mean_k (1 - cos(t_k, t_k^0))`` towards the hand-crafted prompt features.
+* ``L_anchor``: ``mean_k (1 - cos(t_k, t_k^0))`` towards the reference prompt features: the
+  hand-crafted prompts, or (``reference_prompts="fitted"``) prompts first fitted by plain CoOp.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from clipguard.triggers import MaskPatternTrigger, Trigger
 from clipguard_cbpt.inversion import encode_batched
 
 TriggerLoss = Literal["true-class", "away", "both"]
+ReferencePrompts = Literal["auto", "handcrafted", "fitted"]
 
 
 class TuningConfig(BaseModel):
@@ -64,6 +66,17 @@ class TuningConfig(BaseModel):
         4, ge=0, description="augmented views per shot (random resized crop + flip), cached"
     )
     crop_scale: float = Field(0.7, gt=0, le=1, description="smallest crop side fraction")
+    reference_prompts: ReferencePrompts = Field(
+        "auto",
+        description=(
+            "what L_anchor and L_distill hold the prompts to, and where the context starts: "
+            "the hand-crafted prompts, or class-wise prompts first tuned on the clean views "
+            "by L_clean alone (plain CoOp, as many steps again), for a model that the "
+            "hand-crafted prompts read badly; auto: fitted when the cbpt purifier's trigger "
+            "comes from a scan that read the model through fitted prompts (fit_prompts), "
+            "else hand-crafted"
+        ),
+    )
     no_trigger_loss: bool = Field(False, description="ablation: drop L_trigger")
     no_anchor_loss: bool = Field(False, description="ablation: drop L_anchor")
     random_mask: bool = Field(
@@ -151,8 +164,9 @@ def random_mask_like(trigger: MaskPatternTrigger, generator: torch.Generator) ->
 
 
 def handcrafted_log_probs(cache: FeatureCache, anchor: torch.Tensor, scale: float) -> torch.Tensor:
-    """Log class probabilities of the hand-crafted prompts ``anchor`` on every clean view
-    (``V*N x C``): the reference of ``L_distill``, constant during tuning."""
+    """Log class probabilities of the reference prompts ``anchor`` (hand-crafted or fitted,
+    ``reference_prompts``) on every clean view (``V*N x C``): the reference of
+    ``L_distill``, constant during tuning."""
     e = cache.clean.shape[2]
     return (scale * cache.clean.reshape(-1, e) @ anchor.T).log_softmax(dim=1)
 
@@ -222,15 +236,33 @@ def tune_prompts(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Learn ``C x M x D`` class-wise context vectors on cached features.
 
-    Runs only the text encoder (the image encoder is never called here). Returns the context
-    tensor and statistics: steps, first and last losses, text-encoder prompts.
+    Runs only the text encoder (the image encoder is never called here). With
+    ``reference_prompts="fitted"`` (``"auto"`` reads as ``"handcrafted"`` here; the purifier
+    resolves it) a plain CoOp tuning of ``config.steps`` steps comes first
+    and gives the starting context and the reference of ``L_anchor`` and ``L_distill``.
+    Returns the context tensor and statistics: steps (of the final tuning), first and last
+    losses, text-encoder prompts (of both tunings).
     """
     progress = progress or Progress(quiet=True)
     encoder = PromptEncoder(bundle, classnames, config.n_context)
-    context = torch.nn.Parameter(
-        initial_context(bundle, len(classnames), config.n_context, config.context_init)
-    )
-    anchor = handcrafted_text_features(bundle, classnames).detach()
+    fitting_prompts = 0
+    if config.reference_prompts == "fitted":
+        plain_coop = config.model_copy(
+            update={
+                "reference_prompts": "handcrafted",
+                "no_trigger_loss": True,
+                "no_anchor_loss": True,
+                "distill_weight": 0.0,
+            }
+        )
+        start, fitting = tune_prompts(bundle, classnames, cache, None, plain_coop, progress)
+        fitting_prompts = fitting["text_encoder_prompts"]
+        with torch.no_grad():
+            anchor = encoder(start)
+    else:
+        start = initial_context(bundle, len(classnames), config.n_context, config.context_init)
+        anchor = handcrafted_text_features(bundle, classnames).detach()
+    context = torch.nn.Parameter(start)
     scale = bundle.logit_scale
     reference = handcrafted_log_probs(cache, anchor, scale) if config.distill_weight > 0 else None
     optimizer = torch.optim.Adam([context], lr=config.lr)
@@ -262,6 +294,6 @@ def tune_prompts(
         "steps": config.steps,
         "loss_first": first,
         "loss_last": last,
-        "text_encoder_prompts": bundle.text_encoder_prompts - text_start,
+        "text_encoder_prompts": bundle.text_encoder_prompts - text_start + fitting_prompts,
     }
     return context.detach().clone(), statistics
