@@ -1215,9 +1215,9 @@ def scan_classifier(
     With ``fit_prompts="auto"`` both classify the reach probes' held-out images
     (:func:`probe_held_out`) and the fitted prompts are read through when they are at least
     ``config.fit_prompts_gain`` more accurate; without held-out images, the hand-crafted."""
-    handcrafted = PromptClassifier(bundle, shots.classnames)
     if config.fit_prompts is True:
         return PromptReading(fitted_classifier(bundle, shots, context), fitted=True)
+    handcrafted = PromptClassifier(bundle, shots.classnames)
     held_out = None
     if config.fit_prompts == "auto":
         held_out = probe_held_out(context, config, len(shots.classnames))
