@@ -211,6 +211,8 @@ class _Run:
             self.folder: ImageFolder = open_image_folder(data_dir, classnames_file)
         self.n_shots = shots
         self.used_samples: set[Sample] = set()
+        #: held-out images already loaded, by (seed, images per class): a plugin may ask twice
+        self.held_out_loaded: dict[tuple[int, int], ShotSet | None] = {}
         self.shots, self.rest_samples = self.shots_of(seed)
 
     def draw(self, seed: int) -> None:
@@ -230,9 +232,14 @@ class _Run:
 
     def held_out_of(self, per_class: int) -> ShotSet | None:
         """Up to ``per_class`` images per class that are not among the run's shots, drawn
-        with the run's seed (counted among the run's images); None when there are none."""
-        samples = take_per_class(self.rest_samples, max(per_class, 0), self.context.seed)
-        return self.loaded(samples, "loading held-out images") if samples else None
+        with the run's seed (counted among the run's images); None when there are none.
+        Loaded once per seed and count: a second call returns the same images."""
+        key = (self.context.seed, per_class)
+        if key not in self.held_out_loaded:
+            samples = take_per_class(self.rest_samples, max(per_class, 0), self.context.seed)
+            held_out = self.loaded(samples, "loading held-out images") if samples else None
+            self.held_out_loaded[key] = held_out
+        return self.held_out_loaded[key]
 
     def loaded(self, samples: list[Sample], description: str) -> ShotSet:
         """``samples`` loaded with the model's transform (stage "load data", a progress bar

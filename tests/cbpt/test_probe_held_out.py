@@ -55,3 +55,20 @@ def test_with_many_classes_fewer_held_out_images_are_drawn() -> None:
     assert asked == [48, 1]
     assert probe_held_out(context, ScanConfig(probe_held_out=0), 10) is None
     assert probe_held_out(RunContext(), ScanConfig(), 10) is None
+
+
+def test_a_scan_loads_its_held_out_images_once(tiny_model_path, tiny_data, monkeypatch) -> None:
+    """The prompt check (fit_prompts=auto) and the reach probes measure on the same
+    held-out images; the run loads them from disk once."""
+    descriptions: list[str] = []
+    loaded = api._Run.loaded
+
+    def counting(self, samples, description):
+        descriptions.append(description)
+        return loaded(self, samples, description)
+
+    monkeypatch.setattr(api._Run, "loaded", counting)
+    options = {**PROBE_ONLY, "probe_held_out": 2, "fit_prompts": "auto"}
+    report = api.scan(tiny_model_path, tiny_data, shots=2, seed=1, options=options)
+    assert report.findings[0].statistics["prompt_accuracy_images"] == 6
+    assert descriptions.count("loading held-out images") == 1

@@ -163,7 +163,7 @@ def random_mask_like(trigger: MaskPatternTrigger, generator: torch.Generator) ->
     return MaskPatternTrigger(mask=mask, pattern=pattern, family="random-mask")
 
 
-def handcrafted_log_probs(cache: FeatureCache, anchor: torch.Tensor, scale: float) -> torch.Tensor:
+def reference_log_probs(cache: FeatureCache, anchor: torch.Tensor, scale: float) -> torch.Tensor:
     """Log class probabilities of the reference prompts ``anchor`` (hand-crafted or fitted,
     ``reference_prompts``) on every clean view (``V*N x C``): the reference of
     ``L_distill``, constant during tuning."""
@@ -184,7 +184,7 @@ def prompt_losses(
 
     ``L_trigger`` is 0 without triggered features or when disabled; ``"away"`` needs a
     ``target`` (without one only the true-class part is used). ``L_distill`` is 0 unless
-    ``config.distill_weight`` is set; ``reference`` is :func:`handcrafted_log_probs`, passed
+    ``config.distill_weight`` is set; ``reference`` is :func:`reference_log_probs`, passed
     in by a loop that calls this many times (computed here otherwise).
     """
     n_views, e = cache.clean.shape[0], cache.clean.shape[2]
@@ -208,7 +208,7 @@ def prompt_losses(
     losses["distill"] = zero
     if config.distill_weight > 0:
         if reference is None:
-            reference = handcrafted_log_probs(cache, anchor, scale)
+            reference = reference_log_probs(cache, anchor, scale)
         losses["distill"] = F.kl_div(
             logits_clean.log_softmax(dim=1), reference, log_target=True, reduction="batchmean"
         )
@@ -264,7 +264,7 @@ def tune_prompts(
         anchor = handcrafted_text_features(bundle, classnames).detach()
     context = torch.nn.Parameter(start)
     scale = bundle.logit_scale
-    reference = handcrafted_log_probs(cache, anchor, scale) if config.distill_weight > 0 else None
+    reference = reference_log_probs(cache, anchor, scale) if config.distill_weight > 0 else None
     optimizer = torch.optim.Adam([context], lr=config.lr)
     a = 0.0 if config.no_trigger_loss else config.trigger_weight
     b = 0.0 if config.no_anchor_loss else config.anchor_weight
