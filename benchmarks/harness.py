@@ -24,7 +24,7 @@ from typing import Any
 
 from clipguard.io import atomic_write_json, atomic_write_text
 from clipguard.progress import Progress
-from clipguard.report import cpu_model
+from clipguard.report import cpu_capability, cpu_model
 
 #: defence name -> (purifier plugin, options, needs the scan's trigger)
 DEFENCES: dict[str, tuple[str, dict[str, Any], bool]] = {
@@ -170,6 +170,7 @@ class Harness:
             "platform": platform.platform(),
             "processor": platform.processor(),
             "cpu": cpu_model(),
+            "cpu_capability": cpu_capability(),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
         }

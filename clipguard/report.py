@@ -38,6 +38,13 @@ class ToolInfo(_Model):
             "between processors with the same seed)"
         ),
     )
+    cpu_capability: str | None = Field(
+        None,
+        description=(
+            "the instruction set torch's CPU kernels use (AVX512, AVX2, ...): the same seed "
+            "gives the same numbers only on the same capability"
+        ),
+    )
     plugins: dict[str, str] = Field(default_factory=dict, description="plugin name -> version")
 
 
@@ -261,6 +268,7 @@ def tool_info(plugins: dict[str, str] | None = None) -> ToolInfo:
         open_clip=open_clip.__version__,
         platform=platform.platform(),
         cpu=cpu_model(),
+        cpu_capability=cpu_capability(),
         plugins=plugins or {},
     )
 
@@ -276,6 +284,17 @@ def cpu_model() -> str | None:
     except OSError:
         pass
     return platform.processor() or None
+
+
+def cpu_capability() -> str | None:
+    """The instruction set torch dispatches its CPU kernels to (``"AVX512"``, ``"AVX2"``,
+    ``"DEFAULT"``, ...; None when this torch does not say). Two processors with the same
+    model name can differ in it, and with it the rounding of every reduction: weights
+    trained, and scans made, with one seed agree to the bit only on the same capability."""
+    import torch
+
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", None)
+    return str(capability()) if capability is not None else None
 
 
 def utc_now() -> datetime:

@@ -15,7 +15,7 @@ from clipguard.cli import app
 from clipguard.components import Purifier, RunContext, Scanner, ScanOutcome, ShotSet
 from clipguard.hookspecs import hookimpl
 from clipguard.model import ModelBundle
-from clipguard.report import cpu_model
+from clipguard.report import cpu_capability, cpu_model
 
 runner = CliRunner()
 
@@ -92,9 +92,10 @@ def test_third_party_scanner_runs_through_cli(third_party, tiny_model_path, tiny
     assert finding["statistics"]["n_shots"] == 2 * len(report["data"]["classes"])
     assert (out / "note.txt").read_bytes() == b"hello"
     assert report["run"]["seed"] == 0 and report["model"]["sha256"]
-    # what produced it, down to the processor (weights trained from one seed can differ
-    # between processors)
+    # what produced it, down to the processor and the instruction set torch's kernels use
+    # (weights trained from one seed can differ between them)
     assert report["tool"]["torch"] and report["tool"]["cpu"] == cpu_model()
+    assert report["tool"]["cpu_capability"] == cpu_capability() and cpu_capability()
 
 
 def test_clean_verdict_exits_zero(third_party, tiny_model_path, tiny_data):

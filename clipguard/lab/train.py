@@ -54,6 +54,7 @@ from clipguard.model import ModelBundle, build_clip_from_config, load_model, sav
 from clipguard.plugins import get_registry
 from clipguard.progress import Progress
 from clipguard.prompts import PromptClassifier
+from clipguard.report import cpu_capability
 from clipguard.triggers import Trigger
 
 Recipe = Literal["scratch", "finetune"]
@@ -947,6 +948,7 @@ def build_model(
         "open_clip": open_clip.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "cpu_capability": cpu_capability(),
         **extra,
     }
     profile_options = lab_profile.trigger_option_overrides

@@ -146,6 +146,7 @@ def test_one_step_build_writes_model_and_card(tiny_synthetic, tmp_path):
         "attack_success_rate",
         "oracle_attack_success_rate",
         "n_poisoned",
+        "cpu_capability",
     ):
         assert key in written, key
     assert written["n_poisoned"] == 4
