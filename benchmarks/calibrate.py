@@ -287,6 +287,44 @@ def per_attack_table(models: list[ZooModel], scans: dict[str, Any], rule: Rule) 
     return "\n".join(lines) + "\n"
 
 
+#: the scanner issue's bound on one scan of a lab model with default settings
+SCAN_SECONDS_TARGET = 120.0
+
+
+def scan_time_table(models: list[ZooModel], scans: dict[str, Any]) -> str:
+    """Per model, the stored scan as it ran: its verdict and suspect, the prompts it read the
+    model through, what decided it, the shot draws it screened and why it stopped, its
+    seconds (the report's ``scan`` stage and the process's wall clock) and image-encoder
+    images; then how many scans kept within :data:`SCAN_SECONDS_TARGET`."""
+    lines = [
+        "",
+        "| model | verdict | suspected target | prompts | decided by | draws | stopped by "
+        "| scan s | wall s | encoder images |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    seconds = []
+    for model in models:
+        scan = scans[model.name]
+        statistics = scan["statistics"]
+        seconds.append((scan["scan_seconds"], model.name))
+        lines.append(
+            f"| {model.name} | {scan['verdict']} | {scan['suspected_target'] or '-'} | "
+            f"{statistics.get('prompts', '-')} | {statistics.get('decided_by', '-')} | "
+            f"{len(statistics.get('screen_draws') or [None])} | "
+            f"{statistics.get('screen_draws_stopped') or '-'} | {scan['scan_seconds']:.1f} | "
+            f"{scan['wall_seconds']:.1f} | {scan['image_encoder_images']:,} |"
+        )
+    within = sum(value <= SCAN_SECONDS_TARGET for value, _ in seconds)
+    slowest = max(seconds)
+    lines += [
+        "",
+        f"{within} of {len(seconds)} scans within {SCAN_SECONDS_TARGET:.0f} s (report seconds; "
+        f"median {median(value for value, _ in seconds):.1f} s, slowest {slowest[0]:.1f} s, "
+        f"{slowest[1]}).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _seed(model: ZooModel) -> int:
     return int(model.card.get("seed", 0))
 
@@ -402,6 +440,13 @@ def main(
             "moot last one"
         ),
     ] = False,
+    scan_times: Annotated[
+        bool,
+        typer.Option(
+            help="add a table of every scan as it ran (draws, what stopped it, seconds, "
+            "encoder images) and how many kept within two minutes"
+        ),
+    ] = False,
     quiet: bool = False,
 ) -> None:
     """Scan every zoo model, fit thresholds on even seeds, report on odd seeds."""
@@ -464,6 +509,8 @@ def main(
     atomic_write_json(results, harness.results)
     table = calibration_table(summary["fit"], summary["held_out"], summary["all"], rule, fitted)
     table += per_attack_table(models, scans, rule)
+    if scan_times:
+        table += scan_time_table(models, scans)
     if failed:
         table += (
             f"\nLeft out, their backdoor did not take (card ASR below {min_asr:.0%}): "

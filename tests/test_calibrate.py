@@ -20,8 +20,10 @@ from calibrate import (  # noqa: E402
     fit_threshold,
     judge,
     rates,
+    scan_time_table,
     top_evidence,
 )
+from harness import ZooModel  # noqa: E402
 
 
 def _scan(
@@ -159,3 +161,38 @@ def test_zoos_whose_model_names_repeat_are_refused(tmp_path: Path) -> None:
     assert result.exit_code != 0
     assert "model names repeat across the --zoo folders (badnets-s0)" in result.output
     assert not (tmp_path / "r.json").exists()
+
+
+def test_the_scan_time_table_counts_the_scans_within_two_minutes(tmp_path: Path) -> None:
+    """Each stored scan is listed as it ran (draws, why it stopped, seconds, encoder images,
+    the prompts it read through; '-' where an older scan did not record them), and the
+    summary counts the scans whose report seconds kept within the scanner issue's 120 s."""
+
+    def model(name: str) -> ZooModel:
+        return ZooModel(tmp_path / f"{name}.safetensors", name, "none", None, {}, tmp_path, {})
+
+    fast = {
+        "verdict": "clean",
+        "suspected_target": None,
+        "statistics": {
+            "prompts": "fitted",
+            "decided_by": "rule",
+            "screen_draws": [{}, {}],
+            "screen_draws_stopped": "moot",
+        },
+        "scan_seconds": 61.0,
+        "wall_seconds": 68.5,
+        "image_encoder_images": 80680,
+    }
+    slow = {
+        "verdict": "backdoor",
+        "suspected_target": "cat",
+        "statistics": {},
+        "scan_seconds": 130.0,
+        "wall_seconds": 138.0,
+        "image_encoder_images": 104400,
+    }
+    table = scan_time_table([model("a"), model("b")], {"a": fast, "b": slow})
+    assert "| a | clean | - | fitted | rule | 2 | moot | 61.0 | 68.5 | 80,680 |" in table
+    assert "| b | backdoor | cat | - | - | 1 | - | 130.0 | 138.0 | 104,400 |" in table
+    assert "1 of 2 scans within 120 s" in table and "slowest 130.0 s, b" in table
