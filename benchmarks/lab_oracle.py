@@ -40,8 +40,9 @@ from clipguard.progress import Progress
 ORACLE_FIELDS = ("oracle_clean_accuracy", "oracle_attack_success_rate")
 
 
-def rescore(model_path: Path, card: dict[str, Any], data_cache: dict[str, Any]) -> dict[str, Any]:
-    """The recomputed oracle ceiling of the model with this ``card`` (data sets loaded once)."""
+def card_split_data(card: dict[str, Any], data_cache: dict[str, Any]) -> Any:
+    """The train and test split of the data set a lab model's ``card`` names, loaded once per
+    data set into ``data_cache``."""
     dataset = card["dataset"]
     key = dataset["root"]
     if key not in data_cache:
@@ -51,7 +52,12 @@ def rescore(model_path: Path, card: dict[str, Any], data_cache: dict[str, Any]) 
         data_cache[key] = load_split_data(
             root, image_size, Progress(quiet=True), name="synthetic" if synthetic else None
         )
-    data = data_cache[key]
+    return data_cache[key]
+
+
+def rescore(model_path: Path, card: dict[str, Any], data_cache: dict[str, Any]) -> dict[str, Any]:
+    """The recomputed oracle ceiling of the model with this ``card`` (data sets loaded once)."""
+    data = card_split_data(card, data_cache)
     bundle = load_model(model_path)
     trigger, _, _ = resolve_trigger(card["attack"], card["trigger_options"], bundle.image_size)
     return oracle_ceiling(
