@@ -31,17 +31,17 @@ from clipguard_cbpt.scanner import ScanConfig, scan_classifier
 def reading_of(model_path: Path, data_root: Path, config: ScanConfig) -> dict[str, object]:
     """The auto prompt reading of one model, as a scan with seed 0 and 16 shots makes it."""
     run = _Run(
-        f"prompt reading {model_path}",
-        model_path,
-        data_root / "train",
-        16,
-        0,
-        "cpu",
-        None,
-        None,
-        False,
-        True,
-        get_registry(),
+        command=f"prompt reading {model_path}",
+        model_path=model_path,
+        data_dir=data_root / "train",
+        shots=16,
+        seed=0,
+        device="cpu",
+        classnames_file=None,
+        arch=None,
+        allow_torchscript=False,
+        quiet=True,
+        registry=get_registry(),
     )
     run.offer_more_draws()
     start = time.perf_counter()

@@ -77,6 +77,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 
 from clipguard.components import RunContext, Scanner, ScanOutcome, ShotSet
+from clipguard.metrics import clean_accuracy
 from clipguard.model import ModelBundle
 from clipguard.progress import Progress
 from clipguard.prompts import PromptClassifier, PromptSet
@@ -1228,7 +1229,7 @@ def scan_classifier(
     with context.stage("prompt fitting"):
         features = encode_batched(bundle, pixels)
     accuracy = {
-        name: float((features @ each.class_features.T).argmax(dim=1).eq(labels).float().mean())
+        name: clean_accuracy(each.logits_from_features(features).argmax(dim=1), labels)
         for name, each in (("hand-crafted", handcrafted), ("fitted", fitted))
     }
     use_fitted = accuracy["fitted"] - accuracy["hand-crafted"] >= config.fit_prompts_gain
