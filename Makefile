@@ -11,10 +11,14 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
+# The core (with the lab) and the two plugin distributions, each editable: clipguard-cbpt
+# (plugins/cbpt) and clipguard-baselines (plugins/baselines) provide every scanner and purifier.
+PLUGINS := plugins/cbpt plugins/baselines
+
 # torch 2.14.1 / torchvision 0.29.1 are installed from the machine's local wheel cache by pip.
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS)) | $(PY)
 	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -e ".[dev]" $(addprefix -e ,$(PLUGINS))
 	touch $(STAMP)
 
 install: $(STAMP)

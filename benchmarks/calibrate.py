@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Harness, ZooModel, find_models, update_docs
 
-from clipguard.api import parse_options
+from clipguard.config import parse_options
 from clipguard.io import atomic_write_json
 from clipguard.progress import Progress
 from clipguard_cbpt.scanner import (

@@ -25,12 +25,12 @@ from clipguard.lab.train import (
     lab_model_config,
     load_split_data,
     open_lab_dataset,
-    oracle_ceiling,
-    resolve_trigger,
     train_clip,
 )
 from clipguard.metrics import evaluate_zero_shot
 from clipguard.model import ModelBundle, build_clip_from_config
+from clipguard.oracle import oracle_ceiling
+from clipguard.plugins import resolve_trigger
 
 ARCHITECTURE = ("vision_width", "vision_layers", "patch_size", "text_width", "text_layers")
 

@@ -20,11 +20,11 @@ from clipguard.lab.train import (
     Poisoning,
     TrainSettings,
     lab_model_config,
-    oracle_ceiling,
     train_clip,
 )
 from clipguard.metrics import evaluate_zero_shot
 from clipguard.model import ModelBundle, build_clip_from_config
+from clipguard.oracle import oracle_ceiling
 from clipguard.plugins import get_registry
 
 

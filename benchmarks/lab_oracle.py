@@ -26,15 +26,11 @@ from typing import Any
 import torch
 
 from clipguard.io import atomic_write_json
-from clipguard.lab.train import (
-    card_path,
-    load_split_data,
-    open_lab_dataset,
-    oracle_ceiling,
-    resolve_trigger,
-)
+from clipguard.lab.train import card_path, load_split_data, open_lab_dataset
 from clipguard.lab.zoo import MANIFEST
 from clipguard.model import load_model
+from clipguard.oracle import oracle_ceiling
+from clipguard.plugins import resolve_trigger
 from clipguard.progress import Progress
 
 ORACLE_FIELDS = ("oracle_clean_accuracy", "oracle_attack_success_rate")

@@ -61,11 +61,11 @@ from clipguard.lab.train import (
     card_path,
     load_split_data,
     open_lab_dataset,
-    resolve_trigger,
     train_clip,
 )
 from clipguard.metrics import evaluate_zero_shot
 from clipguard.model import ModelBundle, build_clip_from_config, load_model, save_model
+from clipguard.plugins import resolve_trigger
 from clipguard.prompts import handcrafted_text_features
 from clipguard.triggers import load_trigger_file
 from clipguard_cbpt.inversion import encode_batched as features

@@ -31,7 +31,7 @@ from harness import (
     write_figure,
 )
 
-from clipguard.api import parse_options
+from clipguard.config import parse_options
 from clipguard.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 def _quick_model(progress: Progress) -> list[ZooModel]:
     """The demo's backdoored synthetic model (built once, cached) as a one-model zoo."""
-    from clipguard.demo import ensure_demo_model
+    from clipguard.lab.demo import ensure_demo_model
 
     return find_models(ensure_demo_model(progress).parent)[:1]
 

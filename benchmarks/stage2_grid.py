@@ -38,8 +38,9 @@ import torch
 
 from clipguard.components import RunContext, ShotSet
 from clipguard.data import load_pixels, open_image_folder, split_shots, subsample
-from clipguard.lab.train import open_lab_dataset, resolve_trigger
+from clipguard.lab.train import open_lab_dataset
 from clipguard.model import ModelBundle, load_model
+from clipguard.plugins import resolve_trigger
 from clipguard.prompts import PromptClassifier, PromptEncoder, handcrafted_text_features
 from clipguard.triggers import TriggerFile, load_trigger_file
 from clipguard_cbpt.inversion import encode_batched, prediction_distribution

@@ -31,8 +31,8 @@ from harness import ZooModel, find_models
 from lab_oracle import card_split_data
 
 from clipguard.io import atomic_write_text
-from clipguard.lab.train import resolve_trigger
 from clipguard.model import load_model
+from clipguard.plugins import resolve_trigger
 from clipguard.progress import Progress
 from clipguard.triggers import load_trigger_file
 from clipguard_cbpt.oracle import trigger_fidelity

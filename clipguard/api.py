@@ -8,21 +8,15 @@ clipguard: each returns a pydantic report object and, when ``out_dir`` is given,
 
 from __future__ import annotations
 
-import json
-import random
-import statistics
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import tomllib
 import torch
-from pydantic import BaseModel, ValidationError
 
-from clipguard.components import RunContext, ScanOutcome, ShotSet, Verdict
+from clipguard.components import RunContext, ShotSet
+from clipguard.config import build_config
 from clipguard.data import (
     ImageFolder,
     Sample,
@@ -43,7 +37,7 @@ from clipguard.metrics import (
     triggered_success,
 )
 from clipguard.model import ModelBundle, load_model
-from clipguard.plugins import Registry, get_registry
+from clipguard.plugins import Registry, get_registry, resolve_trigger
 from clipguard.progress import Progress
 from clipguard.prompts import PromptClassifier, load_prompt_file, save_prompt_file
 from clipguard.report import (
@@ -61,76 +55,17 @@ from clipguard.report import (
     utc_now,
     write_report,
 )
+from clipguard.runtime import seed_everything, torch_settings
 from clipguard.triggers import Trigger, TriggerFile, load_trigger_file, save_trigger_file
 
 DEFAULT_SHOTS = 16
 #: held-out images used for before/after metrics of ``purify`` unless told otherwise
 DEFAULT_EVAL_LIMIT = 2000
+#: shot draws a scan offers its scanner unless told otherwise (:attr:`RunContext.draws`)
+DEFAULT_DRAWS = 3
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch, and ask torch for deterministic kernels."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def parse_options(options: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` strings to a dict; values are parsed as JSON when they can be."""
-    parsed: dict[str, Any] = {}
-    for option in options:
-        key, sep, value = option.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"--option {option!r} is not of the form key=value")
-        try:
-            parsed[key.strip()] = json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
-            parsed[key.strip()] = value
-    return parsed
-
-
-def read_config_file(path: Path) -> dict[str, Any]:
-    """Options from a JSON or TOML file (a single table / object)."""
-    if not path.is_file():
-        raise InputError(f"{path}: config file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: config file is not UTF-8 text") from None
-    try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except RecursionError:
-        raise InputError(f"{path}: config file is nested too deeply") from None
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
-        raise InputError(
-            f"{path}: config file is not valid {path.suffix[1:] or 'JSON'}: {error}"
-        ) from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: config file must hold an object of options")
-    return data
-
-
-def build_config(
-    config_model: type[BaseModel],
-    options: Mapping[str, Any] | None = None,
-    config_file: Path | None = None,
-    what: str = "plugin",
-) -> BaseModel:
-    """Validate options (``config_file`` first, ``options`` on top) into ``config_model``."""
-    values: dict[str, Any] = {}
-    if config_file is not None:
-        values.update(read_config_file(Path(config_file)))
-    values.update(options or {})
-    try:
-        return config_model.model_validate(values)
-    except ValidationError as error:
-        first = error.errors()[0]
-        location = ".".join(str(part) for part in first["loc"]) or "options"
-        raise InputError(f"invalid {what} option {location}: {first['msg']}") from None
 
 
 def _model_info(bundle: ModelBundle) -> ModelInfo:
@@ -143,7 +78,7 @@ def _model_info(bundle: ModelBundle) -> ModelInfo:
     )
 
 
-def resolve_attack(
+def _resolve_attack(
     registry: Registry,
     attack: str | None,
     target: str | None,
@@ -151,7 +86,8 @@ def resolve_attack(
     image_size: int,
     attack_options: Mapping[str, Any] | None = None,
 ) -> tuple[Trigger | None, int | None, AttackSpec | None]:
-    """Build the trigger of a registered attack, and the index of its target class."""
+    """The trigger of a registered attack (:func:`~clipguard.plugins.resolve_trigger`), the
+    index of its target class and the report's record of it; all None without an attack."""
     if attack is None and target is None:
         return None, None, None
     if attack is None or target is None:
@@ -160,10 +96,8 @@ def resolve_attack(
         raise InputError(
             f"target class {target!r} is not one of the classes: {', '.join(classnames)}"
         )
-    family = registry.trigger_family(attack)
-    config = build_config(family.Config, attack_options, what=f"attack {attack}")
-    trigger = family.build(config, image_size)
-    spec = AttackSpec(name=attack, target_class=target, options=config.model_dump(mode="json"))
+    trigger, _, options = resolve_trigger(attack, dict(attack_options or {}), image_size, registry)
+    spec = AttackSpec(name=attack, target_class=target, options=options)
     return trigger, list(classnames).index(target), spec
 
 
@@ -179,10 +113,14 @@ def _class_recall(evaluation: Evaluation, classnames: Sequence[str]) -> dict[str
 
 
 class _Run:
-    """Common set-up of a scan or purify run: seed, model, data, shots, context."""
+    """Common set-up of a scan or purify run: seed, model, data, shots, context.
+
+    Every argument is keyword-only; ``draws`` is what :meth:`offer_more_draws` offers.
+    """
 
     def __init__(
         self,
+        *,
         command: str,
         model_path: Path,
         data_dir: Path,
@@ -194,6 +132,7 @@ class _Run:
         allow_torchscript: bool,
         quiet: bool,
         registry: Registry,
+        draws: int = 1,
     ) -> None:
         self.started_at = utc_now()
         self.clock = time.perf_counter()
@@ -201,6 +140,7 @@ class _Run:
         self.seed = seed
         seed_everything(seed)
         self.registry = registry
+        self.draws = draws
         self.progress = Progress(quiet=quiet)
         self.context = RunContext(seed=seed, device=torch.device(device), progress=self.progress)
         with self.context.stage("load model"):
@@ -213,14 +153,6 @@ class _Run:
         self.used_samples: set[Sample] = set()
         #: held-out images already loaded, by (seed, images per class): a plugin may ask twice
         self.held_out_loaded: dict[tuple[int, int], ShotSet | None] = {}
-        self.shots, self.rest_samples = self.shots_of(seed)
-
-    def draw(self, seed: int) -> None:
-        """Draw another ``n_shots`` images per class with ``seed`` as the run's shots (the
-        rest are its held-out images) and seed the context and the global generators with
-        it, so the plugin called next sees an independent draw."""
-        seed_everything(seed)
-        self.context.seed = seed
         self.shots, self.rest_samples = self.shots_of(seed)
 
     def shots_of(self, seed: int) -> tuple[ShotSet, list[Sample]]:
@@ -252,11 +184,22 @@ class _Run:
         return ShotSet(pixels=pixels, labels=labels, classnames=self.folder.classnames)
 
     def offer_more_draws(self) -> None:
-        """Let the plugin draw more shots and held-out images (:attr:`RunContext.draw_shots`,
-        :attr:`RunContext.held_out_shots`): only for runs that hold no images back for
+        """Let the plugin draw more shots and held-out images: :attr:`RunContext.draws` is
+        the run's ``draws``, :attr:`RunContext.draw_shots` draws shot set ``i`` (``1 <= i <
+        draws``, seed ``seed + i``; None for one draw) and :attr:`RunContext.held_out_shots`
+        gives images outside the shots. Only for runs that hold no images back for
         evaluation (a scan)."""
-        self.context.draw_shots = lambda index: self.shots_of(self.context.seed + index)[0]
+        self.context.draws = self.draws
+        if self.draws > 1:
+            self.context.draw_shots = self.drawn_shots
         self.context.held_out_shots = self.held_out_of
+
+    def drawn_shots(self, index: int) -> ShotSet:
+        """Shot draw ``index`` of the run (seed ``seed + index``), for ``1 <= index < draws``;
+        a ``ValueError`` (a plugin's bug) outside that range."""
+        if not 1 <= index < self.draws:
+            raise ValueError(f"shot draw {index} is not on offer (1 to {self.draws - 1})")
+        return self.shots_of(self.seed + index)[0]
 
     def data_info(self) -> DataInfo:
         """The data folder and every shot drawn so far (count and content hash)."""
@@ -317,129 +260,69 @@ def scan(
     allow_torchscript: bool = False,
     out_dir: Path | str | None = None,
     quiet: bool = True,
-    draws: int = 1,
+    draws: int = DEFAULT_DRAWS,
+    threads: int | None = None,
 ) -> Report:
     """Scan a checkpoint for a backdoor with a registered scanner.
 
     Loads the model safely, draws ``shots`` clean images per class from ``data_dir`` with
-    ``seed``, runs the scanner and returns the report. With ``draws`` = N > 1 the scanner
-    runs on N independent shot draws (seeds ``seed`` .. ``seed + N - 1``, the model loaded
-    once) and the finding combines them (:func:`combine_draws`): its verdict is the
-    majority's, its statistics and artefacts are those of a draw that gave that verdict, and
-    ``statistics["draws"]`` lists every draw's seed, verdict, score and target class. With
-    ``out_dir`` it writes the scanner's artefacts and ``report.json`` there, each atomically
-    (the report last).
+    ``seed``, runs the scanner once and returns the report. ``draws`` (at least 1) is how many
+    shot draws the scanner is offered (:attr:`RunContext.draws`): it may draw sets ``1`` to
+    ``draws - 1`` (seeds ``seed + 1`` ...), each counted in the report's data hash; a scanner
+    that uses one draw ignores it. With ``out_dir`` it writes the scanner's artefacts and
+    ``report.json`` there, each atomically (the report last).
+
+    Runs with ``threads`` torch CPU threads (None: as many as now) and deterministic
+    kernels; both settings are restored on return (:func:`clipguard.runtime.torch_settings`).
     """
     if draws < 1:
         raise InputError(f"--draws must be at least 1, got {draws}")
-    registry = get_registry()
-    component = registry.scanner(scanner)
-    config = build_config(component.Config, options, config_file, what=f"scanner {scanner}")
-    run = _Run(
-        f"scan {model_path}",
-        Path(model_path),
-        Path(data_dir),
-        shots,
-        seed,
-        device,
-        classnames_file,
-        arch,
-        allow_torchscript,
-        quiet,
-        registry,
-    )
-    run.offer_more_draws()
-    outcomes = []
-    for draw in range(draws):
-        if draw:
-            run.draw(seed + draw)
+    with torch_settings(threads=threads, deterministic=True):
+        registry = get_registry()
+        component = registry.scanner(scanner)
+        config = build_config(component.Config, options, config_file, what=f"scanner {scanner}")
+        run = _Run(
+            command=f"scan {model_path}",
+            model_path=Path(model_path),
+            data_dir=Path(data_dir),
+            shots=shots,
+            seed=seed,
+            device=device,
+            classnames_file=classnames_file,
+            arch=arch,
+            allow_torchscript=allow_torchscript,
+            quiet=quiet,
+            registry=registry,
+            draws=draws,
+        )
+        run.offer_more_draws()
         with run.context.stage("scan"):
-            outcomes.append(component.scan(run.bundle, run.shots, config, run.context))
-    outcome = outcomes[0] if draws == 1 else combine_draws(outcomes, seed)
-    out = Path(out_dir) if out_dir is not None else None
-    artifacts = _write_artifacts(out, outcome.artifacts)
-    finding = Finding(
-        scanner=component.name,
-        scanner_version=component.version,
-        verdict=outcome.verdict,
-        score=float(outcome.score),
-        target_class=outcome.target_class,
-        explanation=outcome.explanation,
-        config=config.model_dump(mode="json"),
-        statistics=outcome.statistics,
-        artifacts=artifacts,
-    )
-    report = Report(
-        kind="scan",
-        tool=tool_info(run.plugin_versions()),
-        run=run.run_info(),
-        model=_model_info(run.bundle),
-        data=run.data_info(),
-        findings=[finding],
-        errors=run.registry.errors,
-    )
-    if out is not None:
-        write_report(out / "report.json", report)
-    return report
-
-
-def majority_verdict(verdicts: Sequence[Verdict]) -> Verdict:
-    """The verdict of several scans of one model: ``backdoor`` or ``clean`` when more than
-    half of ``verdicts`` say so, else ``inconclusive``."""
-    for verdict in ("backdoor", "clean"):
-        if 2 * sum(v == verdict for v in verdicts) > len(verdicts):
-            return verdict
-    return "inconclusive"
-
-
-def combine_draws(outcomes: Sequence[ScanOutcome], first_seed: int) -> ScanOutcome:
-    """One finding from scans of one model on independent shot draws (``outcomes[i]`` drawn
-    with seed ``first_seed + i``).
-
-    The verdict is :func:`majority_verdict`'s and the score the median score. The finding
-    shown (explanation, statistics, artefacts, trigger) is the draw of median score among
-    those that gave the verdict and, for ``backdoor``, named the target class most of them
-    named (ties: the class named first). A split vote (an ``inconclusive`` majority with no
-    inconclusive draw, possible for an even N) shows its ``backdoor`` draws' median, so the
-    trigger written is the suspected one and a purifier treats it as it treats an
-    inconclusive scan. ``statistics["draws"]`` lists every draw;
-    ``statistics["shown_draw"]`` is the seed of the one shown.
-    """
-    verdict = majority_verdict([o.verdict for o in outcomes])
-    seeded = [(first_seed + i, o) for i, o in enumerate(outcomes)]
-    agreeing = [(seed, o) for seed, o in seeded if o.verdict == verdict] or [
-        (seed, o) for seed, o in seeded if o.verdict == "backdoor"
-    ]
-    if agreeing[0][1].verdict == "backdoor":
-        named = Counter(o.target_class for _, o in agreeing)  # ordered by first naming
-        top_target = max(named, key=named.__getitem__)
-        agreeing = [(seed, o) for seed, o in agreeing if o.target_class == top_target]
-    ranked = sorted(agreeing, key=lambda pair: (pair[1].score, pair[0]))
-    shown_seed, shown = ranked[(len(ranked) - 1) // 2]
-    counts = Counter(o.verdict for o in outcomes)
-    tally = ", ".join(f"{counts[v]} {v}" for v in ("backdoor", "inconclusive", "clean"))
-    draws = [
-        {
-            "seed": seed,
-            "verdict": o.verdict,
-            "score": float(o.score),
-            "target_class": o.target_class,
-        }
-        for seed, o in seeded
-    ]
-    return ScanOutcome(
-        verdict=verdict,
-        score=float(statistics.median(o.score for o in outcomes)),
-        target_class=shown.target_class if verdict != "clean" else None,
-        explanation=(
-            f"{verdict} by majority of {len(outcomes)} shot draws (seeds {first_seed} to "
-            f"{first_seed + len(outcomes) - 1}: {tally}); shown, the draw of seed "
-            f"{shown_seed}: {shown.explanation}"
-        ),
-        statistics={**shown.statistics, "draws": draws, "shown_draw": shown_seed},
-        artifacts=shown.artifacts,
-        trigger=shown.trigger,
-    )
+            outcome = component.scan(run.bundle, run.shots, config, run.context)
+        out = Path(out_dir) if out_dir is not None else None
+        artifacts = _write_artifacts(out, outcome.artifacts)
+        finding = Finding(
+            scanner=component.name,
+            scanner_version=component.version,
+            verdict=outcome.verdict,
+            score=float(outcome.score),
+            target_class=outcome.target_class,
+            explanation=outcome.explanation,
+            config=config.model_dump(mode="json"),
+            statistics=outcome.statistics,
+            artifacts=artifacts,
+        )
+        report = Report(
+            kind="scan",
+            tool=tool_info(run.plugin_versions()),
+            run=run.run_info(),
+            model=_model_info(run.bundle),
+            data=run.data_info(),
+            findings=[finding],
+            errors=run.registry.errors,
+        )
+        if out is not None:
+            write_report(out / "report.json", report)
+        return report
 
 
 # --------------------------------------------------------------------------- purify
@@ -465,6 +348,7 @@ def purify(
     allow_torchscript: bool = False,
     out_dir: Path | str | None = None,
     quiet: bool = True,
+    threads: int | None = None,
 ) -> Report:
     """Purify a checkpoint with a registered purifier and measure CA/ASR before and after.
 
@@ -473,111 +357,129 @@ def purify(
     ``eval_limit``). ASR uses the registered ``attack`` aimed at ``target`` when given, and the
     purifier's own (inverted) trigger when it reports one. With ``out_dir``, writes the prompt
     file (or the purifier's model file), other artefacts and ``report.json`` atomically.
+
+    Runs with ``threads`` torch CPU threads (None: as many as now) and deterministic
+    kernels; both settings are restored on return (:func:`clipguard.runtime.torch_settings`).
     """
-    registry = get_registry()
-    component = registry.purifier(purifier)
-    config = build_config(component.Config, options, config_file, what=f"purifier {purifier}")
-    run = _Run(
-        f"purify {model_path}",
-        Path(model_path),
-        Path(data_dir),
-        shots,
-        seed,
-        device,
-        classnames_file,
-        arch,
-        allow_torchscript,
-        quiet,
-        registry,
-    )
-    classnames = run.folder.classnames
-    trigger_file: TriggerFile | None = None
-    if trigger_path is not None:
-        trigger_file = load_trigger_file(Path(trigger_path))
-        trigger_file.check_fits(run.bundle.sha256, classnames, run.bundle.image_size)
-
-    with run.context.stage("load evaluation data"):
-        if eval_data is not None:
-            eval_folder = open_image_folder(eval_data, classnames_file)
-            if eval_folder.classnames != classnames:
-                raise InputError(f"{eval_data}: evaluation classes differ from those of {data_dir}")
-            eval_samples = eval_folder.samples
-        else:
-            eval_samples = run.rest_samples
-            if not eval_samples:
-                raise InputError(
-                    f"{data_dir}: no images left for evaluation after the shots; pass --eval-data"
-                )
-        eval_samples = subsample(eval_samples, eval_limit, seed)
-        eval_pixels, eval_labels = load_pixels(
-            eval_samples, run.bundle.pixel_transform, run.progress, "loading evaluation images"
+    with torch_settings(threads=threads, deterministic=True):
+        registry = get_registry()
+        component = registry.purifier(purifier)
+        config = build_config(component.Config, options, config_file, what=f"purifier {purifier}")
+        run = _Run(
+            f"purify {model_path}",
+            Path(model_path),
+            Path(data_dir),
+            shots,
+            seed,
+            device,
+            classnames_file,
+            arch,
+            allow_torchscript,
+            quiet,
+            registry,
         )
-    real_trigger, real_target, attack_spec = resolve_attack(
-        run.registry, attack, target, classnames, run.bundle.image_size, attack_options
-    )
+        classnames = run.folder.classnames
+        trigger_file: TriggerFile | None = None
+        if trigger_path is not None:
+            trigger_file = load_trigger_file(Path(trigger_path))
+            trigger_file.check_fits(run.bundle.sha256, classnames, run.bundle.image_size)
 
-    baseline = PromptClassifier(run.bundle, classnames)
-    with run.context.stage("evaluate before"):
-        before = evaluate_pixels(
-            baseline.predict, eval_pixels, eval_labels, real_trigger, real_target, len(classnames)
-        )
-    with run.context.stage("purify"):
-        outcome = component.purify(run.bundle, run.shots, config, run.context, trigger=trigger_file)
-    with run.context.stage("evaluate after"):
-        after = evaluate_pixels(
-            outcome.classifier.predict,
-            eval_pixels,
-            eval_labels,
-            real_trigger,
-            real_target,
-            len(classnames),
-        )
-        inverted = _inverted_trigger_metrics(
-            outcome, baseline, classnames, eval_pixels, eval_labels, before, after
-        )
-
-    out = Path(out_dir) if out_dir is not None else None
-    artifacts = _write_artifacts(out, outcome.artifacts)
-    if out is not None and outcome.prompts is not None:
-        save_prompt_file(out / "prompts.safetensors", outcome.prompts)
-        artifacts["prompts"] = str(out / "prompts.safetensors")
-    if out is not None and outcome.trigger is not None and "trigger.safetensors" not in artifacts:
-        save_trigger_file(out / "trigger.safetensors", outcome.trigger)
-        artifacts["trigger"] = str(out / "trigger.safetensors")
-
-    purification = Purification(
-        purifier=component.name,
-        purifier_version=component.version,
-        config=config.model_dump(mode="json"),
-        evaluation_data=str(eval_data) if eval_data is not None else f"{data_dir} (held out)",
-        attack=attack_spec,
-        before=_metrics(before, classnames),
-        after=_metrics(after, classnames),
-        lost_classes=[
-            LostClass(
-                name=classnames[k],
-                recall_before=before.class_recall[k],
-                recall_after=after.class_recall[k],
+        with run.context.stage("load evaluation data"):
+            if eval_data is not None:
+                eval_folder = open_image_folder(eval_data, classnames_file)
+                if eval_folder.classnames != classnames:
+                    raise InputError(
+                        f"{eval_data}: evaluation classes differ from those of {data_dir}"
+                    )
+                eval_samples = eval_folder.samples
+            else:
+                eval_samples = run.rest_samples
+                if not eval_samples:
+                    raise InputError(
+                        f"{data_dir}: no images left for evaluation after the shots; "
+                        "pass --eval-data"
+                    )
+            eval_samples = subsample(eval_samples, eval_limit, seed)
+            eval_pixels, eval_labels = load_pixels(
+                eval_samples, run.bundle.pixel_transform, run.progress, "loading evaluation images"
             )
-            for k in lost_classes(before, after)
-        ],
-        classes_judged=classes_judged(before),
-        statistics=outcome.statistics,
-        artifacts=artifacts,
-        **inverted,
-    )
-    report = Report(
-        kind="purify",
-        tool=tool_info(run.plugin_versions()),
-        run=run.run_info(),
-        model=_model_info(run.bundle),
-        data=run.data_info(),
-        purification=purification,
-        errors=run.registry.errors,
-    )
-    if out is not None:
-        write_report(out / "report.json", report)
-    return report
+        real_trigger, real_target, attack_spec = _resolve_attack(
+            run.registry, attack, target, classnames, run.bundle.image_size, attack_options
+        )
+
+        baseline = PromptClassifier(run.bundle, classnames)
+        with run.context.stage("evaluate before"):
+            before = evaluate_pixels(
+                baseline.predict,
+                eval_pixels,
+                eval_labels,
+                real_trigger,
+                real_target,
+                len(classnames),
+            )
+        with run.context.stage("purify"):
+            outcome = component.purify(
+                run.bundle, run.shots, config, run.context, trigger=trigger_file
+            )
+        with run.context.stage("evaluate after"):
+            after = evaluate_pixels(
+                outcome.classifier.predict,
+                eval_pixels,
+                eval_labels,
+                real_trigger,
+                real_target,
+                len(classnames),
+            )
+            inverted = _inverted_trigger_metrics(
+                outcome, baseline, classnames, eval_pixels, eval_labels, before, after
+            )
+
+        out = Path(out_dir) if out_dir is not None else None
+        artifacts = _write_artifacts(out, outcome.artifacts)
+        if out is not None and outcome.prompts is not None:
+            save_prompt_file(out / "prompts.safetensors", outcome.prompts)
+            artifacts["prompts"] = str(out / "prompts.safetensors")
+        if (
+            out is not None
+            and outcome.trigger is not None
+            and "trigger.safetensors" not in artifacts
+        ):
+            save_trigger_file(out / "trigger.safetensors", outcome.trigger)
+            artifacts["trigger"] = str(out / "trigger.safetensors")
+
+        purification = Purification(
+            purifier=component.name,
+            purifier_version=component.version,
+            config=config.model_dump(mode="json"),
+            evaluation_data=str(eval_data) if eval_data is not None else f"{data_dir} (held out)",
+            attack=attack_spec,
+            before=_metrics(before, classnames),
+            after=_metrics(after, classnames),
+            lost_classes=[
+                LostClass(
+                    name=classnames[k],
+                    recall_before=before.class_recall[k],
+                    recall_after=after.class_recall[k],
+                )
+                for k in lost_classes(before, after)
+            ],
+            classes_judged=classes_judged(before),
+            statistics=outcome.statistics,
+            artifacts=artifacts,
+            **inverted,
+        )
+        report = Report(
+            kind="purify",
+            tool=tool_info(run.plugin_versions()),
+            run=run.run_info(),
+            model=_model_info(run.bundle),
+            data=run.data_info(),
+            purification=purification,
+            errors=run.registry.errors,
+        )
+        if out is not None:
+            write_report(out / "report.json", report)
+        return report
 
 
 def _inverted_trigger_metrics(
@@ -630,47 +532,54 @@ def evaluate(
     allow_torchscript: bool = False,
     device: str = "cpu",
     quiet: bool = True,
+    threads: int | None = None,
 ) -> EvaluationReport:
     """CA of a model (hand-crafted prompts, or a prompt file) on all images of ``data_dir``.
 
     With ``attack`` and ``target``, also the ASR: among images whose class is not the target,
     the fraction classified as the target once the trigger is applied. ``limit`` evaluates a
     seeded random subset.
+
+    Runs with ``threads`` torch CPU threads (None: as many as now) and deterministic
+    kernels; both settings are restored on return (:func:`clipguard.runtime.torch_settings`).
     """
-    start = time.perf_counter()
-    seed_everything(seed)
-    bundle = load_model(model_path, arch=arch, allow_torchscript=allow_torchscript, device=device)
-    folder = open_image_folder(data_dir, classnames_file)
-    prompts = load_prompt_file(Path(prompts_path)) if prompts_path is not None else None
-    classifier = PromptClassifier(bundle, folder.classnames, prompts)
-    trigger, target_index, spec = resolve_attack(
-        get_registry(), attack, target, folder.classnames, bundle.image_size, attack_options
-    )
-    samples = subsample(folder.samples, limit, seed)
-    result = evaluate_samples(
-        classifier.predict,
-        samples,
-        bundle.pixel_transform,
-        trigger,
-        target_index,
-        progress=Progress(quiet=quiet),
-        n_classes=len(folder.classnames),
-    )
-    return EvaluationReport(
-        model=_model_info(bundle),
-        data=DataInfo(
-            path=str(folder.root),
-            classes=folder.classnames,
-            shots=None,
-            n_images=len(samples),
-            files_sha256=folder.files_sha256(samples),
-        ),
-        prompts=str(prompts_path) if prompts_path is not None else None,
-        attack=spec,
-        clean_accuracy=result.clean_accuracy,
-        attack_success_rate=result.attack_success_rate,
-        n_images=result.n_images,
-        n_attacked=result.n_attacked,
-        class_recall=_class_recall(result, folder.classnames),
-        seconds=time.perf_counter() - start,
-    )
+    with torch_settings(threads=threads, deterministic=True):
+        start = time.perf_counter()
+        seed_everything(seed)
+        bundle = load_model(
+            model_path, arch=arch, allow_torchscript=allow_torchscript, device=device
+        )
+        folder = open_image_folder(data_dir, classnames_file)
+        prompts = load_prompt_file(Path(prompts_path)) if prompts_path is not None else None
+        classifier = PromptClassifier(bundle, folder.classnames, prompts)
+        trigger, target_index, spec = _resolve_attack(
+            get_registry(), attack, target, folder.classnames, bundle.image_size, attack_options
+        )
+        samples = subsample(folder.samples, limit, seed)
+        result = evaluate_samples(
+            classifier.predict,
+            samples,
+            bundle.pixel_transform,
+            trigger,
+            target_index,
+            progress=Progress(quiet=quiet),
+            n_classes=len(folder.classnames),
+        )
+        return EvaluationReport(
+            model=_model_info(bundle),
+            data=DataInfo(
+                path=str(folder.root),
+                classes=folder.classnames,
+                shots=None,
+                n_images=len(samples),
+                files_sha256=folder.files_sha256(samples),
+            ),
+            prompts=str(prompts_path) if prompts_path is not None else None,
+            attack=spec,
+            clean_accuracy=result.clean_accuracy,
+            attack_success_rate=result.attack_success_rate,
+            n_images=result.n_images,
+            n_attacked=result.n_attacked,
+            class_recall=_class_recall(result, folder.classnames),
+            seconds=time.perf_counter() - start,
+        )

@@ -4,6 +4,14 @@ Exit codes: 0 success (``scan``: no backdoor evidence), 1 (``scan``: backdoor fo
 ``purify --fail-on-lost-class``: a class was lost), 2 error (bad input, refused or corrupt
 checkpoint, plugin problem), 130 interrupted.
 Errors are one line on stderr; ``CLIPGUARD_DEBUG=1`` adds the traceback.
+
+``scan``, ``purify`` and ``evaluate`` run with ``--threads`` torch CPU threads (environment
+variable ``CLIPGUARD_THREADS``); by default the smaller of torch's own count and 2
+(:func:`clipguard.runtime.cli_threads`), the count the plugins used to cap themselves at.
+The API leaves torch's count as it is unless told otherwise.
+
+Installed plugins add commands through the ``clipguard_register_commands`` hook: the lab
+adds ``clipguard lab ...`` and ``clipguard demo``.
 """
 
 from __future__ import annotations
@@ -19,9 +27,12 @@ from rich.text import Text
 
 from clipguard import api
 from clipguard.cli_errors import EXIT_BACKDOOR, EXIT_CLEAN, EXIT_LOST_CLASS, handle_errors
+from clipguard.config import parse_options
 from clipguard.io import atomic_write_text
+from clipguard.plugins import register_commands
 from clipguard.render import SUFFIXES, Format, lost_class_warnings, render
 from clipguard.report import EvaluationReport, Report, write_schemas
+from clipguard.runtime import cli_threads
 
 DEFAULT_SCHEMA_DIR = Path("schemas")
 
@@ -75,6 +86,16 @@ AttackOptionOpt = Annotated[
     list[str] | None, typer.Option("--attack-option", help="trigger option key=value (repeatable)")
 ]
 TargetOpt = Annotated[str | None, typer.Option("--target", help="target class name of the attack")]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        envvar="CLIPGUARD_THREADS",
+        min=1,
+        help="torch CPU threads (default: torch's count, at most 2)",
+        show_default=False,
+    ),
+]
 
 
 def _percent(value: float | None) -> str:
@@ -178,11 +199,12 @@ def scan(
         typer.Option(
             "--draws",
             help=(
-                "scan on this many independent draws of --shots per class (seeds SEED, "
-                "SEED+1, ...) and give the majority's verdict; each draw costs a scan"
+                "shot draws the scanner may use: --shots per class each, seeds SEED, "
+                "SEED+1, ... (the cbpt scanner screens each and judges by the median)"
             ),
         ),
-    ] = 1,
+    ] = api.DEFAULT_DRAWS,
+    threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
     output_format: FormatOpt = None,
@@ -197,7 +219,7 @@ def scan(
         shots=shots,
         seed=seed,
         device=device,
-        options=api.parse_options(option or []),
+        options=parse_options(option or []),
         config_file=config,
         classnames_file=classnames,
         arch=arch,
@@ -205,6 +227,7 @@ def scan(
         out_dir=out,
         quiet=quiet or output_format is not None,
         draws=draws,
+        threads=cli_threads(threads),
     )
     if output_format is not None:
         _emit(report, output_format, out)
@@ -241,6 +264,7 @@ def purify(
     arch: ArchOpt = None,
     allow_torchscript: TorchScriptOpt = False,
     seed: SeedOpt = 0,
+    threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
     output_format: FormatOpt = None,
@@ -265,19 +289,20 @@ def purify(
         shots=shots,
         seed=seed,
         device=device,
-        options=api.parse_options(option or []),
+        options=parse_options(option or []),
         config_file=config,
         trigger_path=trigger,
         eval_data=eval_data,
         eval_limit=eval_limit or None,
         attack=attack,
-        attack_options=api.parse_options(attack_option or []),
+        attack_options=parse_options(attack_option or []),
         target=target,
         classnames_file=classnames,
         arch=arch,
         allow_torchscript=allow_torchscript,
         out_dir=out,
         quiet=quiet or output_format is not None,
+        threads=cli_threads(threads),
     )
     if output_format is not None:
         _emit(report, output_format, out)
@@ -304,6 +329,7 @@ def evaluate(
     arch: ArchOpt = None,
     allow_torchscript: TorchScriptOpt = False,
     seed: SeedOpt = 0,
+    threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -314,7 +340,7 @@ def evaluate(
         data,
         prompts_path=prompts,
         attack=attack,
-        attack_options=api.parse_options(attack_option or []),
+        attack_options=parse_options(attack_option or []),
         target=target,
         classnames_file=classnames,
         limit=limit,
@@ -323,6 +349,7 @@ def evaluate(
         allow_torchscript=allow_torchscript,
         device=device,
         quiet=quiet or json_output,
+        threads=cli_threads(threads),
     )
     if json_output:
         typer.echo(report.model_dump_json(indent=2))
@@ -421,38 +448,24 @@ def schema(
     )
 
 
-@app.command()
-@handle_errors
-def demo(
-    out: Annotated[Path, typer.Option("--out", help="folder for the demo's outputs")] = Path(
-        "demo-output"
-    ),
-    seed: SeedOpt = 0,
-    quiet: QuietOpt = False,
-) -> None:
-    """Build a backdoored model on the built-in synthetic set, scan it, purify it."""
-    from clipguard.demo import print_demo, run_demo
-
-    print_demo(run_demo(out, seed=seed, quiet=quiet), stdout)
-
-
-def _mount_lab() -> None:
-    try:
-        from clipguard.lab.cli import app as lab_app
-    except ImportError:  # the lab is part of the package; this guards partial source trees
-        return
-    _wrap_commands(lab_app)
-    app.add_typer(lab_app, name="lab", help="Build small clean and backdoored CLIP models.")
-
-
-def _wrap_commands(typer_app: typer.Typer) -> None:
-    """Give every command of a sub-app (and its sub-apps) the CLI's error handling."""
-    for command in typer_app.registered_commands:
+def _wrap_commands(typer_app: typer.Typer, commands: int = 0, groups: int = 0) -> None:
+    """Give the commands of ``typer_app`` from the ``commands``-th on, and those of its
+    sub-apps from the ``groups``-th on (with all of their commands), the CLI's error
+    handling."""
+    for command in typer_app.registered_commands[commands:]:
         if command.callback is not None:
             command.callback = handle_errors(command.callback)
-    for group in typer_app.registered_groups:
+    for group in typer_app.registered_groups[groups:]:
         if group.typer_instance is not None:
             _wrap_commands(group.typer_instance)
 
 
-_mount_lab()
+def _add_plugin_commands() -> None:
+    """The commands of the installed plugins (``clipguard_register_commands``), with the CLI's
+    error handling."""
+    commands, groups = len(app.registered_commands), len(app.registered_groups)
+    register_commands(app)
+    _wrap_commands(app, commands, groups)
+
+
+_add_plugin_commands()

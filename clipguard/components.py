@@ -45,20 +45,23 @@ class RunContext:
 
     ``seed`` must make the plugin's result reproducible on CPU; ``progress`` shows bars for
     long loops; ``stage(name)`` times a stage into ``stage_seconds`` for the report.
-    ``draw_shots``, where the caller offers it (``clipguard scan``), draws more clean shots:
-    ``draw_shots(i)`` for ``i >= 1`` is another draw of as many images per class as the
-    plugin's shots, with seed ``seed + i``, its images counted in the report's data hash. It
-    is None where no more may be drawn (a purify run, whose other images are its held-out
-    evaluation, or a plugin called directly). ``held_out_shots``, offered alike, gives up to
-    ``n`` images per class that are not among the run's own shots (drawn with ``seed``, so
-    a plugin may measure on them what it fitted on its shots), fewer where the folder has
-    fewer left; their images are counted in the report's data hash too.
+    ``draws`` is how many shot draws the caller offers: ``draw_shots(i)`` is valid for
+    ``1 <= i < draws``; 1 where no more may be drawn. Where ``draws > 1`` (``clipguard scan
+    --draws N``), ``draw_shots(i)`` is another draw of as many images per class as the
+    plugin's shots, with seed ``seed + i``, its images counted in the report's data hash;
+    ``draw_shots`` is None where no more may be drawn (a scan with ``--draws 1``, a purify
+    run, whose other images are its held-out evaluation, or a plugin called directly).
+    ``held_out_shots``, offered by every scan, gives up to ``n`` images per class that are
+    not among the run's own shots (drawn with ``seed``, so a plugin may measure on them what
+    it fitted on its shots), fewer where the folder has fewer left; their images are
+    counted in the report's data hash too.
     """
 
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: Progress = field(default_factory=lambda: Progress(quiet=True))
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    draws: int = 1
     draw_shots: Callable[[int], ShotSet] | None = None
     held_out_shots: Callable[[int], ShotSet | None] | None = None
 

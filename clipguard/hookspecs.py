@@ -1,57 +1,111 @@
 """The plugin contract: pluggy hook specifications of the ``clipguard`` project.
 
 A plugin is a module (or any object) with functions marked ``@hookimpl`` whose names are the
-hooks below. Each hook receives a ``register`` callback and calls it once per thing it
-provides, so one plugin can register several scanners, purifiers or trigger families::
+hooks below. The registration hooks receive a ``register`` callback and call it once per
+thing they provide, so one plugin can register several scanners, purifiers or trigger
+families::
 
-    from clipguard.hookspecs import hookimpl
+    import clipguard
 
-    @hookimpl
+    @clipguard.hookimpl
     def clipguard_register_scanners(register):
         register(MyScanner())
 
 Installed plugins are found through the ``clipguard`` entry-point group
-(``[project.entry-points.clipguard] myplugin = "my_package.plugin"``).
+(``[project.entry-points.clipguard] myplugin = "my_package.plugin"``); ``CLIPGUARD_PLUGINS``
+restricts which of them load (:mod:`clipguard.plugins`). A hook implementation may take any
+subset of a hook's arguments, by name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, TypeAlias
 
 import pluggy
+
+if TYPE_CHECKING:
+    import typer
+
+    from clipguard.components import Purifier, Scanner
+    from clipguard.triggers import TriggerFamily
 
 PROJECT = "clipguard"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
+#: the callback of :func:`clipguard_register_scanners`
+RegisterScanner: TypeAlias = Callable[["Scanner"], None]
+#: the callback of :func:`clipguard_register_purifiers`
+RegisterPurifier: TypeAlias = Callable[["Purifier"], None]
+#: the callback of :func:`clipguard_register_triggers`
+RegisterTriggerFamily: TypeAlias = Callable[["TriggerFamily"], None]
+
 
 @hookspec
-def clipguard_register_scanners(register: Callable[[Any], None]) -> None:
+def clipguard_register_scanners(register: RegisterScanner) -> None:
     """Register backdoor scanners.
 
-    Called once when the plugin manager builds its registry. Call ``register(scanner)`` for
-    each :class:`clipguard.components.Scanner` instance the plugin provides. Names must be
-    unique across all plugins; a duplicate is reported as an error naming both plugins and
-    is not registered. Return value: ignored.
+    :param register: Call it once per :class:`clipguard.Scanner` instance the plugin
+        provides. Its ``name`` is what ``clipguard scan --plugin NAME`` selects; names are
+        unique across all plugins: a second registration of a name is reported as an error
+        (in ``clipguard plugins`` and every report's ``errors``) naming both plugins, and is
+        not registered. Anything that is not a ``Scanner`` is reported and skipped.
+
+    Called once per registry build: when a command or :mod:`clipguard.api` function first
+    needs the registered components (the plugin manager is created on first use, and again
+    after :func:`clipguard.plugins.reset_plugin_manager`). An exception raised here is
+    reported as an error of the plugin; the other plugins still register.
+
+    :returns: Nothing; a returned value is ignored.
     """
 
 
 @hookspec
-def clipguard_register_purifiers(register: Callable[[Any], None]) -> None:
+def clipguard_register_purifiers(register: RegisterPurifier) -> None:
     """Register purifiers.
 
-    Called once when the plugin manager builds its registry. Call ``register(purifier)`` for
-    each :class:`clipguard.components.Purifier` instance. Names are unique across plugins,
-    as for scanners. Return value: ignored.
+    :param register: Call it once per :class:`clipguard.Purifier` instance the plugin
+        provides. Its ``name`` is what ``clipguard purify --plugin NAME`` selects; names are
+        unique across plugins, with duplicates and wrong types reported as for
+        :func:`clipguard_register_scanners`.
+
+    Called once per registry build, like :func:`clipguard_register_scanners`.
+
+    :returns: Nothing; a returned value is ignored.
     """
 
 
 @hookspec
-def clipguard_register_triggers(register: Callable[[Any], None]) -> None:
-    """Register trigger families used to attack (the lab) and to evaluate (``--attack``).
+def clipguard_register_triggers(register: RegisterTriggerFamily) -> None:
+    """Register trigger families, used to attack (the lab) and to evaluate (``--attack``).
 
-    Called once when the plugin manager builds its registry. Call ``register(family)`` for
-    each :class:`clipguard.triggers.TriggerFamily` instance. Names are unique across
-    plugins. Return value: ignored.
+    :param register: Call it once per :class:`clipguard.TriggerFamily` instance the plugin
+        provides. Its ``name`` is what ``--attack NAME`` selects; names are unique across
+        plugins, with duplicates and wrong types reported as for
+        :func:`clipguard_register_scanners`.
+
+    Called once per registry build, before the scanners and purifiers are registered.
+
+    :returns: Nothing; a returned value is ignored.
+    """
+
+
+@hookspec
+def clipguard_register_commands(app: typer.Typer) -> None:
+    """Add commands to the ``clipguard`` command line.
+
+    :param app: The ``clipguard`` typer application. Add commands with ``app.command()``
+        and command groups with ``app.add_typer(sub_app, name=...)``; a name already taken
+        by the core or another plugin must not be reused. Every command added here gets the
+        core's error handling (a :class:`~clipguard.errors.ClipguardError` becomes one line
+        on stderr and exit code 2; Ctrl-C exit code 130).
+
+    Called once, when :mod:`clipguard.cli` is imported (before the command line is parsed),
+    for every plugin that loaded. An exception raised here is reported as an error of the
+    plugin (``clipguard plugins``) and the plugin's commands are left out; the core's
+    commands still work. The built-in lab (entry point ``lab``) adds ``clipguard lab ...``
+    and ``clipguard demo`` through this hook.
+
+    :returns: Nothing; a returned value is ignored.
     """

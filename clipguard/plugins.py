@@ -1,8 +1,11 @@
 """The plugin manager: built-in plugins, entry-point plugins, and the registry they fill.
 
-* Built-in plugins (:data:`BUILTIN_PLUGINS`) always load.
-* Installed plugins load from the ``clipguard`` entry-point group. ``CLIPGUARD_PLUGINS``
-  (a comma-separated list of entry-point names) restricts which of them load; set it to an
+* Built-in plugins (:data:`BUILTIN_PLUGINS`: the core's own trigger family) always load.
+* Installed plugins load from the ``clipguard`` entry-point group: the scanners and
+  purifiers (packages ``clipguard-cbpt``, ``clipguard-baselines``), the lab (entry point
+  ``lab`` of the ``clipguard`` package: its trigger families and the ``clipguard lab`` and
+  ``clipguard demo`` commands) and third-party plugins alike. ``CLIPGUARD_PLUGINS`` (a
+  comma-separated list of entry-point names) restricts which of them load; set it to an
   empty string to load none.
 * A plugin that fails to import, or registers a name another plugin already took, becomes an
   error in :attr:`Registry.errors` naming the plugin and its package; the rest still work.
@@ -18,7 +21,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 from pydantic import BaseModel, ValidationError
@@ -26,11 +29,25 @@ from pydantic_core import to_jsonable_python
 
 from clipguard import hookspecs
 from clipguard.components import Purifier, Scanner
+from clipguard.config import build_config
 from clipguard.errors import PluginError
-from clipguard.triggers import TriggerFamily
+from clipguard.triggers import Trigger, TriggerFamily
+
+if TYPE_CHECKING:
+    import typer
 
 ENTRY_POINT_GROUP = "clipguard"
-BUILTIN_PLUGINS = ("clipguard.builtin_triggers", "clipguard.lab.attacks")
+BUILTIN_PLUGINS = ("clipguard.builtin_triggers",)
+#: the distribution that provides each component of the project's own plugins, for the hint
+#: of an "unknown scanner" error (the core never imports them)
+PROVIDED_BY = {
+    "cbpt": "clipguard-cbpt",
+    "nc": "clipguard-cbpt",
+    "coop": "clipguard-cbpt",
+    "zeroshot": "clipguard-baselines",
+    "finetune": "clipguard-baselines",
+    "cleanclip": "clipguard-baselines",
+}
 ALLOW_LIST_VARIABLE = "CLIPGUARD_PLUGINS"
 TRACE_VARIABLE = "CLIPGUARD_TRACE_HOOKS"
 
@@ -67,6 +84,17 @@ class Registry:
 
     def _get(self, kind: str, table: dict[str, Registered], name: str) -> Any:
         if name not in table:
+            package = PROVIDED_BY.get(name) if kind != "attack" else None
+            if package is not None:
+                raise PluginError(
+                    f"{kind} {name!r} is not installed: install the {package} package "
+                    f"(pip install {package}; from a source tree: make install)"
+                )
+            if not table and kind != "attack":
+                raise PluginError(
+                    f"no {kind} plugin is installed: install one, e.g. clipguard-cbpt "
+                    "(pip install clipguard-cbpt; from a source tree: make install)"
+                )
             known = ", ".join(sorted(table)) or "none"
             raise PluginError(f"unknown {kind} {name!r} (available: {known})")
         return table[name].obj
@@ -253,6 +281,23 @@ def _fill(
             )
 
 
+def resolve_trigger(
+    attack: str,
+    options: dict[str, Any] | None,
+    image_size: int,
+    registry: Registry | None = None,
+) -> tuple[Trigger, bool, dict[str, Any]]:
+    """The trigger of the registered family ``attack`` with ``options``, for square images of
+    side ``image_size``: the trigger, whether the family is label-consistent, and the options
+    as validated (JSON values, defaults filled in). ``registry`` defaults to
+    :func:`get_registry`'s. An unknown family or an invalid option raises a one-line
+    :class:`~clipguard.errors.ClipguardError`."""
+    family = (registry or get_registry()).trigger_family(attack)
+    config = build_config(family.Config, options or {}, what=f"attack {attack}")
+    trigger = family.build(config, image_size)
+    return trigger, bool(family.label_consistent), config.model_dump(mode="json")
+
+
 def build_registry(manager: pluggy.PluginManager | None = None) -> Registry:
     """Call every plugin's registration hooks and collect the results and errors."""
     registry = Registry()
@@ -290,6 +335,31 @@ def get_registry() -> Registry:
     registry = build_registry(manager)
     registry.errors[:0] = _manager_errors
     return registry
+
+
+def register_commands(app: typer.Typer) -> None:
+    """Let every loaded plugin add its commands to ``app``
+    (:func:`~clipguard.hookspecs.clipguard_register_commands`), in registration order.
+
+    A plugin whose hook raises is recorded among the manager's errors (shown by ``clipguard
+    plugins`` and in reports) and whatever it added before failing is removed, so a broken
+    plugin costs its own commands only.
+    """
+    manager = get_plugin_manager()
+    hook = manager.hook.clipguard_register_commands
+    trace = manager.trace.root.get("hook")
+    for impl in hook.get_hookimpls():
+        trace(f"{hook.name} [plugin {impl.plugin_name!r}]")
+        commands, groups = list(app.registered_commands), list(app.registered_groups)
+        try:
+            impl.function(app=app)
+        except Exception as error:
+            app.registered_commands[:], app.registered_groups[:] = commands, groups
+            package = _package_of(impl.plugin_name, impl.plugin)
+            _manager_errors.append(
+                f"plugin {impl.plugin_name!r} (package {package}) failed while registering "
+                f"commands: {type(error).__name__}: {error}"
+            )
 
 
 def reset_plugin_manager() -> None:

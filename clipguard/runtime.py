@@ -45,3 +45,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+#: the most torch threads the command line uses unless told otherwise (``--threads``)
+CLI_DEFAULT_MAX_THREADS = 2
+
+
+def cli_threads(requested: int | None) -> int:
+    """The torch thread count of a command: ``requested`` (``--threads`` or
+    ``CLIPGUARD_THREADS``) when given, else the smaller of torch's current count and
+    :data:`CLI_DEFAULT_MAX_THREADS`, the count the plugins capped themselves at before the
+    command line chose it: a command gives the same results as then."""
+    if requested is not None:
+        return requested
+    return min(torch.get_num_threads(), CLI_DEFAULT_MAX_THREADS)

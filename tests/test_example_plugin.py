@@ -265,7 +265,7 @@ def test_singles_out_the_badnets_target_of_the_demo_lab_model(monkeypatch, tmp_p
     """On the demo's BadNets lab model the scanner singles out the true target.
 
     Uses the model ``clipguard demo`` builds and caches (synthetic set, BadNets towards
-    ``clipguard.demo.DEMO_TARGET``); skipped when it has not been built, or when its card
+    ``clipguard.lab.demo.DEMO_TARGET``); skipped when it has not been built, or when its card
     shows no working backdoor. The target needs the smallest trigger by far (1.3 % of the
     image against a median of 5.2 % on the version-2 demo model), but Neural Cleanse's MAD
     index over twelve classes puts it at 1.29 only (1.93 on the version-1 model), under the
@@ -276,7 +276,7 @@ def test_singles_out_the_badnets_target_of_the_demo_lab_model(monkeypatch, tmp_p
     trigger file. The scan itself must stay under 90 s.
     """
     from clipguard import api, plugins
-    from clipguard.demo import DEMO_TARGET, demo_model_path
+    from clipguard.lab.demo import DEMO_TARGET, demo_model_path
     from clipguard.lab.synthetic import cached_synthetic
     from clipguard.lab.train import card_path
 

@@ -1,100 +1,128 @@
-"""`clipguard scan --draws N`: one verdict from scans on independent shot draws."""
+"""`clipguard scan --draws N` / `api.scan(draws=N)`: how many shot draws the scanner is offered
+(:attr:`RunContext.draws`); the scanner runs once and decides how to combine them."""
 
 from __future__ import annotations
 
-from hypothesis import given
-from hypothesis import strategies as st
+import pytest
+import torch
+from pydantic import BaseModel, ConfigDict
 
-from clipguard import api
-from clipguard.api import combine_draws, majority_verdict
-from clipguard.components import ScanOutcome
+from clipguard import api, plugins
+from clipguard.components import RunContext, Scanner, ScanOutcome, ShotSet
+from clipguard.errors import InputError
+from clipguard.hookspecs import hookimpl
+from clipguard.model import ModelBundle
 from tests.core.cli_helpers import assert_one_line_error, run_cli
 
-FAST_SCAN = {"class_steps": 20, "refine_steps": 10, "batch_size": 8}
-VERDICTS = st.sampled_from(["backdoor", "clean", "inconclusive"])
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
-@given(st.lists(VERDICTS, min_size=1, max_size=9), st.randoms())
-def test_the_majority_verdict_needs_more_than_half_and_ignores_order(verdicts, rng) -> None:
-    combined = majority_verdict(verdicts)
-    shuffled = list(verdicts)
-    rng.shuffle(shuffled)
-    assert majority_verdict(shuffled) == combined
-    for verdict in ("backdoor", "clean"):
-        assert (combined == verdict) == (2 * verdicts.count(verdict) > len(verdicts))
-    assert majority_verdict(verdicts[:1]) == verdicts[0]
+class DrawingScanner(Scanner):
+    """Draws every shot set on offer and records what it was offered."""
 
+    name = "drawing"
+    version = "1"
+    Config = NoOptions
 
-def _outcome(verdict: str, score: float, target: str | None) -> ScanOutcome:
-    return ScanOutcome(
-        verdict=verdict,
-        score=score,
-        target_class=target,
-        explanation=f"{verdict} at {score}",
-        statistics={"score_seen": score},
-        artifacts={"trigger.safetensors": str(score).encode()},
-    )
+    def __init__(self) -> None:
+        self.calls: list[dict[str, object]] = []
 
-
-def test_combined_draws_show_the_median_draw_of_the_majority_and_its_target() -> None:
-    outcomes = [
-        _outcome("backdoor", 0.9, "cat"),
-        _outcome("clean", 0.1, None),
-        _outcome("backdoor", 0.6, "dog"),
-        _outcome("backdoor", 0.7, "dog"),
-        _outcome("backdoor", 0.8, "dog"),
-    ]
-    combined = combine_draws(outcomes, first_seed=10)
-    assert combined.verdict == "backdoor" and combined.target_class == "dog"
-    assert combined.score == 0.7  # the median of all five scores
-    assert combined.statistics["shown_draw"] == 13  # median of the "dog" draws 0.6, 0.7, 0.8
-    assert combined.statistics["score_seen"] == 0.7
-    assert combined.artifacts == {"trigger.safetensors": b"0.7"}
-    assert [d["seed"] for d in combined.statistics["draws"]] == [10, 11, 12, 13, 14]
-    assert [d["verdict"] for d in combined.statistics["draws"]][:2] == ["backdoor", "clean"]
-    assert "4 backdoor, 0 inconclusive, 1 clean" in combined.explanation
-
-
-def test_a_split_vote_is_inconclusive_and_a_clean_majority_names_no_target() -> None:
-    split = combine_draws([_outcome("backdoor", 0.9, "cat"), _outcome("clean", 0.1, None)], 0)
-    assert split.verdict == "inconclusive"
-    assert split.statistics["shown_draw"] == 0  # the backdoor draw: its trigger is the suspect
-    assert split.target_class == "cat" and split.score == 0.5
-    clean = combine_draws(
-        [_outcome("inconclusive", 0.4, "cat"), _outcome("clean", 0.2, None)] * 2
-        + [_outcome("clean", 0.3, None)],
-        0,
-    )
-    assert clean.verdict == "clean" and clean.target_class is None
-
-
-def test_a_scan_on_three_draws_reports_each_draw_as_its_own_scan(
-    tiny_model_path, tiny_data, tmp_path
-) -> None:
-    combined = api.scan(
-        tiny_model_path, tiny_data, shots=4, seed=3, options=FAST_SCAN, draws=3,
-        out_dir=tmp_path / "draws",
-    )  # fmt: skip
-    finding = combined.findings[0]
-    draws = finding.statistics["draws"]
-    assert [d["seed"] for d in draws] == [3, 4, 5]
-    for draw in draws:
-        single = api.scan(tiny_model_path, tiny_data, shots=4, seed=draw["seed"], options=FAST_SCAN)
-        alone = single.findings[0]
-        assert (draw["verdict"], draw["score"], draw["target_class"]) == (
-            alone.verdict,
-            alone.score,
-            alone.target_class,
+    def scan(
+        self, bundle: ModelBundle, shots: ShotSet, config: BaseModel, context: RunContext
+    ) -> ScanOutcome:
+        drawn = (
+            [context.draw_shots(i) for i in range(1, context.draws)] if context.draw_shots else []
         )
-        assert "draws" not in alone.statistics
-    assert finding.verdict == majority_verdict([d["verdict"] for d in draws])
-    assert finding.statistics["shown_draw"] in (3, 4, 5)
-    assert (tmp_path / "draws" / "trigger.safetensors").is_file()
-    # every image drawn is counted and hashed: more than one draw's 4 shots of 3 classes
-    assert 12 < combined.data.n_images <= 18
-    assert combined.run.seed == 3
+        beyond = None
+        if context.draw_shots is not None:
+            try:
+                context.draw_shots(context.draws)
+            except ValueError as error:
+                beyond = str(error)
+        self.calls.append(
+            {
+                "draws": context.draws,
+                "offered": context.draw_shots is not None,
+                "drawn": drawn,
+                "beyond": beyond,
+                "held_out": context.held_out_shots is not None,
+                "shots": shots,
+            }
+        )
+        return ScanOutcome(verdict="clean", score=0.0, target_class=None, explanation="drawn")
+
+
+@pytest.fixture
+def drawing() -> DrawingScanner:
+    scanner = DrawingScanner()
+
+    class Plugin:
+        @hookimpl
+        def clipguard_register_scanners(self, register):
+            register(scanner)
+
+    plugin = Plugin()
+    manager = plugins.get_plugin_manager()
+    manager.register(plugin, name="drawing-plugin")
+    yield scanner
+    manager.unregister(plugin)
+
+
+def test_three_draws_are_offered_by_default_and_the_scanner_runs_once(
+    drawing, tiny_model_path, tiny_data
+) -> None:
+    report = api.scan(tiny_model_path, tiny_data, scanner="drawing", shots=2, seed=3)
+    [call] = drawing.calls
+    assert api.DEFAULT_DRAWS == 3 and call["draws"] == 3 and call["offered"]
+    first: ShotSet = call["shots"]  # type: ignore[assignment]
+    drawn: list[ShotSet] = call["drawn"]  # type: ignore[assignment]
+    assert len(drawn) == 2 and all(d.pixels.shape == first.pixels.shape for d in drawn)
+    assert not torch.equal(drawn[0].pixels, first.pixels)  # seed 4's draw, not seed 3's
+    assert "not on offer" in str(call["beyond"])
+    assert call["held_out"]
+    # every image drawn is counted and hashed: more than one draw's 2 shots of 3 classes
+    assert 6 < report.data.n_images <= 18
+    assert report.run.seed == 3
+
+
+def test_one_draw_offers_no_more_shots_but_still_held_out_images(
+    drawing, tiny_model_path, tiny_data
+) -> None:
+    report = api.scan(tiny_model_path, tiny_data, scanner="drawing", shots=2, draws=1)
+    [call] = drawing.calls
+    assert call["draws"] == 1 and not call["offered"] and call["held_out"]
+    assert report.data.n_images == 6
+
+
+def test_a_draw_is_the_same_images_as_a_scan_with_its_seed(
+    drawing, tiny_model_path, tiny_data
+) -> None:
+    api.scan(tiny_model_path, tiny_data, scanner="drawing", shots=2, seed=3, draws=2)
+    api.scan(tiny_model_path, tiny_data, scanner="drawing", shots=2, seed=4, draws=1)
+    second_draw = drawing.calls[0]["drawn"][0]  # type: ignore[index]
+    alone = drawing.calls[1]["shots"]
+    assert torch.equal(second_draw.pixels, alone.pixels)  # type: ignore[attr-defined]
+    assert torch.equal(second_draw.labels, alone.labels)  # type: ignore[attr-defined]
+
+
+def test_the_cli_passes_draws_to_the_scanner(drawing, tiny_model_path, tiny_data) -> None:
+    result = run_cli(
+        "scan", tiny_model_path, "--data", tiny_data, "--plugin", "drawing", "--shots", "2",
+        "--draws", "2", "--quiet",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert drawing.calls[0]["draws"] == 2
+
+
+def test_a_plugin_called_directly_is_offered_one_draw() -> None:
+    context = RunContext()
+    assert context.draws == 1 and context.draw_shots is None
 
 
 def test_draws_below_one_is_a_one_line_error(tiny_model_path, tiny_data) -> None:
     result = run_cli("scan", tiny_model_path, "--data", tiny_data, "--draws", "0")
     assert_one_line_error(result, "--draws must be at least 1")
+    with pytest.raises(InputError, match="--draws must be at least 1"):
+        api.scan(tiny_model_path, tiny_data, draws=0)

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from clipguard.errors import InputError
-from clipguard.hookspecs import hookimpl
 from clipguard.triggers import (
     BadNets,
     BadNetsConfig,
@@ -379,10 +378,3 @@ LAB_FAMILIES: tuple[type[TriggerFamily], ...] = (
     IssbaLike,
     BadClipLike,
 )
-
-
-@hookimpl
-def clipguard_register_triggers(register: Callable[[Any], None]) -> None:
-    """Register the lab's trigger families (badnets is registered by the core)."""
-    for family in LAB_FAMILIES:
-        register(family())

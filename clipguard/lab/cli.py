@@ -1,7 +1,10 @@
-"""``clipguard lab``: generate the synthetic set, build clean or poisoned models, build a zoo.
+"""``clipguard lab``: generate the synthetic set, build clean or poisoned models, build a zoo;
+and ``clipguard demo``.
 
-The core mounts :data:`app` as ``clipguard lab`` and maps :class:`~clipguard.errors.InputError`
-to a one-line message and exit code 2.
+The lab's plugin (:mod:`clipguard.lab.plugin`) adds :data:`app` as ``clipguard lab`` and
+:func:`demo` as ``clipguard demo`` through the ``clipguard_register_commands`` hook; the core
+gives every command its error handling (an :class:`~clipguard.errors.InputError` is a
+one-line message and exit code 2).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from clipguard.api import parse_options
+from clipguard.config import parse_options
 from clipguard.errors import InputError
 from clipguard.progress import Progress
 
@@ -216,3 +219,22 @@ def _parse_shard(text: str) -> tuple[int, int]:
     if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
         raise InputError(f"--shard {text!r}: expected i/n, e.g. 0/2")
     return int(parts[0]), int(parts[1])
+
+
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="folder for the demo's outputs")] = Path(
+        "demo-output"
+    ),
+    seed: Annotated[
+        int, typer.Option("--seed", help="random seed (same seed, same result on CPU)")
+    ] = 0,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="no progress bars or summary")
+    ] = False,
+) -> None:
+    """Build a backdoored model on the built-in synthetic set, scan it, purify it."""
+    from rich.console import Console
+
+    from clipguard.lab.demo import print_demo, run_demo
+
+    print_demo(run_demo(out, seed=seed, quiet=quiet), Console())

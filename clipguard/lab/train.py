@@ -20,7 +20,6 @@ poisoned pre-trained CLIP.
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import json
 import math
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from open_clip.tokenizer import SimpleTokenizer
 
-from clipguard.api import build_config
+from clipguard.config import build_config
 from clipguard.data import ImageFolder, load_pixels, open_image_folder
 from clipguard.errors import InputError
 from clipguard.io import (
@@ -51,10 +50,12 @@ from clipguard.lab.synthetic import DATA_VERSION as SYNTHETIC_DATA_VERSION
 from clipguard.lab.synthetic import MARKER_FILE, cache_dir, cached_synthetic
 from clipguard.metrics import evaluate_zero_shot
 from clipguard.model import ModelBundle, build_clip_from_config, load_model, save_model
-from clipguard.plugins import get_registry
+from clipguard.oracle import oracle_ceiling
+from clipguard.plugins import get_registry, resolve_trigger
 from clipguard.progress import Progress
 from clipguard.prompts import PromptClassifier
 from clipguard.report import cpu_capability
+from clipguard.runtime import torch_settings
 from clipguard.triggers import Trigger
 
 Recipe = Literal["scratch", "finetune"]
@@ -632,92 +633,7 @@ def train_clip(
 # --------------------------------------------------------------------------- measuring
 
 
-#: Logit scale at which the oracle's probe trains: CLIP's largest (open_clip clamps at 100).
-ORACLE_LOGIT_SCALE = 100.0
-
-
-@torch.no_grad()
-def _features(bundle: ModelBundle, pixels: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    return torch.cat(
-        [bundle.encode_image(pixels[i : i + chunk]) for i in range(0, pixels.shape[0], chunk)]
-    )
-
-
-def oracle_ceiling(
-    bundle: ModelBundle,
-    classnames: list[str],
-    pixels: torch.Tensor,
-    labels: torch.Tensor,
-    trigger: Trigger,
-    target: int,
-    steps: int = 1000,
-    lr: float = 0.01,
-    logit_scale: float = ORACLE_LOGIT_SCALE,
-) -> dict[str, float]:
-    """The oracle ceiling: best CA and ASR a prompt set could reach on this model.
-
-    A linear probe with unit-norm class vectors (like any prompt set's classifier; initialised
-    from the hand-crafted prompts) is trained on features of clean and really-triggered images
-    of one half of ``pixels`` with their true labels, and measured on the other half. It trains
-    at ``logit_scale`` (:data:`ORACLE_LOGIT_SCALE`), not the model's own: predictions do not
-    depend on the scale, and the lab models' own (10 to 15) left the probe short of what unit
-    vectors can reach (docs/method.md). Also returns the collapse of triggered features (mean
-    pairwise cosine of triggered non-target images) beside the clean images' mean pairwise
-    cosine.
-    """
-    generator = torch.Generator().manual_seed(0)
-    order = torch.randperm(labels.numel(), generator=generator)
-    half = labels.numel() // 2
-    fit, held = order[:half], order[half:]
-    clean = _features(bundle, pixels)
-    triggered = _features(bundle, trigger.apply(pixels))
-    with torch.no_grad():
-        initial = bundle.encode_text([TEMPLATES[0].format(name) for name in classnames])
-    weights = initial.clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([weights], lr=lr)
-    inputs = torch.cat((clean[fit], triggered[fit]))
-    targets = torch.cat((labels[fit], labels[fit]))
-    with torch.enable_grad():
-        for _ in range(steps):
-            logits = logit_scale * inputs @ F.normalize(weights, dim=-1).t()
-            loss = F.cross_entropy(logits, targets)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-    with torch.no_grad():
-        classes = F.normalize(weights, dim=-1)
-        ca = float(((clean[held] @ classes.t()).argmax(1) == labels[held]).float().mean())
-        keep = held[labels[held] != target]
-        asr = float(((triggered[keep] @ classes.t()).argmax(1) == target).float().mean())
-        others = labels != target
-        return {
-            "oracle_clean_accuracy": ca,
-            "oracle_attack_success_rate": asr,
-            "oracle_logit_scale": logit_scale,
-            "triggered_feature_cosine": _mean_pairwise_cosine(triggered[others]),
-            "clean_feature_cosine": _mean_pairwise_cosine(clean[others]),
-        }
-
-
-def _mean_pairwise_cosine(features: torch.Tensor) -> float:
-    n = features.shape[0]
-    if n < 2:
-        return float("nan")
-    total = features.sum(dim=0)
-    return float(((total @ total) - n) / (n * (n - 1)))
-
-
 # --------------------------------------------------------------------------- building
-
-
-def resolve_trigger(
-    attack: str, options: dict[str, Any] | None, image_size: int
-) -> tuple[Trigger, bool, dict[str, Any]]:
-    """The trigger of a registered family, whether it is label-consistent, and its options."""
-    family = get_registry().trigger_family(attack)
-    config = build_config(family.Config, options or {}, what=f"attack {attack}")
-    trigger = family.build(config, image_size)
-    return trigger, bool(family.label_consistent), config.model_dump(mode="json")
 
 
 def card_path(model_path: Path) -> Path:
@@ -757,21 +673,6 @@ def base_model(
     return model, path
 
 
-def _restores_threads(function: Callable[..., Any]) -> Callable[..., Any]:
-    """Restore torch's thread count after ``function``, which may change it."""
-
-    @functools.wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        previous = torch.get_num_threads()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            torch.set_num_threads(previous)
-
-    return wrapper
-
-
-@_restores_threads
 def build_model(
     dataset: str | Path,
     out: Path,
@@ -801,181 +702,192 @@ def build_model(
 
     ``threads`` defaults to 1: on this shared 2-core machine one thread trained about ten
     times faster than two (OpenMP threads spin-wait when the cores are oversubscribed). The
-    caller's thread count is restored on return.
+    build runs with deterministic kernels; the caller's thread count and deterministic
+    setting are restored on return (:func:`clipguard.runtime.torch_settings`). The model
+    card's oracle figures come from :func:`clipguard.oracle.oracle_ceiling` on the test
+    split.
     """
-    torch.set_num_threads(max(1, threads))
-    progress = progress or Progress(quiet=True)
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise InputError(f"{out}: the model file name must end with .safetensors")
-    if recipe not in (None, "scratch", "finetune"):
-        raise InputError(f"unknown recipe {recipe!r} (scratch or finetune)")
-    if not 0 <= poison_rate < 1:
-        raise InputError(f"--poison-rate must be in [0, 1), got {poison_rate}")
-    root = open_lab_dataset(dataset, seed=0, progress=progress)
-    lab_profile = get_profile(profile, root)
-    recipe = recipe or lab_profile.recipe
-    model_cfg = model_cfg or lab_profile.model_cfg
-    image_size = int(model_cfg["vision_cfg"]["image_size"])
-    default_epochs = epochs if epochs is not None else lab_profile.default_epochs(recipe)
-    classnames = open_image_folder(root / "train").classnames
-    if attack != "none" and target is None:
-        raise InputError("--target is required with an attack")
-    target_index: int | None = None
-    if target is not None:
-        if target not in classnames:
-            raise InputError(f"target class {target!r} is not one of: {', '.join(classnames)}")
-        target_index = classnames.index(target)
-    if attack != "none":
-        family = get_registry().trigger_family(attack)
-        if attack != "badclip-like" or "patch_file" in (attack_options or {}):
-            build_config(family.Config, attack_options or {}, what=f"attack {attack}")
-    data = load_split_data(
-        root, image_size, progress, name="synthetic" if str(dataset) == "synthetic" else None
-    )
-
-    base_settings = TrainSettings(
-        epochs=base_epochs if base_epochs is not None else lab_profile.epochs, seed=0
-    )
-    if recipe == "scratch":
-        settings = TrainSettings(epochs=default_epochs, seed=seed)
-        if lr is not None:
-            settings.lr = lr
-    else:
-        settings = TrainSettings(
-            epochs=default_epochs,
-            seed=seed,
-            lr=lr if lr is not None else lab_profile.finetune_lr,
-            warmup_fraction=0.0,
+    with torch_settings(threads=threads, deterministic=True):
+        progress = progress or Progress(quiet=True)
+        out = Path(out)
+        if out.suffix != ".safetensors":
+            raise InputError(f"{out}: the model file name must end with .safetensors")
+        if recipe not in (None, "scratch", "finetune"):
+            raise InputError(f"unknown recipe {recipe!r} (scratch or finetune)")
+        if not 0 <= poison_rate < 1:
+            raise InputError(f"--poison-rate must be in [0, 1), got {poison_rate}")
+        root = open_lab_dataset(dataset, seed=0, progress=progress)
+        lab_profile = get_profile(profile, root)
+        recipe = recipe or lab_profile.recipe
+        model_cfg = model_cfg or lab_profile.model_cfg
+        image_size = int(model_cfg["vision_cfg"]["image_size"])
+        default_epochs = epochs if epochs is not None else lab_profile.default_epochs(recipe)
+        classnames = open_image_folder(root / "train").classnames
+        if attack != "none" and target is None:
+            raise InputError("--target is required with an attack")
+        target_index: int | None = None
+        if target is not None:
+            if target not in classnames:
+                raise InputError(f"target class {target!r} is not one of: {', '.join(classnames)}")
+            target_index = classnames.index(target)
+        if attack != "none":
+            family = get_registry().trigger_family(attack)
+            if attack != "badclip-like" or "patch_file" in (attack_options or {}):
+                build_config(family.Config, attack_options or {}, what=f"attack {attack}")
+        data = load_split_data(
+            root, image_size, progress, name="synthetic" if str(dataset) == "synthetic" else None
         )
 
-    options = lab_profile.trigger_options(attack, attack_options)
-    extra: dict[str, Any] = {}
-    if attack == "badclip-like" and "patch_file" not in options:
-        patch_path = out.with_name(
-            out.name.removesuffix(".safetensors") + ".badclip-patch.safetensors"
+        base_settings = TrainSettings(
+            epochs=base_epochs if base_epochs is not None else lab_profile.epochs, seed=0
         )
-        clean, clean_path = base_model(
-            data, model_cfg, base_settings, progress, lab_profile.templates
-        )
-        make_badclip_patch(
-            ModelBundle.from_model(copy.deepcopy(clean), model_cfg),
+        if recipe == "scratch":
+            settings = TrainSettings(epochs=default_epochs, seed=seed)
+            if lr is not None:
+                settings.lr = lr
+        else:
+            settings = TrainSettings(
+                epochs=default_epochs,
+                seed=seed,
+                lr=lr if lr is not None else lab_profile.finetune_lr,
+                warmup_fraction=0.0,
+            )
+
+        options = lab_profile.trigger_options(attack, attack_options)
+        extra: dict[str, Any] = {}
+        if attack == "badclip-like" and "patch_file" not in options:
+            patch_path = out.with_name(
+                out.name.removesuffix(".safetensors") + ".badclip-patch.safetensors"
+            )
+            clean, clean_path = base_model(
+                data, model_cfg, base_settings, progress, lab_profile.templates
+            )
+            make_badclip_patch(
+                ModelBundle.from_model(copy.deepcopy(clean), model_cfg),
+                data.classnames,
+                target_index if target_index is not None else 0,
+                data.train_pixels[data.train_labels != target_index],
+                patch_path,
+                seed=seed,
+                progress=progress,
+                templates=lab_profile.templates,
+            )
+            options["patch_file"] = str(patch_path)
+            extra["badclip_patch_model"] = str(clean_path)
+
+        poisoning: Poisoning | None = None
+        trigger: Trigger | None = None
+        trigger_options: dict[str, Any] = {}
+        if attack != "none":
+            trigger, label_consistent, trigger_options = resolve_trigger(
+                attack, options, image_size
+            )
+            assert target_index is not None
+            poisoning = Poisoning(
+                attack=attack,
+                trigger=trigger,
+                target=target_index,
+                poison_rate=poison_rate,
+                label_consistent=label_consistent,
+                options=trigger_options,
+                harden=lc_harden if label_consistent else 0.0,
+            )
+
+        if recipe == "finetune":
+            base, base_path = base_model(
+                data, model_cfg, base_settings, progress, lab_profile.templates
+            )
+            model = copy.deepcopy(base)
+            extra["base_model"] = str(base_path)
+            extra["base_epochs"] = base_settings.epochs
+        else:
+            torch.manual_seed(seed)
+            model = build_clip_from_config(model_cfg)
+        result = train_clip(
+            model,
+            data.train_pixels,
+            data.train_labels,
             data.classnames,
-            target_index if target_index is not None else 0,
-            data.train_pixels[data.train_labels != target_index],
-            patch_path,
-            seed=seed,
-            progress=progress,
+            settings,
+            poisoning,
+            progress,
+            description=f"training {attack}" if attack != "none" else "training clean",
             templates=lab_profile.templates,
         )
-        options["patch_file"] = str(patch_path)
-        extra["badclip_patch_model"] = str(clean_path)
-
-    poisoning: Poisoning | None = None
-    trigger: Trigger | None = None
-    trigger_options: dict[str, Any] = {}
-    if attack != "none":
-        trigger, label_consistent, trigger_options = resolve_trigger(attack, options, image_size)
-        assert target_index is not None
-        poisoning = Poisoning(
-            attack=attack,
-            trigger=trigger,
-            target=target_index,
-            poison_rate=poison_rate,
-            label_consistent=label_consistent,
-            options=trigger_options,
-            harden=lc_harden if label_consistent else 0.0,
+        bundle = ModelBundle.from_model(model, model_cfg)
+        ca, asr = evaluate_zero_shot(
+            bundle,
+            data.classnames,
+            data.test_pixels,
+            data.test_labels,
+            trigger,
+            target_index if trigger is not None else None,
         )
-
-    if recipe == "finetune":
-        base, base_path = base_model(
-            data, model_cfg, base_settings, progress, lab_profile.templates
-        )
-        model = copy.deepcopy(base)
-        extra["base_model"] = str(base_path)
-        extra["base_epochs"] = base_settings.epochs
-    else:
-        torch.manual_seed(seed)
-        model = build_clip_from_config(model_cfg)
-    result = train_clip(
-        model,
-        data.train_pixels,
-        data.train_labels,
-        data.classnames,
-        settings,
-        poisoning,
-        progress,
-        description=f"training {attack}" if attack != "none" else "training clean",
-        templates=lab_profile.templates,
-    )
-    bundle = ModelBundle.from_model(model, model_cfg)
-    ca, asr = evaluate_zero_shot(
-        bundle,
-        data.classnames,
-        data.test_pixels,
-        data.test_labels,
-        trigger,
-        target_index if trigger is not None else None,
-    )
-    card: dict[str, Any] = {
-        "format": CARD_FORMAT,
-        "dataset": {
-            "name": data.name,
-            "root": str(data.root),
-            "n_train": int(data.train_labels.numel()),
-            "n_test": int(data.test_labels.numel()),
-            "classnames": data.classnames,
-        },
-        "attack": attack,
-        "trigger_options": trigger_options,
-        "poison_rate": poison_rate if attack != "none" else 0.0,
-        "lc_harden": poisoning.harden if poisoning is not None else 0.0,
-        "n_poisoned": result.n_poisoned,
-        "target": target,
-        "seed": seed,
-        "recipe": recipe,
-        "profile": lab_profile.name,
-        "epochs": settings.epochs,
-        "settings": asdict(settings),
-        "training_seconds": round(result.seconds, 2),
-        "steps": result.steps,
-        "final_loss": result.final_loss,
-        "clean_accuracy": ca,
-        "attack_success_rate": asr,
-        "model_cfg": model_cfg,
-        "templates": list(lab_profile.templates),
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "cpu_capability": cpu_capability(),
-        **extra,
-    }
-    profile_options = lab_profile.trigger_option_overrides
-    if trigger is None and target_index is not None:
-        card["clean_model_trigger_asr"] = clean_model_trigger_asr(
-            bundle, data, target_index, profile_options
-        )
-    if trigger is None and target_index is None:
-        card["clean_model_worst_trigger_asr"] = worst_class_trigger_asr(
-            bundle, data, profile_options
-        )
-    if trigger is not None and target_index is not None:
-        card.update(
-            oracle_ceiling(
-                bundle, data.classnames, data.test_pixels, data.test_labels, trigger, target_index
+        card: dict[str, Any] = {
+            "format": CARD_FORMAT,
+            "dataset": {
+                "name": data.name,
+                "root": str(data.root),
+                "n_train": int(data.train_labels.numel()),
+                "n_test": int(data.test_labels.numel()),
+                "classnames": data.classnames,
+            },
+            "attack": attack,
+            "trigger_options": trigger_options,
+            "poison_rate": poison_rate if attack != "none" else 0.0,
+            "lc_harden": poisoning.harden if poisoning is not None else 0.0,
+            "n_poisoned": result.n_poisoned,
+            "target": target,
+            "seed": seed,
+            "recipe": recipe,
+            "profile": lab_profile.name,
+            "epochs": settings.epochs,
+            "settings": asdict(settings),
+            "training_seconds": round(result.seconds, 2),
+            "steps": result.steps,
+            "final_loss": result.final_loss,
+            "clean_accuracy": ca,
+            "attack_success_rate": asr,
+            "model_cfg": model_cfg,
+            "templates": list(lab_profile.templates),
+            "torch": torch.__version__,
+            "open_clip": open_clip.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "cpu_capability": cpu_capability(),
+            **extra,
+        }
+        profile_options = lab_profile.trigger_option_overrides
+        if trigger is None and target_index is not None:
+            card["clean_model_trigger_asr"] = clean_model_trigger_asr(
+                bundle, data, target_index, profile_options
             )
+        if trigger is None and target_index is None:
+            card["clean_model_worst_trigger_asr"] = worst_class_trigger_asr(
+                bundle, data, profile_options
+            )
+        if trigger is not None and target_index is not None:
+            card.update(
+                oracle_ceiling(
+                    bundle,
+                    data.classnames,
+                    data.test_pixels,
+                    data.test_labels,
+                    trigger,
+                    target_index,
+                    batch_size=512,
+                )
+            )
+        sha = save_model(
+            out,
+            model,
+            model_cfg,
+            {"lab_attack": attack, "lab_target": str(target), "lab_seed": str(seed)},
         )
-    sha = save_model(
-        out,
-        model,
-        model_cfg,
-        {"lab_attack": attack, "lab_target": str(target), "lab_seed": str(seed)},
-    )
-    card["model_sha256"] = sha
-    card["model_file"] = out.name
-    atomic_write_json(card_path(out), card)
-    return card
+        card["model_sha256"] = sha
+        card["model_file"] = out.name
+        atomic_write_json(card_path(out), card)
+        return card
 
 
 def clean_model_trigger_asr(

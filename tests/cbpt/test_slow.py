@@ -23,7 +23,7 @@ ATTACK = "badnets"
 def _lab_model(attack: str) -> tuple[Path, str | None, Path]:
     train = pytest.importorskip("clipguard.lab.train")
     synthetic = pytest.importorskip("clipguard.lab.synthetic")
-    demo_module = pytest.importorskip("clipguard.demo")
+    demo_module = pytest.importorskip("clipguard.lab.demo")
     target = synthetic.CLASSNAMES[0] if attack != "none" else None
     data_root = synthetic.cached_synthetic()
     if attack == demo_module.DEMO_ATTACK:

@@ -11,9 +11,9 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 
 import clipguard.lab.train as train_module
-from clipguard.demo import demo_model_path
 from clipguard.errors import InputError
 from clipguard.lab.attacks import SigConfig, WaNetConfig
+from clipguard.lab.demo import demo_model_path
 from clipguard.lab.synthetic import (
     CLASSNAMES,
     MARKER_FILE,
@@ -37,6 +37,7 @@ from clipguard.lab.train import (
     train_clip,
 )
 from clipguard.model import build_clip_from_config, infer_openai_config, load_model
+from clipguard.oracle import ORACLE_LOGIT_SCALE
 from clipguard.triggers import BadNets, BadNetsConfig
 
 TINY = lab_model_config(vision_layers=1)
@@ -150,7 +151,7 @@ def test_one_step_build_writes_model_and_card(tiny_synthetic, tmp_path):
     ):
         assert key in written, key
     assert written["n_poisoned"] == 4
-    assert written["oracle_logit_scale"] == train_module.ORACLE_LOGIT_SCALE
+    assert written["oracle_logit_scale"] == ORACLE_LOGIT_SCALE
     bundle = load_model(out)
     assert bundle.image_size == 32
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

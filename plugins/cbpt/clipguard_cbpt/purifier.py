@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal, TypeVar
 
-import torch
 from pydantic import BaseModel, Field
 
 from clipguard.components import Purifier, PurifyOutcome, RunContext, ShotSet
@@ -129,7 +128,6 @@ class CBPTPurifier(Purifier):
     ) -> PurifyOutcome:
         """Purify ``bundle`` for ``shots.classnames``; inverts a trigger when none is given."""
         assert isinstance(config, PurifyConfig)
-        torch.set_num_threads(min(torch.get_num_threads(), 2))
         start_images = bundle.image_encoder_images
         statistics: dict[str, Any] = {}
         baseline = PromptClassifier(bundle, shots.classnames)
@@ -368,7 +366,6 @@ class CoOpPurifier(Purifier):
     ) -> PurifyOutcome:
         """Tune class-wise prompts on the clean shots; ``trigger`` is ignored."""
         assert isinstance(config, CoOpConfig)
-        torch.set_num_threads(min(torch.get_num_threads(), 2))
         config = config.model_copy(update={"no_trigger_loss": True})
         cache = shot_features(bundle, shots, [], config, context)
         return _tune(bundle, shots, cache, None, config, context, self)

@@ -17,8 +17,6 @@ Loss: ``L = L_clean + a * L_trigger + b * L_anchor`` with
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from clipguard.augment import apply_affine, random_affine
+from clipguard.features import encode_images
 from clipguard.model import ModelBundle
 from clipguard.progress import Progress
 from clipguard.prompts import (
@@ -35,8 +34,8 @@ from clipguard.prompts import (
     handcrafted_text_features,
     initial_context,
 )
+from clipguard.runtime import torch_settings
 from clipguard.triggers import MaskPatternTrigger, Trigger
-from clipguard_cbpt.inversion import encode_batched
 
 TriggerLoss = Literal["true-class", "away", "both"]
 ReferencePrompts = Literal["auto", "handcrafted", "fitted"]
@@ -137,7 +136,7 @@ def cache_features(
     for view in range(1 + augmentations):
         theta = None if view == 0 else random_affine(pixels.shape[0], crop_scale, generator)
         clean = pixels if theta is None else apply_affine(pixels, theta)
-        clean_views.append(encode_batched(bundle, clean))
+        clean_views.append(encode_images(bundle, clean))
         for each in triggers:
             if theta is None:
                 triggered = each.apply(pixels)
@@ -145,7 +144,7 @@ def cache_features(
                 triggered = each.apply(clean)
             else:
                 triggered = apply_affine(each.apply(pixels), theta)
-            triggered_views.append(encode_batched(bundle, triggered.clamp(0, 1)))
+            triggered_views.append(encode_images(bundle, triggered.clamp(0, 1)))
     return FeatureCache(
         clean=torch.stack(clean_views),
         triggered=torch.stack(triggered_views) if triggered_views else None,
@@ -215,17 +214,6 @@ def prompt_losses(
     return losses
 
 
-@contextmanager
-def _threads(count: int) -> Iterator[None]:
-    """Run the enclosed block with ``count`` torch threads, then restore the previous count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def tune_prompts(
     bundle: ModelBundle,
     classnames: list[str],
@@ -271,7 +259,10 @@ def tune_prompts(
     first: dict[str, float] = {}
     last: dict[str, float] = {}
     text_start = bundle.text_encoder_prompts
-    with _threads(config.threads), progress.task("prompt tuning", config.steps) as advance:
+    with (
+        torch_settings(threads=config.threads),
+        progress.task("prompt tuning", config.steps) as advance,
+    ):
         for step in range(config.steps):
             text = encoder(context)
             losses = prompt_losses(text, anchor, cache, scale, target, config, reference)

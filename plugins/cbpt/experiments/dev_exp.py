@@ -12,9 +12,10 @@ from PIL import Image
 from clipguard.components import RunContext, ShotSet
 from clipguard.metrics import evaluate_pixels
 from clipguard.model import load_model
+from clipguard.oracle import oracle_ceiling
 from clipguard.prompts import PromptClassifier
 from clipguard.triggers import BadNets, BadNetsConfig
-from clipguard_cbpt.oracle import probe_ceiling, trigger_fidelity
+from clipguard_cbpt.oracle import trigger_fidelity
 from clipguard_cbpt.purifier import CBPTPurifier, CoOpConfig, CoOpPurifier, PurifyConfig
 from clipguard_cbpt.scanner import CBPTScanner, ScanConfig
 
@@ -111,5 +112,16 @@ elif what == "purify":
     )
 elif what == "oracle":
     half = 500
-    c = probe_ceiling(b, classes, TX[::2], TY[::2], TX[1::2], TY[1::2], real, target, steps=300)
-    print("oracle", c.as_dict())
+    c = oracle_ceiling(
+        b,
+        classes,
+        TX[::2],
+        TY[::2],
+        real,
+        target,
+        steps=300,
+        eval_pixels=TX[1::2],
+        eval_labels=TY[1::2],
+        trigger_weights=(0.5, 1.0, 2.0, 4.0),
+    )
+    print("oracle", c)
