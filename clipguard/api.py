@@ -366,17 +366,17 @@ def purify(
         component = registry.purifier(purifier)
         config = build_config(component.Config, options, config_file, what=f"purifier {purifier}")
         run = _Run(
-            f"purify {model_path}",
-            Path(model_path),
-            Path(data_dir),
-            shots,
-            seed,
-            device,
-            classnames_file,
-            arch,
-            allow_torchscript,
-            quiet,
-            registry,
+            command=f"purify {model_path}",
+            model_path=Path(model_path),
+            data_dir=Path(data_dir),
+            shots=shots,
+            seed=seed,
+            device=device,
+            classnames_file=classnames_file,
+            arch=arch,
+            allow_torchscript=allow_torchscript,
+            quiet=quiet,
+            registry=registry,
         )
         classnames = run.folder.classnames
         trigger_file: TriggerFile | None = None

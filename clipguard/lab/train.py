@@ -875,7 +875,6 @@ def build_model(
                     data.test_labels,
                     trigger,
                     target_index,
-                    batch_size=512,
                 )
             )
         sha = save_model(
