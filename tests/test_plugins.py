@@ -306,3 +306,54 @@ def test_trace_variable_traces_registration_hooks(monkeypatch, capsys):
     plugins.get_registry()
     err = capsys.readouterr().err
     assert "clipguard_register_triggers [plugin 'clipguard.builtin_triggers']" in err
+
+
+def test_a_scan_without_its_plugin_installed_names_the_package(
+    monkeypatch, tiny_model_path, tiny_data
+):
+    """The core ships no scanner: with no plugin loaded, the default scan and purify say which
+    package to install, in one line and exit code 2."""
+    from tests.core.cli_helpers import assert_one_line_error, run_cli
+
+    monkeypatch.setenv("CLIPGUARD_PLUGINS", "")
+    result = run_cli("scan", tiny_model_path, "--data", tiny_data)
+    assert_one_line_error(result, "scanner 'cbpt' is not installed", "clipguard-cbpt")
+    result = run_cli("purify", tiny_model_path, "--data", tiny_data, "--plugin", "finetune")
+    assert_one_line_error(result, "purifier 'finetune'", "clipguard-baselines")
+    result = run_cli("scan", tiny_model_path, "--data", tiny_data, "--plugin", "other")
+    assert_one_line_error(result, "no scanner plugin is installed", "clipguard-cbpt")
+
+
+def test_the_lab_registers_its_triggers_and_commands_like_any_plugin(monkeypatch):
+    """The lab is the entry point ``lab`` of the clipguard package, not a built-in: the
+    allow-list can leave it out, and it adds `clipguard lab` and `clipguard demo`."""
+    from clipguard.cli import app as cli_app
+
+    registry = plugins.get_registry()
+    assert registry.triggers["wanet"].plugin == "lab"
+    assert registry.triggers["wanet"].package == "clipguard"
+    assert registry.triggers["badnets"].plugin == "clipguard.builtin_triggers"
+    groups = {group.name for group in cli_app.registered_groups}
+    commands = {command.name for command in cli_app.registered_commands}
+    assert "lab" in groups and "demo" in commands
+    monkeypatch.setenv("CLIPGUARD_PLUGINS", "")
+    plugins.reset_plugin_manager()
+    assert set(plugins.get_registry().triggers) == {"badnets"}
+
+
+def test_a_plugin_failing_to_register_commands_is_an_error_and_adds_none():
+    import typer
+
+    class Broken:
+        @hookimpl
+        def clipguard_register_commands(self, app):
+            app.command("half")(lambda: None)
+            raise RuntimeError("no commands today")
+
+    manager = plugins.get_plugin_manager()
+    manager.register(Broken(), name="broken-commands")
+    app_ = typer.Typer()
+    plugins.register_commands(app_)
+    assert [c.name for c in app_.registered_commands if c.name == "half"] == []
+    errors = plugins.get_registry().errors
+    assert any("'broken-commands'" in e and "no commands today" in e for e in errors)

@@ -231,10 +231,21 @@ def demo(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="no progress bars or summary")
     ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            envvar="CLIPGUARD_THREADS",
+            min=1,
+            help="torch CPU threads (default: torch's count, at most 2)",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Build a backdoored model on the built-in synthetic set, scan it, purify it."""
     from rich.console import Console
 
     from clipguard.lab.demo import print_demo, run_demo
+    from clipguard.runtime import cli_threads
 
-    print_demo(run_demo(out, seed=seed, quiet=quiet), Console())
+    print_demo(run_demo(out, seed=seed, quiet=quiet, threads=cli_threads(threads)), Console())

@@ -62,8 +62,12 @@ def ensure_demo_model(progress: Progress) -> Path:
     return model
 
 
-def run_demo(out_dir: Path, seed: int = 0, quiet: bool = False) -> DemoResult:
-    """Run the whole demo, writing scan and purification outputs under ``out_dir``."""
+def run_demo(
+    out_dir: Path, seed: int = 0, quiet: bool = False, threads: int | None = None
+) -> DemoResult:
+    """Run the whole demo, writing scan and purification outputs under ``out_dir``; the
+    measurement, scan and purification run with ``threads`` torch threads (None: as many as
+    now; the model is built with the lab's default)."""
     start = time.perf_counter()
     console = Console(stderr=True, quiet=quiet)
     progress = Progress(quiet=quiet)
@@ -76,7 +80,13 @@ def run_demo(out_dir: Path, seed: int = 0, quiet: bool = False) -> DemoResult:
     model = ensure_demo_model(progress)
     console.print("[2/4] measuring the model on the test split", highlight=False)
     before = api.evaluate(
-        model, data_root / "test", attack=DEMO_ATTACK, target=DEMO_TARGET, seed=seed, quiet=quiet
+        model,
+        data_root / "test",
+        attack=DEMO_ATTACK,
+        target=DEMO_TARGET,
+        seed=seed,
+        quiet=quiet,
+        threads=threads,
     )
     console.print(
         f"      CA {100 * before.clean_accuracy:.1f} %, ASR "
@@ -86,7 +96,13 @@ def run_demo(out_dir: Path, seed: int = 0, quiet: bool = False) -> DemoResult:
     console.print("[3/4] scanning with cbpt (16 clean shots per class)", highlight=False)
     scan_dir = out_dir / "scan"
     scan = api.scan(
-        model, data_root / "train", scanner="cbpt", seed=seed, out_dir=scan_dir, quiet=quiet
+        model,
+        data_root / "train",
+        scanner="cbpt",
+        seed=seed,
+        out_dir=scan_dir,
+        quiet=quiet,
+        threads=threads,
     )
     finding = scan.findings[0]
     console.print(
@@ -113,6 +129,7 @@ def run_demo(out_dir: Path, seed: int = 0, quiet: bool = False) -> DemoResult:
         trigger_path=trigger_file if reuse else None,
         out_dir=purify_dir,
         quiet=quiet,
+        threads=threads,
     )
     files = sorted(p for p in out_dir.rglob("*") if p.is_file())
     return DemoResult(
