@@ -4,6 +4,12 @@ The CLI is a thin layer over these functions, and so is any governance pipeline 
 clipguard: each returns a pydantic report object and, when ``out_dir`` is given, writes
 ``report.json`` and the plugin's artefacts there atomically. User errors raise
 :class:`~clipguard.errors.ClipguardError` subclasses with a one-line message.
+
+No call leaves a global setting changed: each runs inside
+:func:`clipguard.runtime.torch_settings` (``threads`` torch CPU threads, None for as many as
+now; deterministic kernels) and restores torch's thread count and deterministic switch on
+return, even on an exception. Each seeds Python's, NumPy's and torch's generators with its
+``seed`` (:func:`clipguard.runtime.seed_everything`).
 """
 
 from __future__ import annotations
