@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-from clipguard.hookspecs import hookimpl
+from clipguard.hookspecs import RegisterTriggerFamily, hookimpl
 from clipguard.triggers import BadNets
 
 
 @hookimpl
-def clipguard_register_triggers(register: Callable[[Any], None]) -> None:
+def clipguard_register_triggers(register: RegisterTriggerFamily) -> None:
     """Register the BadNets patch trigger."""
     register(BadNets())

@@ -1,16 +1,13 @@
-"""Registers the baseline purifiers (entry point ``baselines``)."""
+"""Registers the baseline purifiers (entry point ``baselines`` of ``clipguard-baselines``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-from clipguard.hookspecs import hookimpl
+from clipguard.hookspecs import RegisterPurifier, hookimpl
 from clipguard_baselines.finetune import CleanClipPurifier, FinetunePurifier, ZeroShotPurifier
 
 
 @hookimpl
-def clipguard_register_purifiers(register: Callable[[Any], None]) -> None:
+def clipguard_register_purifiers(register: RegisterPurifier) -> None:
     """Register ``zeroshot``, ``finetune`` and ``cleanclip``."""
     register(ZeroShotPurifier())
     register(FinetunePurifier())
