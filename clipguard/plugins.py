@@ -42,7 +42,7 @@ BUILTIN_PLUGINS = ("clipguard.builtin_triggers",)
 #: of an "unknown scanner" error (the core never imports them)
 PROVIDED_BY = {
     "cbpt": "clipguard-cbpt",
-    "nc": "clipguard-cbpt",
+    "cbpt-nc": "clipguard-cbpt",
     "coop": "clipguard-cbpt",
     "zeroshot": "clipguard-baselines",
     "finetune": "clipguard-baselines",
