@@ -53,6 +53,8 @@ class RunContext:
     ``n`` images per class that are not among the run's own shots (drawn with ``seed``, so
     a plugin may measure on them what it fitted on its shots), fewer where the folder has
     fewer left; their images are counted in the report's data hash too.
+    ``draws`` is how many shot draws the caller offers: ``draw_shots(i)`` is valid for
+    ``1 <= i < draws``; 1 where no more may be drawn.
     """
 
     seed: int = 0
@@ -60,6 +62,7 @@ class RunContext:
     progress: Progress = field(default_factory=lambda: Progress(quiet=True))
     stage_seconds: dict[str, float] = field(default_factory=dict)
     draw_shots: Callable[[int], ShotSet] | None = None
+    draws: int = 1
     held_out_shots: Callable[[int], ShotSet | None] | None = None
 
     @contextmanager
