@@ -67,6 +67,20 @@ def per_class_inversion(
     return results, sizes, indices, median, best
 
 
+def anomaly_verdict(top: float, config: NCScanConfig) -> tuple[str, float]:
+    """The verdict and score in ``[0, 1)`` of a suspect whose anomaly index is ``top``:
+    ``backdoor`` above ``anomaly_threshold``, ``inconclusive`` from
+    ``inconclusive_threshold``, else ``clean``; the score is ``1 - exp(-top /
+    anomaly_threshold)``."""
+    if top > config.anomaly_threshold:
+        verdict = "backdoor"
+    elif top >= config.inconclusive_threshold:
+        verdict = "inconclusive"
+    else:
+        verdict = "clean"
+    return verdict, float(1 - math.exp(-top / config.anomaly_threshold))
+
+
 class NCScanner(Scanner):
     """Per-class targeted trigger inversion with the MAD anomaly test (Neural Cleanse style)."""
 
@@ -89,13 +103,7 @@ class NCScanner(Scanner):
             bundle, shots, config, context, classifier
         )
         top = indices[best] if sizes[best] < median else 0.0
-        if top > config.anomaly_threshold:
-            verdict = "backdoor"
-        elif top >= config.inconclusive_threshold:
-            verdict = "inconclusive"
-        else:
-            verdict = "clean"
-        score = float(1 - math.exp(-top / config.anomaly_threshold))
+        verdict, score = anomaly_verdict(top, config)
         name = shots.classnames[best]
         explanation = (
             f"class {name!r} has the smallest trigger (PL1 {sizes[best]:.4f}, median "

@@ -14,9 +14,10 @@ from clipguard.metrics import evaluate_pixels
 from clipguard.model import load_model
 from clipguard.prompts import PromptClassifier
 from clipguard.triggers import BadNets, BadNetsConfig
+from clipguard_cbpt.config import ScanConfig
 from clipguard_cbpt.oracle import probe_ceiling, trigger_fidelity
 from clipguard_cbpt.purifier import CBPTPurifier, CoOpConfig, CoOpPurifier, PurifyConfig
-from clipguard_cbpt.scanner import CBPTScanner, ScanConfig
+from clipguard_cbpt.scanner import CBPTScanner
 
 model_path = sys.argv[1]
 what = sys.argv[2]
