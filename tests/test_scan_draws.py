@@ -10,7 +10,7 @@ from clipguard.api import combine_draws, majority_verdict
 from clipguard.components import ScanOutcome
 from tests.core.cli_helpers import assert_one_line_error, run_cli
 
-FAST_SCAN = {"class_steps": 20, "refine_steps": 10, "batch_size": 8}
+FAST_SCAN = {"class_steps": 20, "refine_steps": 10, "refine_batch_size": 8}
 VERDICTS = st.sampled_from(["backdoor", "clean", "inconclusive"])
 
 

@@ -125,8 +125,8 @@ class ScanConfig(ClassInversionOptions):
     refine: bool = Field(
         True,
         description=(
-            "refine the suspect's trigger towards it with augmented shots (the trigger the "
-            "scan writes out); false writes the per-class inversion's trigger"
+            "refine the suspect's trigger towards it with a targeted inversion (the trigger "
+            "the scan writes out); false writes the per-class inversion's trigger"
         ),
     )
     refine_clean: bool = Field(

@@ -17,7 +17,7 @@ from clipguard.triggers import Trigger
 
 
 class ProbeFamily(ABC):
-    """A family of small universal image transformations, one per class, for :func:`probe_reach`.
+    """A family of small universal image transformations, one per class, for the reach probes.
 
     Each class ``k`` gets its own parameters (row ``k`` of :meth:`initial`), starting at the
     identity transformation; :meth:`bound` projects them back into the family after every step.

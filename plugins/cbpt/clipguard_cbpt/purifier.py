@@ -40,8 +40,12 @@ SCAN_BUDGET: int = 160_000
 class PurifyConfig(TuningConfig):
     """Options of the ``cbpt`` purifier: tuning, plus the inversion it runs without a trigger."""
 
-    inversion_steps: int = Field(200, ge=1, description="contrastive inversion steps (kept run)")
-    inversion_restarts: int = Field(3, ge=1, description="contrastive inversion restarts")
+    inversion_steps: int = Field(
+        200, ge=1, description="inversion_method=contrastive: steps of the kept restart"
+    )
+    inversion_restarts: int = Field(
+        3, ge=1, description="inversion_method=contrastive: random restarts probed"
+    )
     inversion_budget: int = Field(
         SCAN_BUDGET,
         ge=1,
