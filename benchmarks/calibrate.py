@@ -35,10 +35,8 @@ from harness import Harness, ZooModel, find_models, update_docs
 from clipguard.config import parse_options
 from clipguard.io import atomic_write_json
 from clipguard.progress import Progress
-from clipguard_cbpt.scanner import (
-    PROBES,
-    ScanConfig,
-    Signals,
+from clipguard_cbpt.config import PROBES, ScanConfig, Signals
+from clipguard_cbpt.evidence import (
     class_evidence,
     class_isolation,
     deciding_ratio,
@@ -46,6 +44,7 @@ from clipguard_cbpt.scanner import (
     last_draw_moot,
     probe_flags_suspect,
 )
+from clipguard_cbpt.screening import ScanAblations
 
 ROOT = Path(__file__).resolve().parents[1]
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -156,9 +155,9 @@ class Rule:
     #: the first draw decides alone outside this band (the scanner's; None: every draw)
     screen_again: tuple[float, float] | None = ScanConfig().screen_again
     #: a last draw the others made moot is left out (the scanner's skip_moot_draw)
-    skip_moot_draw: bool = ScanConfig().skip_moot_draw
+    skip_moot_draw: bool = ScanAblations().skip_moot_draw
     #: the draws after a probe flagged the suspect are left out (the scanner's probe_settles)
-    probe_settles: bool = ScanConfig().probe_settles
+    probe_settles: bool = ScanAblations().probe_settles
 
 
 def _probe_tops(scan: dict[str, Any], rule: Rule) -> dict[str, tuple[float, str]]:

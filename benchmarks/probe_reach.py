@@ -32,7 +32,8 @@ import torch
 from clipguard.lab.train import SplitData, card_path, load_split_data, open_lab_dataset
 from clipguard.model import load_model
 from clipguard.prompts import PromptClassifier
-from clipguard_cbpt.scanner import FIXED_BOUND, ScanConfig, run_probe
+from clipguard_cbpt.config import ScanConfig
+from clipguard_cbpt.probes import FIXED_BOUND, run_probe
 
 
 def fixed_shots(data: SplitData, shots: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,8 @@ from harness import find_models
 
 from clipguard.api import _Run
 from clipguard.plugins import get_registry
-from clipguard_cbpt.scanner import ScanConfig, scan_classifier
+from clipguard_cbpt.config import ScanConfig
+from clipguard_cbpt.prompt_fit import scan_classifier
 
 
 def reading_of(model_path: Path, data_root: Path, config: ScanConfig) -> dict[str, object]:

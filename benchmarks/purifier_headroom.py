@@ -53,6 +53,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from clipguard.features import encode_images as features
 from clipguard.lab.train import (
     PROFILES,
     TEMPLATES,
@@ -68,7 +69,6 @@ from clipguard.model import ModelBundle, build_clip_from_config, load_model, sav
 from clipguard.plugins import resolve_trigger
 from clipguard.prompts import handcrafted_text_features
 from clipguard.triggers import load_trigger_file
-from clipguard_cbpt.inversion import encode_batched as features
 
 PROBE_LOGIT_SCALE = 100.0
 

@@ -38,12 +38,12 @@ import torch
 
 from clipguard.components import RunContext, ShotSet
 from clipguard.data import load_pixels, open_image_folder, split_shots, subsample
+from clipguard.features import encode_images as encode_batched
 from clipguard.lab.train import open_lab_dataset
 from clipguard.model import ModelBundle, load_model
 from clipguard.plugins import resolve_trigger
 from clipguard.prompts import PromptClassifier, PromptEncoder, handcrafted_text_features
 from clipguard.triggers import TriggerFile, load_trigger_file
-from clipguard_cbpt.inversion import encode_batched, prediction_distribution
 from clipguard_cbpt.purifier import (
     PurifyConfig,
     resolve_reference,
@@ -52,6 +52,7 @@ from clipguard_cbpt.purifier import (
     tuning_target,
     without_trigger_loss,
 )
+from clipguard_cbpt.statistics import prediction_distribution
 from clipguard_cbpt.tuning import FeatureCache, TuningConfig, tune_prompts
 
 SHOTS = 16

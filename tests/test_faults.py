@@ -15,7 +15,7 @@ import pytest
 from clipguard import api
 
 #: cbpt options small enough for the tiny test model
-FAST_SCAN = {"class_steps": 20, "refine_steps": 10, "batch_size": 8}
+FAST_SCAN = {"class_steps": 20, "refine_steps": 10, "refine_batch_size": 8}
 FAST_PURIFY = {"steps": 20, "augmentations": 1}
 VOLATILE = {"started_at", "finished_at", "seconds", "stage_seconds"}
 

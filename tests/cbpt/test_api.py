@@ -7,11 +7,8 @@ import json
 from clipguard import api
 
 SMALL_SCAN = {
-    "steps": 3,
-    "probe_steps": 1,
-    "restarts": 2,
-    "batch_size": 4,
-    "check_every": 1,
+    "refine_batch_size": 4,
+    "inversion_window": 1,
     "refine_steps": 2,
     "class_steps": 2,
     "budget": 200,

@@ -7,9 +7,11 @@ import torch
 from clipguard.components import RunContext
 from clipguard.prompts import PromptClassifier
 from clipguard.triggers import MaskPatternTrigger, TriggerFile
-from clipguard_cbpt import scanner
+from clipguard_cbpt import screening
+from clipguard_cbpt.config import ScanConfig
+from clipguard_cbpt.prompt_fit import scan_classifier
 from clipguard_cbpt.purifier import CBPTPurifier, PurifyConfig, resolve_reference, tuning_target
-from clipguard_cbpt.scanner import CBPTScanner, ScanConfig, scan_classifier
+from clipguard_cbpt.scanner import CBPTScanner
 from tests.cbpt.test_screen_draws import SCREEN_ONLY
 
 
@@ -45,13 +47,13 @@ def test_fitted_prompts_classify_the_shots_at_least_as_well_as_the_hand_crafted(
 
 def test_a_scan_with_fitted_prompts_inverts_through_them(bundle, shots, monkeypatch) -> None:
     used: list[torch.Tensor] = []
-    screen = scanner.screen
+    screen = screening.screen
 
     def recording(bundle, draw, config, context, classifier, budget):
         used.append(classifier.class_features)
         return screen(bundle, draw, config, context, classifier, budget)
 
-    monkeypatch.setattr(scanner, "screen", recording)
+    monkeypatch.setattr(screening, "screen", recording)
     context = RunContext(seed=0)
     outcome = CBPTScanner().scan(
         bundle, shots, ScanConfig(**SCREEN_ONLY, fit_prompts=True), context

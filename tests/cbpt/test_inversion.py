@@ -10,31 +10,27 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from clipguard.augment import apply_affine, random_affine
+from clipguard.features import encode_images, mean_pairwise_cosine
 from clipguard.prompts import PromptClassifier
 from clipguard.triggers import MaskPatternTrigger
-from clipguard_cbpt import inversion
+from clipguard_cbpt import probes
+from clipguard_cbpt.contrastive import ContrastiveConfig, contrastive_loss, invert_contrastive
 from clipguard_cbpt.inversion import (
-    AdditivePerturbation,
     InversionConfig,
     LambdaSchedule,
+    TriggerParameters,
+    invert_targeted,
+)
+from clipguard_cbpt.probe_families import AdditivePerturbation, SmoothWarp, transform_towards
+from clipguard_cbpt.probes import (
     MedianBand,
     ProbeReach,
-    SmoothWarp,
-    TriggerParameters,
-    apply_affine,
-    contrastive_loss,
-    encode_batched,
-    invert_contrastive,
-    invert_targeted,
-    mean_pairwise_cosine,
-    prediction_distribution,
     probe_cost,
     probe_reach,
     probe_reach_in_band,
-    random_affine,
-    relative_collapse,
-    transform_towards,
 )
+from clipguard_cbpt.statistics import prediction_distribution, relative_collapse
 
 
 @settings(max_examples=25, deadline=None)
@@ -119,7 +115,7 @@ CHEAP = {"steps": 12, "probe_steps": 4, "restarts": 2, "batch_size": 6, "check_e
 
 
 def test_contrastive_inversion_is_deterministic_for_a_seed(bundle, shots) -> None:
-    config = InversionConfig(**CHEAP, budget=10_000)
+    config = ContrastiveConfig(**CHEAP, budget=10_000)
     first = invert_contrastive(bundle, shots.pixels, config, torch.Generator().manual_seed(3))
     second = invert_contrastive(bundle, shots.pixels, config, torch.Generator().manual_seed(3))
     assert torch.equal(first.trigger.mask, second.trigger.mask)
@@ -132,7 +128,7 @@ def test_contrastive_inversion_is_deterministic_for_a_seed(bundle, shots) -> Non
 
 
 def test_contrastive_inversion_respects_the_budget(bundle, shots) -> None:
-    config = InversionConfig(**{**CHEAP, "steps": 1000}, budget=300)
+    config = ContrastiveConfig(**{**CHEAP, "steps": 1000}, budget=300)
     start = bundle.image_encoder_images
     result = invert_contrastive(bundle, shots.pixels, config, torch.Generator().manual_seed(0))
     used = bundle.image_encoder_images - start
@@ -143,7 +139,7 @@ def test_contrastive_inversion_respects_the_budget(bundle, shots) -> None:
 
 def test_targeted_refinement_and_distribution(bundle, shots) -> None:
     classifier = PromptClassifier(bundle, shots.classnames)
-    config = InversionConfig(**CHEAP, refine_steps=9, budget=1_000)
+    config = InversionConfig(batch_size=6, check_every=3, refine_steps=9, budget=1_000)
     result = invert_targeted(
         bundle,
         shots.pixels,
@@ -178,7 +174,7 @@ def test_additive_reach_measures_what_a_bounded_shift_does(bundle, shots) -> Non
         return probe_reach(bundle, shots.pixels, shots.labels, text, family, steps, 96, 10_000)
 
     still = reach(0.0, 3)
-    predicted = (encode_batched(bundle, shots.pixels) @ text.T).argmax(dim=1)
+    predicted = (encode_images(bundle, shots.pixels) @ text.T).argmax(dim=1)
     odd = torch.arange(len(shots.labels)) % 2 == 1
     for k in range(3):
         held = odd & (shots.labels != k)
@@ -275,8 +271,8 @@ def test_probe_reach_also_measures_on_held_out_images(bundle, shots) -> None:
     assert (
         probe_cost(shots.labels, 3, 96, 2, held_labels) == probe_cost(shots.labels, 3, 96, 2) + 18
     )
-    predicted = (encode_batched(bundle, shots.pixels) @ text.T).argmax(dim=1)
-    held_predicted = (encode_batched(bundle, held_pixels) @ text.T).argmax(dim=1)
+    predicted = (encode_images(bundle, shots.pixels) @ text.T).argmax(dim=1)
+    held_predicted = (encode_images(bundle, held_pixels) @ text.T).argmax(dim=1)
     odd = torch.arange(len(shots.labels)) % 2 == 1
     for k in range(3):
         hits = (predicted[odd & (shots.labels != k)] == k).sum() + (
@@ -345,7 +341,7 @@ def test_an_adapted_probe_stops_where_the_band_lies_between_two_bounds(monkeypat
     def fake_probe(bundle, pixels, labels, features, family, *args, **kwargs) -> ProbeReach:
         return ProbeReach(family, [medians[round(family.epsilon, 4)]] * 3, steps=3)
 
-    monkeypatch.setattr(inversion, "probe_reach", fake_probe)
+    monkeypatch.setattr(probes, "probe_reach", fake_probe)
     labels = torch.tensor([0, 1, 2] * 4)
 
     class Counter:
@@ -377,7 +373,7 @@ def test_an_adapted_probe_judges_its_bound_by_the_held_out_shots(monkeypatch) ->
         shots = [0.01] * 3 if low else [0.2] * 3
         return ProbeReach(family, [0.1] * 3, steps=3, measured=[50] * 3, shot_reach=shots)
 
-    monkeypatch.setattr(inversion, "probe_reach", fake_probe)
+    monkeypatch.setattr(probes, "probe_reach", fake_probe)
 
     class Counter:
         image_encoder_images = 0

@@ -11,20 +11,19 @@ from PIL import Image
 from clipguard.components import RunContext, ShotSet
 from clipguard.model import ModelBundle, build_clip_from_name
 from clipguard.plugins import get_registry
-from clipguard_cbpt.inversion import AdditivePerturbation, ProbeReach, SmoothWarp
-from clipguard_cbpt.scanner import (
-    DEFAULT_THRESHOLDS,
-    FIXED_BOUND,
-    CBPTScanner,
-    ScanConfig,
+from clipguard_cbpt.config import DEFAULT_THRESHOLDS, ScanConfig
+from clipguard_cbpt.evidence import (
     Screening,
     class_evidence,
     class_isolation,
     corroborate,
-    decide,
     judge_classes,
     suspicion,
 )
+from clipguard_cbpt.explain import decide
+from clipguard_cbpt.probe_families import AdditivePerturbation, SmoothWarp
+from clipguard_cbpt.probes import FIXED_BOUND, ProbeReach
+from clipguard_cbpt.scanner import CBPTScanner
 from clipguard_cbpt.signals import low_side_indices
 
 
@@ -221,11 +220,8 @@ def test_low_side_indices_are_scale_free_and_one_sided() -> None:
 
 
 TINY_SCAN = {
-    "steps": 6,
-    "probe_steps": 2,
-    "restarts": 2,
-    "batch_size": 4,
-    "check_every": 2,
+    "refine_batch_size": 4,
+    "inversion_window": 2,
     "refine_steps": 4,
     "class_steps": 4,
 }
@@ -314,12 +310,9 @@ def test_scan_runs_on_real_architectures(arch: str) -> None:
         torch.rand(2, 3, size, size, generator=generator), torch.tensor([0, 1]), ["cat", "dog"]
     )
     config = ScanConfig(
-        steps=1,
-        probe_steps=1,
-        restarts=1,
-        batch_size=2,
-        check_every=1,
-        augment=False,
+        refine_batch_size=2,
+        inversion_window=1,
+        refine_augment=False,
         refine_steps=1,
         class_steps=1,
         class_batch_size=2,
@@ -344,7 +337,7 @@ def test_nc_scanner_runs_and_is_registered(bundle, shots) -> None:
     from clipguard_cbpt.nc import NCScanConfig, NCScanner
 
     assert get_registry().scanner("cbpt-nc").name == "cbpt-nc"
-    config = NCScanConfig(batch_size=4, refine_steps=3, check_every=1, budget=60)
+    config = NCScanConfig(class_batch_size=4, inversion_window=1, budget=60)
     outcome = NCScanner().scan(bundle, shots, config, RunContext(seed=0))
     assert outcome.verdict in ("backdoor", "clean", "inconclusive")
     assert set(outcome.statistics["class_pl1"]) == set(shots.classnames)

@@ -7,13 +7,13 @@ import torch
 
 from clipguard import api
 from clipguard.components import RunContext, ShotSet
-from clipguard_cbpt.scanner import ScanConfig, probe_held_out
+from clipguard_cbpt.config import ScanConfig
+from clipguard_cbpt.probes import probe_held_out
 
 #: one draw, the additive probe alone at a fixed bound, no refinement
 PROBE_ONLY = {
     "class_steps": 2,
     "class_batch_size": 2,
-    "screen_draws": 1,
     "additive_steps": 2,
     "additive_refits": 0,
     "warp_pixels": 0,

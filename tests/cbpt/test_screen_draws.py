@@ -12,10 +12,9 @@ from hypothesis import strategies as st
 
 from clipguard import api
 from clipguard.components import RunContext, ShotSet
-from clipguard_cbpt import scanner
-from clipguard_cbpt.scanner import (
-    CBPTScanner,
-    ScanConfig,
+from clipguard_cbpt import screening
+from clipguard_cbpt.config import ScanConfig
+from clipguard_cbpt.evidence import (
     Screening,
     deciding_ratio,
     last_draw_moot,
@@ -23,6 +22,8 @@ from clipguard_cbpt.scanner import (
     probe_flags_suspect,
     verdict_of,
 )
+from clipguard_cbpt.scanner import CBPTScanner
+from clipguard_cbpt.screening import ScanAblations
 
 #: a scan without the reach probes and the refinement: what is left is the screening alone
 SCREEN_ONLY = {
@@ -32,13 +33,12 @@ SCREEN_ONLY = {
     "warp_pixels": 0,
     "refine": False,
 }
-#: screen every draw on offer, however decisive the first, flagged by a probe or moot the last
-EVERY_DRAW = {
-    **SCREEN_ONLY,
-    "screen_again": (0, 1e9),
-    "skip_moot_draw": False,
-    "probe_settles": False,
-}
+#: screen every draw on offer, however decisive the first (with :data:`EVERY_DRAW_SCANNER`:
+#: however flagged by a probe or moot the last)
+EVERY_DRAW = {**SCREEN_ONLY, "screen_again": (0, 1e9)}
+#: a scanner that screens every draw the band lets through: no probe settles the screening
+#: and no last draw is skipped as moot
+EVERY_DRAW_SCANNER = CBPTScanner(ScanAblations(skip_moot_draw=False, probe_settles=False))
 #: the first draw always decides alone (an empty band)
 FIRST_DRAW_ALONE = {**SCREEN_ONLY, "screen_again": (0, 0)}
 
@@ -86,8 +86,8 @@ def _recording_draws(shots: ShotSet, offered: list[int]) -> Callable[[int], Shot
 
 def test_each_draw_is_screened_as_a_scan_of_its_seed_would_be(bundle, shots) -> None:
     offered: list[int] = []
-    context = RunContext(seed=7, draw_shots=_recording_draws(shots, offered))
-    outcome = CBPTScanner().scan(bundle, shots, ScanConfig(**EVERY_DRAW), context)
+    context = RunContext(seed=7, draw_shots=_recording_draws(shots, offered), draws=3)
+    outcome = EVERY_DRAW_SCANNER.scan(bundle, shots, ScanConfig(**EVERY_DRAW), context)
     draws = outcome.statistics["screen_draws"]
     assert offered == [1, 2] and [d["seed"] for d in draws] == [7, 8, 9]
     assert outcome.statistics["screen_draws_offered"] == 3
@@ -96,7 +96,7 @@ def test_each_draw_is_screened_as_a_scan_of_its_seed_would_be(bundle, shots) -> 
         alone = CBPTScanner().scan(
             bundle,
             shots if index == 0 else _other_draw(shots, index),
-            ScanConfig(**SCREEN_ONLY, screen_draws=1),
+            ScanConfig(**SCREEN_ONLY),
             RunContext(seed=7 + index),
         )
         assert alone.statistics["screen_draws"][0]["class_evidence"] == draw["class_evidence"]
@@ -113,7 +113,8 @@ def test_each_draw_is_screened_as_a_scan_of_its_seed_would_be(bundle, shots) -> 
 
 def test_without_more_shots_on_offer_one_draw_is_screened(bundle, shots) -> None:
     """A plugin called directly, or the purifier's own inversion, screens its shots alone."""
-    outcome = CBPTScanner().scan(bundle, shots, ScanConfig(**EVERY_DRAW), RunContext(seed=2))
+    context = RunContext(seed=2, draws=3)  # draws on offer, but no draw_shots to draw them
+    outcome = EVERY_DRAW_SCANNER.scan(bundle, shots, ScanConfig(**EVERY_DRAW), context)
     [draw] = outcome.statistics["screen_draws"]
     assert draw["seed"] == 2 and draw["class_evidence"] == outcome.statistics["class_evidence"]
     assert outcome.statistics["screen_draws_offered"] == 1
@@ -122,15 +123,13 @@ def test_without_more_shots_on_offer_one_draw_is_screened(bundle, shots) -> None
 
 def test_a_decisive_first_draw_decides_alone_and_no_other_is_drawn(bundle, shots) -> None:
     offered: list[int] = []
-    context = RunContext(seed=3, draw_shots=_recording_draws(shots, offered))
+    context = RunContext(seed=3, draw_shots=_recording_draws(shots, offered), draws=3)
     outcome = CBPTScanner().scan(bundle, shots, ScanConfig(**FIRST_DRAW_ALONE), context)
     [draw] = outcome.statistics["screen_draws"]
     assert offered == [] and draw["seed"] == 3
     assert outcome.statistics["screen_draws_offered"] == 3
     assert "the first of 3 shot draws decided alone" in outcome.explanation
-    alone = CBPTScanner().scan(
-        bundle, shots, ScanConfig(**SCREEN_ONLY, screen_draws=1), RunContext(seed=3)
-    )
+    alone = CBPTScanner().scan(bundle, shots, ScanConfig(**SCREEN_ONLY), RunContext(seed=3))
     assert alone.statistics["class_evidence"] == outcome.statistics["class_evidence"]
     assert (alone.verdict, alone.score) == (outcome.verdict, outcome.score)
 
@@ -159,16 +158,21 @@ def test_the_default_band_is_half_to_one_and_a_half_thresholds() -> None:
 
 
 @pytest.mark.parametrize(
-    ("options", "screened"),
-    [
-        ({**EVERY_DRAW, "screen_draws": 1}, 1),
-        ({**EVERY_DRAW, "screen_draws": 3}, 3),
-        ({**FIRST_DRAW_ALONE, "screen_draws": 3}, 1),
-    ],
+    ("options", "draws", "screened"),
+    [(EVERY_DRAW, 1, 1), (EVERY_DRAW, 3, 3), (FIRST_DRAW_ALONE, 3, 1)],
 )
 def test_a_scan_hashes_every_image_its_draws_screened(
-    tiny_model_path, tiny_data, options, screened
+    tiny_model_path, tiny_data, monkeypatch, options, draws, screened
 ) -> None:
+    offer = api._Run.offer_more_draws
+
+    def offering(run: api._Run) -> None:  # as ``clipguard scan --draws`` offers them
+        offer(run)
+        run.context.draws = draws
+
+    monkeypatch.setattr(api._Run, "offer_more_draws", offering)
+    # the registered scanner's own ablations: no last draw may be skipped as moot
+    monkeypatch.setattr(screening, "last_draw_moot", lambda *_: False)
     report = api.scan(tiny_model_path, tiny_data, shots=2, seed=4, options=options)
     statistics = report.findings[0].statistics
     draws = statistics["screen_draws"]
@@ -242,14 +246,10 @@ def test_a_last_draw_that_could_tip_the_verdict_or_the_suspect_is_not_moot() -> 
 def test_a_moot_last_draw_is_not_drawn(bundle, shots, skip, screened) -> None:
     """With a threshold no evidence reaches (isolation off), two draws settle the verdict."""
     offered: list[int] = []
-    context = RunContext(seed=5, draw_shots=_recording_draws(shots, offered))
-    options = {
-        **EVERY_DRAW,
-        "skip_moot_draw": skip,
-        "evidence_threshold": 1e6,
-        "isolation_threshold": 0,
-    }
-    outcome = CBPTScanner().scan(bundle, shots, ScanConfig(**options), context)
+    context = RunContext(seed=5, draw_shots=_recording_draws(shots, offered), draws=3)
+    options = {**EVERY_DRAW, "evidence_threshold": 1e6, "isolation_threshold": 0}
+    scanner = CBPTScanner(ScanAblations(skip_moot_draw=skip, probe_settles=False))
+    outcome = scanner.scan(bundle, shots, ScanConfig(**options), context)
     assert outcome.verdict == "clean"
     assert offered == list(range(1, screened))
     assert [d["seed"] for d in outcome.statistics["screen_draws"]] == list(range(5, 5 + screened))
@@ -297,11 +297,11 @@ def test_a_probe_that_flags_the_suspect_ends_the_screening(
         flagged.append(suspect)
         return True
 
-    monkeypatch.setattr(scanner, "probe_flags_suspect", flags)
+    monkeypatch.setattr(screening, "probe_flags_suspect", flags)
     offered: list[int] = []
-    context = RunContext(seed=6, draw_shots=_recording_draws(shots, offered))
-    options = {**EVERY_DRAW, "probe_settles": settles}
-    outcome = CBPTScanner().scan(bundle, shots, ScanConfig(**options), context)
+    context = RunContext(seed=6, draw_shots=_recording_draws(shots, offered), draws=3)
+    scanner = CBPTScanner(ScanAblations(skip_moot_draw=False, probe_settles=settles))
+    outcome = scanner.scan(bundle, shots, ScanConfig(**EVERY_DRAW), context)
     draws = outcome.statistics["screen_draws"]
     if settles:
         assert offered == [] and [d["seed"] for d in draws] == [6]
@@ -319,21 +319,21 @@ def test_the_probes_get_all_but_what_the_pending_draws_can_take(bundle, shots, m
     use at most (screening_cost each) and the refinement's share, not the draws' whole share
     of the budget, which had left the additive probe no room to adapt its bound."""
     seen: list[tuple[int, int]] = []
-    run_probe = scanner.run_probe
+    run_probe = screening.run_probe
 
     def recording(*args, **kwargs):
         seen.append((kwargs["budget"], bundle.image_encoder_images))
         return run_probe(*args, **kwargs)
 
-    monkeypatch.setattr(scanner, "run_probe", recording)
+    monkeypatch.setattr(screening, "run_probe", recording)
     config = ScanConfig(**{**EVERY_DRAW, "additive_epsilon": 0.02})  # no refinement
-    context = RunContext(seed=1, draw_shots=lambda index: _other_draw(shots, index))
+    context = RunContext(seed=1, draw_shots=lambda index: _other_draw(shots, index), draws=3)
     start = bundle.image_encoder_images
-    CBPTScanner().scan(bundle, shots, config, context)
+    EVERY_DRAW_SCANNER.scan(bundle, shots, config, context)
     [(budget, used)] = seen
-    pending = 2 * scanner.screening_cost(config, shots)
+    pending = 2 * screening.screening_cost(config, shots)
     assert pending < config.budget - (used - start)  # the draws' share: the rest of it
     assert budget == config.budget - (used - start) - pending
-    assert scanner.screening_cost(config, shots) == (
+    assert screening.screening_cost(config, shots) == (
         config.class_steps * config.class_batch_size * len(shots.classnames) + len(shots.labels)
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from clipguard_cbpt.scanner import ScanConfig
+from clipguard_cbpt.config import ScanConfig
 
 pytestmark = pytest.mark.slow
 

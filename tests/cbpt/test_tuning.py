@@ -10,6 +10,7 @@ import torch
 from clipguard.components import RunContext
 from clipguard.prompts import PromptClassifier, handcrafted_text_features
 from clipguard.triggers import MaskPatternTrigger, TriggerFile
+from clipguard_cbpt.config import DEFAULT_THRESHOLDS
 from clipguard_cbpt.purifier import (
     CBPTPurifier,
     CoOpConfig,
@@ -17,7 +18,6 @@ from clipguard_cbpt.purifier import (
     PurifyConfig,
     says_clean,
 )
-from clipguard_cbpt.scanner import DEFAULT_THRESHOLDS
 from clipguard_cbpt.tuning import (
     FeatureCache,
     TuningConfig,

@@ -1,14 +1,11 @@
-"""Stage 1 of CBPT: contrastive trigger inversion, and a targeted (Neural-Cleanse-like) refinement.
+"""Trigger inversion towards a class: per class for every class at once (the screening),
+and targeted (Neural-Cleanse-like) towards one class (the refinement).
 
 A dummy trigger is a mask ``m`` (``1 x H x W``) and a pattern ``p`` (``3 x H x W``), both in
 ``[0, 1]`` through a tanh parametrisation, applied in pixel space as
-``T(x) = (1 - m) * x + m * p`` before the model's normalisation.
-
-The contrastive objective (``docs/method.md``) pulls the features of triggered images (and of
-augmented views of them) together and away from the clean features of the same images (and
-of their augmented views). A mask-size term ``lambda * |m|_1 / (H W)`` with an adaptive
-``lambda`` (zero until the collapse target is reached, then raised while it holds and lowered
-when it breaks) yields the smallest trigger that still collapses the features.
+``T(x) = (1 - m) * x + m * p`` before the model's normalisation. A mask-size term
+``lambda * |m|_1 / (H W)`` with an adaptive ``lambda`` (:class:`LambdaSchedule`) yields the
+smallest trigger that still sends the shots to the class.
 
 Everything here is deterministic for a given ``torch.Generator`` on CPU, and every image
 encoder pass goes through :meth:`ModelBundle.encode_image`, so ``image_encoder_images``
@@ -18,73 +15,49 @@ counts the cost and an encoder-pass ``budget`` bounds it.
 from __future__ import annotations
 
 import math
-import statistics
-from abc import ABC, abstractmethod
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from clipguard.augment import apply_affine, random_affine
+from clipguard.features import encode_images as encode_batched  # noqa: F401  (transitional)
 from clipguard.model import ModelBundle
 from clipguard.progress import Progress
-from clipguard.triggers import MaskPatternTrigger, Trigger
+from clipguard.triggers import MaskPatternTrigger
 
 _EPS = 1e-6
 
 
-# --------------------------------------------------------------------------- configuration
-
-
 class InversionConfig(BaseModel):
-    """Options of the contrastive trigger inversion (and of the targeted refinement)."""
+    """Settings of the per-class and the targeted inversion (the scanners build them from
+    their options; the purifier's contrastive inversion extends them)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(200, ge=1, description="maximum steps of the kept restart, probe included")
-    restarts: int = Field(3, ge=1, description="random initialisations probed; the best continues")
-    probe_steps: int = Field(30, ge=1, description="steps each restart gets before the choice")
-    batch_size: int = Field(32, ge=2, description="clean shots per step")
-    temperature: float = Field(0.07, gt=0, description="contrastive temperature tau")
+    batch_size: int = Field(32, ge=2, description="shots per step of the targeted inversion")
     lr: float = Field(0.1, gt=0, description="Adam learning rate on the tanh parameters")
     mask_init: float = Field(0.02, gt=0, lt=1, description="initial mean mask value")
-    augment: bool = Field(True, description="augmented positive/negative views")
+    augment: bool = Field(True, description="augmented views in the targeted inversion")
     crop_scale: float = Field(
         0.7, gt=0, le=1, description="smallest side fraction of the random resized crop"
     )
-    collapse_target: float = Field(
-        0.8,
-        gt=0,
-        lt=1,
-        description=(
-            "relative collapse to reach: (mean pairwise cosine of triggered features - the "
-            "same for clean features) / (1 - the clean one)"
-        ),
-    )
     lambda_init: float = Field(
-        1.0, gt=0, description="mask weight set when the collapse target is first reached"
+        1.0, gt=0, description="mask weight set when the success target is first reached"
     )
-    lambda_from_start: bool = Field(
-        True,
-        description="apply lambda_init from the first step (else 0 until the first collapse)",
-    )
-    lambda_up: float = Field(1.5, gt=1, description="factor raising lambda while collapse holds")
+    lambda_up: float = Field(1.5, gt=1, description="factor raising lambda while the target holds")
     lambda_down: float = Field(
-        1.5**1.5, gt=1, description="factor lowering lambda when the collapse breaks"
+        1.5**1.5, gt=1, description="factor lowering lambda when the target breaks"
     )
     check_every: int = Field(10, ge=1, description="steps per lambda-schedule window")
     early_stop_windows: int = Field(
         8,
         ge=1,
-        description="stop a restart after this many windows without a smaller collapsing mask",
+        description="stop after this many windows without a smaller successful mask",
     )
-    refine: bool = Field(
-        True, description="refine the best trigger towards the dominant class (targeted)"
-    )
+    refine: bool = Field(True, description="refine the kept trigger towards its class (targeted)")
     refine_steps: int = Field(150, ge=0, description="maximum steps of the targeted refinement")
     refine_success: float = Field(
         0.9, gt=0, le=1, description="share of triggered shots the refinement must send to target"
@@ -111,9 +84,6 @@ class InversionConfig(BaseModel):
         ge=1,
         description="maximum images through the image encoder for the whole inversion",
     )
-
-
-# --------------------------------------------------------------------------- trigger params
 
 
 def to_unit(weight: torch.Tensor) -> torch.Tensor:
@@ -166,59 +136,6 @@ class TriggerParameters(torch.nn.Module):
         )
 
 
-# --------------------------------------------------------------------------- augmentation
-
-
-# --------------------------------------------------------------------------- losses
-
-
-def contrastive_loss(
-    triggered: torch.Tensor, clean: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """The CBPT contrastive inversion loss.
-
-    ``triggered`` (``A x E``) are normalised features of triggered images, several views per
-    image allowed; ``clean`` (``K x E``) are normalised clean features (the same images, and
-    their views). For every anchor ``z_i``: positives are all other triggered features,
-    negatives all clean features; the loss is ``-mean_i log(P_i / (P_i + N_i))`` computed with
-    log-sum-exp. Returns a scalar.
-    """
-    if triggered.shape[0] < 2:
-        raise ValueError("the contrastive loss needs at least two triggered features")
-    sim_pos = triggered @ triggered.T / temperature
-    eye = torch.eye(sim_pos.shape[0], dtype=torch.bool, device=sim_pos.device)
-    sim_pos = sim_pos.masked_fill(eye, float("-inf"))
-    log_p = torch.logsumexp(sim_pos, dim=1)
-    log_n = torch.logsumexp(triggered @ clean.T / temperature, dim=1)
-    log_all = torch.logaddexp(log_p, log_n)
-    return (log_all - log_p).mean()
-
-
-def mean_pairwise_cosine(features: torch.Tensor) -> float:
-    """Mean cosine similarity over distinct pairs of normalised ``features`` (``N x E``)."""
-    n = features.shape[0]
-    if n < 2:
-        return 1.0
-    gram = features @ features.T
-    return float(((gram.sum() - gram.diagonal().sum()) / (n * (n - 1))).item())
-
-
-def relative_collapse(triggered_cos: float, clean_cos: float) -> float:
-    """How far triggered features collapsed, from 0 (as spread as clean) to 1 (one point)."""
-    return (triggered_cos - clean_cos) / max(1 - clean_cos, _EPS)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-@torch.no_grad()
-def encode_batched(
-    bundle: ModelBundle, pixels: torch.Tensor, batch_size: int = 128
-) -> torch.Tensor:
-    """Normalised image features of ``pixels``, computed in batches, without gradients."""
-    return torch.cat([bundle.encode_image(chunk) for chunk in pixels.split(batch_size)])
-
-
 @dataclass
 class LambdaSchedule:
     """Neural-Cleanse-style adaptive mask weight.
@@ -266,170 +183,8 @@ class InversionResult:
     lambda_history: list[float] = field(default_factory=list)
 
 
-def _budget_left(bundle: ModelBundle, start: int, budget: int) -> int:
+def budget_left(bundle: ModelBundle, start: int, budget: int) -> int:
     return budget - (bundle.image_encoder_images - start)
-
-
-# --------------------------------------------------------------------------- contrastive
-
-
-class _ContrastiveRun:
-    """One restart of the contrastive inversion: parameters, optimiser, schedule, kept trigger."""
-
-    def __init__(
-        self,
-        bundle: ModelBundle,
-        pixels: torch.Tensor,
-        clean_all: torch.Tensor,
-        clean_cos: float,
-        config: InversionConfig,
-        generator: torch.Generator,
-        restart: int,
-    ) -> None:
-        self.bundle, self.pixels, self.clean_all = bundle, pixels, clean_all
-        self.clean_cos, self.config, self.generator = clean_cos, config, generator
-        self.restart = restart
-        self.params = TriggerParameters(bundle.image_size, config.mask_init, generator)
-        self.optimizer = torch.optim.Adam(self.params.parameters(), lr=config.lr)
-        self.schedule = LambdaSchedule.starting(
-            config.lambda_init, config.lambda_up, config.lambda_down, config.lambda_from_start
-        )
-        self.best: MaskPatternTrigger | None = None
-        self.best_pl1 = math.inf
-        self.top_collapse = -math.inf
-        self.top_trigger: MaskPatternTrigger | None = None
-        self.last_window = -math.inf
-        self.window: list[float] = []
-        self.stale = 0
-        self.steps = 0
-        self.stopped = False
-
-    def step(self) -> None:
-        """One optimisation step on a random batch (2 or 3 encoder passes of the batch)."""
-        config, bundle = self.config, self.bundle
-        n = self.pixels.shape[0]
-        batch = min(config.batch_size, n)
-        index = torch.randperm(n, generator=self.generator)[:batch]
-        x = self.pixels[index]
-        triggered = self.params.apply(x)
-        z = bundle.encode_image(triggered)
-        views, negatives = [z], [self.clean_all[index]]
-        if config.augment:
-            theta = random_affine(batch, config.crop_scale, self.generator)
-            views.append(bundle.encode_image(apply_affine(triggered, theta)))
-            with torch.no_grad():
-                negatives.append(bundle.encode_image(apply_affine(x, theta)))
-        loss_con = contrastive_loss(torch.cat(views), torch.cat(negatives), config.temperature)
-        loss = loss_con + self.schedule.value * self.params.mask().mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.steps += 1
-        collapse = relative_collapse(mean_pairwise_cosine(z.detach()), self.clean_cos)
-        self.window.append(collapse)
-        if collapse > self.top_collapse:
-            self.top_collapse, self.top_trigger = collapse, self.params.trigger()
-        if self.steps % config.check_every == 0:
-            self.last_window = sum(self.window) / len(self.window)
-            met = self.last_window >= config.collapse_target
-            self.window = []
-            self.schedule.update(met)
-            pl1 = float(self.params.mask().mean().item())
-            if met and collapse >= config.collapse_target and pl1 < self.best_pl1 * 0.99:
-                self.best, self.best_pl1, self.stale = self.params.trigger(), pl1, 0
-            elif self.schedule.reached:
-                self.stale += 1
-            if self.stale >= config.early_stop_windows:
-                self.stopped = True
-
-    def rank(self) -> tuple[int, float]:
-        """Sort key, smaller is better: reached runs by kept mask size, others by collapse."""
-        if self.best is not None:
-            return (0, self.best_pl1)
-        return (1, -max(self.last_window, self.top_collapse))
-
-    def result(self) -> InversionResult:
-        """The kept trigger: the smallest collapsing one, else the most collapsed one."""
-        kept = self.best if self.best is not None else self.top_trigger
-        if kept is None:
-            kept = self.params.trigger()
-        return InversionResult(
-            trigger=kept,
-            pl1=float(kept.mask.mean().item()),
-            collapse=0.0,
-            reached=self.best is not None,
-            steps=self.steps,
-            restart=self.restart,
-            lambda_history=list(self.schedule.history),
-        )
-
-
-def invert_contrastive(
-    bundle: ModelBundle,
-    pixels: torch.Tensor,
-    config: InversionConfig,
-    generator: torch.Generator,
-    progress: Progress | None = None,
-    budget: int | None = None,
-) -> InversionResult:
-    """Invert the smallest trigger that collapses the features of ``pixels`` (``N x 3 x H x W``).
-
-    ``config.restarts`` random initialisations are each probed for ``config.probe_steps``
-    steps; the most promising one (reached the collapse target with the smallest mask, else
-    the most collapsed) then continues up to ``config.steps`` steps in all, or until no
-    smaller collapsing mask was found for ``config.early_stop_windows`` windows, or until
-    the image-encoder ``budget`` (default ``config.budget``) would be exceeded. The result's
-    ``collapse`` is measured on all shots (one more encoder pass over them). Deterministic
-    for ``generator``.
-    """
-    progress = progress or Progress(quiet=True)
-    budget = config.budget if budget is None else budget
-    start_images = bundle.image_encoder_images
-    clean_all = encode_batched(bundle, pixels)
-    clean_cos = mean_pairwise_cosine(clean_all)
-    batch = min(config.batch_size, pixels.shape[0])
-    per_step = batch * (3 if config.augment else 1)
-    # keep room for the final pass over the shots
-    usable = budget - 2 * pixels.shape[0]
-    probe = min(config.probe_steps, config.steps)
-    probe = max(1, min(probe, (usable // per_step) // (config.restarts + 1)))
-    total = max(config.steps, probe)
-    runs: list[_ContrastiveRun] = []
-    with progress.task("contrastive inversion", config.restarts * probe + total - probe) as advance:
-        for restart in range(config.restarts):
-            run = _ContrastiveRun(bundle, pixels, clean_all, clean_cos, config, generator, restart)
-            runs.append(run)
-            for _ in range(probe):
-                if _budget_left(bundle, start_images, usable) < per_step and run.steps > 0:
-                    break
-                run.step()
-                advance(1)
-                if run.stopped:
-                    break
-        chosen = min(runs, key=lambda r: r.rank())
-        while chosen.steps < total and not chosen.stopped:
-            if _budget_left(bundle, start_images, usable) < per_step:
-                break
-            chosen.step()
-            advance(1)
-    result = chosen.result()
-    features = encode_batched(bundle, result.trigger.apply(pixels))
-    result.collapse = relative_collapse(mean_pairwise_cosine(features), clean_cos)
-    result.restarts = [
-        {
-            "restart": r.restart,
-            "steps": r.steps,
-            "reached": r.best is not None,
-            "kept_pl1": r.best_pl1 if r.best is not None else None,
-            "top_batch_collapse": r.top_collapse,
-            "chosen": r is chosen,
-        }
-        for r in runs
-    ]
-    return result
-
-
-# --------------------------------------------------------------------------- targeted
 
 
 def invert_targeted(
@@ -504,7 +259,7 @@ def invert_targeted(
                     stale += 1
                 if stale >= config.early_stop_windows:
                     break
-            if _budget_left(bundle, start_images, budget) < batch:
+            if budget_left(bundle, start_images, budget) < batch:
                 break
     kept = best if best is not None else top_trigger
     return InversionResult(
@@ -516,9 +271,6 @@ def invert_targeted(
         restart=0,
         lambda_history=list(schedule.history),
     )
-
-
-# --------------------------------------------------------------------------- per class
 
 
 def invert_per_class(
@@ -575,7 +327,7 @@ def invert_per_class(
     scale = bundle.logit_scale
     with progress.task("per-class trigger inversion", config.class_steps) as advance:
         for _ in range(config.class_steps):
-            if not active or _budget_left(bundle, start_images, budget) < batch * len(active):
+            if not active or budget_left(bundle, start_images, budget) < batch * len(active):
                 break
             rows = []
             for k in active:
@@ -640,508 +392,7 @@ def invert_per_class(
     return results
 
 
-# --------------------------------------------------------------------------- reach probes
-
-
-class ProbeFamily(ABC):
-    """A family of small universal image transformations, one per class, for :func:`probe_reach`.
-
-    Each class ``k`` gets its own parameters (row ``k`` of :meth:`initial`), starting at the
-    identity transformation; :meth:`bound` projects them back into the family after every step.
-    """
-
-    #: the probe's name in reports ("additive", "warp")
-    name: ClassVar[str]
-    #: the kind of backdoor it signals, for explanations ("full-image", "warping")
-    signal: ClassVar[str]
-
-    @abstractmethod
-    def initial(self, n_classes: int, image_shape: tuple[int, ...]) -> torch.Tensor:
-        """The identity parameters of ``n_classes`` transformations of ``image_shape`` images."""
-
-    @abstractmethod
-    def apply(self, images: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
-        """``images`` transformed by one class's ``parameters`` (differentiable, in ``[0, 1]``)."""
-
-    @abstractmethod
-    def bound(self, parameters: torch.Tensor) -> None:
-        """Project ``parameters`` into the family, in place."""
-
-    @property
-    @abstractmethod
-    def lr(self) -> float:
-        """Adam learning rate of the fit."""
-
-    @abstractmethod
-    def settings(self) -> dict[str, float]:
-        """The family's bounds, for reports."""
-
-    @abstractmethod
-    def describe(self) -> str:
-        """One transformation of the family in words, for explanations."""
-
-    @abstractmethod
-    def rescaled(self, factor: float) -> ProbeFamily:
-        """The same family with its bound multiplied by ``factor``."""
-
-
-@dataclass(frozen=True)
-class AdditivePerturbation(ProbeFamily):
-    """``clamp(x + d, 0, 1)`` with ``|d| <= epsilon`` per pixel: the reach of full-image
-    additive or blended triggers (SIG, blended, sample-specific noise)."""
-
-    epsilon: float
-    name: ClassVar[str] = "additive"
-    signal: ClassVar[str] = "full-image"
-
-    def initial(self, n_classes: int, image_shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.zeros(n_classes, *image_shape)
-
-    def apply(self, images: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
-        return (images + parameters).clamp(0, 1)
-
-    def bound(self, parameters: torch.Tensor) -> None:
-        parameters.clamp_(-self.epsilon, self.epsilon)
-
-    @property
-    def lr(self) -> float:
-        return self.epsilon / 10
-
-    def settings(self) -> dict[str, float]:
-        return {"epsilon": self.epsilon}
-
-    def describe(self) -> str:
-        return f"a perturbation of at most {self.epsilon:g} per pixel"
-
-    def rescaled(self, factor: float) -> AdditivePerturbation:
-        return replace(self, epsilon=self.epsilon * factor)
-
-
-@dataclass(frozen=True)
-class SmoothWarp(ProbeFamily):
-    """A smooth warp: a ``grid x grid`` field of displacements of at most ``max_pixels``
-    pixels per axis, upsampled bicubically to the image and applied by bilinear resampling
-    (edges repeated): the reach of warping triggers (WaNet), which no additive change or
-    small mask expresses. A grid of 8 expresses the WaNet fields of control grids up to 8."""
-
-    grid: int
-    max_pixels: float
-    name: ClassVar[str] = "warp"
-    signal: ClassVar[str] = "warping"
-
-    def initial(self, n_classes: int, image_shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.zeros(n_classes, 2, self.grid, self.grid)
-
-    def apply(self, images: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
-        size = int(images.shape[-1])
-        field_px = F.interpolate(
-            parameters.unsqueeze(0), size=(size, size), mode="bicubic", align_corners=True
-        )[0].permute(1, 2, 0)
-        line = torch.linspace(-1, 1, size)
-        rows, cols = torch.meshgrid(line, line, indexing="ij")
-        grid = torch.stack((cols, rows), dim=-1) + field_px * (2.0 / max(size - 1, 1))
-        sampled = F.grid_sample(
-            images,
-            grid.unsqueeze(0).expand(images.shape[0], -1, -1, -1),
-            mode="bilinear",
-            padding_mode="border",
-            align_corners=True,
-        )
-        return sampled.clamp(0, 1)
-
-    def bound(self, parameters: torch.Tensor) -> None:
-        parameters.clamp_(-self.max_pixels, self.max_pixels)
-
-    @property
-    def lr(self) -> float:
-        return self.max_pixels / 10
-
-    def settings(self) -> dict[str, float]:
-        return {"max_pixels": self.max_pixels, "grid": self.grid}
-
-    def describe(self) -> str:
-        return f"a smooth warp of at most {self.max_pixels:g} pixels"
-
-    def rescaled(self, factor: float) -> SmoothWarp:
-        return replace(self, max_pixels=self.max_pixels * factor)
-
-
-#: most held-out images (not shots) each class's probe reach is also measured on
-HELD_OUT_IMAGES = 600
-
-
-@dataclass
-class ProbeReach:
-    """A reach probe's result for every class (:func:`probe_reach`)."""
-
-    #: the family of transformations probed
-    family: ProbeFamily
-    #: per class, the share of held-out other-class shots its transformation sends to it
-    reach: list[float]
-    #: optimisation steps run (fewer than asked when the budget ran short)
-    steps: int
-    #: why the probe did not run (the encoder budget), else None
-    skipped: str | None = None
-    #: every fit of :func:`probe_reach_in_band`, in order: its family and median class
-    #: reach; empty for :func:`probe_reach` alone
-    tried: list[tuple[ProbeFamily, float]] = field(default_factory=list)
-    #: per class, how many images its reach was measured on (held-out shots and images)
-    measured: list[int] = field(default_factory=list)
-    #: per class, its reach on the held-out shots alone (``reach`` when no held-out images
-    #: were measured): what :func:`probe_reach_in_band` judges a bound by
-    shot_reach: list[float] = field(default_factory=list)
-
-    @property
-    def probe(self) -> str:
-        """The probe's name (its family's)."""
-        return self.family.name
-
-    @property
-    def median(self) -> float:
-        """The median class's reach."""
-        return float(statistics.median(self.reach))
-
-    @property
-    def shot_median(self) -> float:
-        """The median class's reach on the held-out shots alone."""
-        return float(statistics.median(self.shot_reach or self.reach))
-
-    def evidence(self) -> list[float]:
-        """Per class, its reach above the median reach of all classes (>= 0)."""
-        if self.skipped is not None:
-            return [0.0] * len(self.reach)
-        return [max(0.0, r - self.median) for r in self.reach]
-
-
-def _spread_rows(rows: torch.Tensor, limit: int) -> torch.Tensor:
-    """At most ``limit`` of ``rows``, evenly spaced (deterministic, every class represented
-    when ``rows`` are grouped by class)."""
-    if len(rows) <= limit:
-        return rows
-    return rows[torch.linspace(0, len(rows) - 1, limit).round().long()]
-
-
-def fit_transforms(
-    bundle: ModelBundle,
-    pixels: torch.Tensor,
-    rows: list[torch.Tensor],
-    goals: list[int],
-    class_features: torch.Tensor,
-    family: ProbeFamily,
-    steps: int,
-    chunk_images: int = 1024,
-    on_step: Callable[[int], None] | None = None,
-) -> torch.Tensor:
-    """One transformation of ``family`` per entry ``i``, fitted from the identity with Adam
-    (``family.lr``) for ``steps`` steps to send ``pixels[rows[i]]`` to class ``goals[i]``
-    (cross-entropy of the zero-shot logits). The entries are optimised together (each loss
-    depends on its own parameters only), in encoder calls of at most ``chunk_images`` images;
-    costs ``steps`` times the images of all entries; ``on_step(1)`` is called after each step
-    (a progress bar's advance). Returns the parameters, one row per entry (detached).
-    Deterministic."""
-    parameters = family.initial(len(rows), tuple(pixels.shape[1:])).requires_grad_(True)
-    optimizer = torch.optim.Adam([parameters], lr=family.lr)
-    scale = bundle.logit_scale
-    groups: list[list[int]] = [[]]
-    for i in range(len(rows)):
-        if groups[-1] and sum(len(rows[j]) for j in groups[-1]) + len(rows[i]) > chunk_images:
-            groups.append([])
-        groups[-1].append(i)
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        for group in groups:
-            images = torch.cat([family.apply(pixels[rows[i]], parameters[i]) for i in group])
-            goal = torch.cat([torch.full((len(rows[i]),), goals[i]) for i in group])
-            logits = scale * bundle.encode_image(images) @ class_features.T
-            losses = F.cross_entropy(logits, goal, reduction="none")
-            # each entry's mean loss, summed: the entries' gradients do not mix
-            weights = torch.cat([torch.full((len(rows[i]),), 1.0 / len(rows[i])) for i in group])
-            (losses * weights).sum().backward()
-        optimizer.step()
-        with torch.no_grad():
-            family.bound(parameters)
-        if on_step is not None:
-            on_step(1)
-    return parameters.detach()
-
-
-@dataclass
-class TransformTrigger(Trigger):
-    """A fitted transformation of a :class:`ProbeFamily` used as a trigger (a warp towards a
-    class, say): ``apply`` runs the family's transformation with ``parameters``."""
-
-    transform: ProbeFamily
-    parameters: torch.Tensor
-    family: str = "fitted-transform"
-
-    def apply(self, images: torch.Tensor) -> torch.Tensor:
-        return self.transform.apply(images, self.parameters.to(images))
-
-
-def transform_towards(
-    bundle: ModelBundle,
-    pixels: torch.Tensor,
-    labels: torch.Tensor,
-    class_features: torch.Tensor,
-    family: ProbeFamily,
-    target: int,
-    steps: int,
-    max_images: int = 1024,
-) -> TransformTrigger:
-    """The universal transformation of ``family`` that sends the shots of the other classes
-    (at most ``max_images``, evenly spread) to ``target`` (:func:`fit_transforms`), as a
-    trigger. Costs ``steps`` times those shots in encoder passes with gradients."""
-    rows = _spread_rows(torch.nonzero(labels != target).flatten(), max_images)
-    parameters = fit_transforms(bundle, pixels, [rows], [target], class_features, family, steps)
-    return TransformTrigger(family, parameters[0])
-
-
-def _other_class_rows(
-    labels: torch.Tensor, n_classes: int, max_images: int, among: torch.Tensor | None = None
-) -> list[torch.Tensor]:
-    """Per class ``k``, the rows (of those flagged in ``among``; all when None) whose label is
-    not ``k``: at most ``max_images``, evenly spread."""
-    others = [labels != k for k in range(n_classes)]
-    if among is not None:
-        others = [rows & among for rows in others]
-    return [_spread_rows(torch.nonzero(rows).flatten(), max_images) for rows in others]
-
-
-def _probe_rows(
-    labels: torch.Tensor, n_classes: int, max_images: int
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per class, the rows of :func:`probe_reach`: the even shots of the other classes it
-    fits on and the odd ones it measures on (at most ``max_images`` each, evenly spread)."""
-    even = torch.arange(len(labels)) % 2 == 0
-    return (
-        _other_class_rows(labels, n_classes, max_images, even),
-        _other_class_rows(labels, n_classes, max_images, ~even),
-    )
-
-
-def _held_out_rows(
-    labels: torch.Tensor | None, n_classes: int, max_images: int
-) -> list[torch.Tensor]:
-    """Per class, the rows of the held-out images (``labels``; none when None) of the other
-    classes, which :func:`probe_reach` also measures its reach on (at most ``max_images``
-    each, evenly spread)."""
-    if labels is None:
-        return [torch.zeros(0, dtype=torch.long) for _ in range(n_classes)]
-    return _other_class_rows(labels, n_classes, max_images)
-
-
-def probe_cost(
-    labels: torch.Tensor,
-    n_classes: int,
-    max_images: int,
-    steps: int,
-    held_out_labels: torch.Tensor | None = None,
-    max_held_out: int = HELD_OUT_IMAGES,
-) -> int:
-    """Encoder images of one whole :func:`probe_reach` fit of ``steps`` steps on shots with
-    ``labels``, measured on held-out images with ``held_out_labels`` too."""
-    fit, held = _probe_rows(labels, n_classes, max_images)
-    extra = _held_out_rows(held_out_labels, n_classes, max_held_out)
-    return steps * sum(len(r) for r in fit) + sum(len(r) for r in held + extra)
-
-
-def probe_reach(
-    bundle: ModelBundle,
-    pixels: torch.Tensor,
-    labels: torch.Tensor,
-    class_features: torch.Tensor,
-    family: ProbeFamily,
-    steps: int,
-    max_images: int,
-    budget: int,
-    chunk_images: int = 1024,
-    progress: Progress | None = None,
-    held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
-    max_held_out: int = HELD_OUT_IMAGES,
-) -> ProbeReach:
-    """For every class ``k``, how far one small universal transformation of ``family`` reaches.
-
-    The shots are split by position (even / odd). A transformation ``T_k`` of ``family``, from
-    the identity, is fitted with Adam (``family.lr``) for ``steps`` steps to send the even shots
-    of the other classes (at most ``max_images``) to ``k``; the reach of ``k`` is the share of
-    the odd shots of the other classes (at most ``max_images``), and of the ``held_out``
-    images (pixels, labels: images that are not shots) of the other classes (at most
-    ``max_held_out``), that ``T_k`` sends to ``k`` (``shot_reach``: the share of the odd
-    shots alone). A backdoor whose
-    trigger lies in (or near) the family makes its target reachable far beyond the other
-    classes; a clean model's classes are reached alike (docs/method.md); the more images the
-    reach is measured on, the less a clean class's reach varies by chance. All classes are
-    optimised together (each loss depends on its own ``T_k`` only), in encoder calls of at
-    most ``chunk_images`` images. Costs ``steps`` times the fitted images plus the measured
-    ones (:func:`probe_cost`), and runs fewer steps, or none (``skipped``), when ``budget``
-    encoder images do not allow them. Shows a progress bar on ``progress``. Deterministic.
-    """
-    n_classes = int(class_features.shape[0])
-    fit, held = _probe_rows(labels, n_classes, max_images)
-    extra = _held_out_rows(None if held_out is None else held_out[1], n_classes, max_held_out)
-    per_step = sum(len(r) for r in fit)
-    to_measure = sum(len(r) for r in held + extra)
-    if per_step == 0 or to_measure == 0 or budget < per_step + to_measure:
-        return ProbeReach(family, [0.0] * n_classes, 0, "encoder budget too small or no shots")
-    steps = min(steps, (budget - to_measure) // per_step)
-    progress = progress or Progress(quiet=True)
-    with progress.task(f"{family.name} reach: {family.describe()}", max(steps, 1)) as advance:
-        parameters = fit_transforms(
-            bundle,
-            pixels,
-            fit,
-            list(range(n_classes)),
-            class_features,
-            family,
-            steps,
-            chunk_images,
-            on_step=advance,
-        )
-    reach, measured, shot_reach = [], [], []
-    with torch.no_grad():
-        for k in range(n_classes):
-            images = [pixels[held[k]]]
-            if held_out is not None:
-                images.append(held_out[0][extra[k]])
-            transformed = family.apply(torch.cat(images), parameters[k])
-            measured.append(len(transformed))
-            if len(transformed) == 0:
-                reach.append(0.0)
-                shot_reach.append(0.0)
-                continue
-            hits = (encode_batched(bundle, transformed) @ class_features.T).argmax(dim=1) == k
-            reach.append(float(hits.float().mean()))
-            shots_hit = hits[: len(held[k])]
-            shot_reach.append(float(shots_hit.float().mean()) if len(shots_hit) else 0.0)
-    return ProbeReach(family, reach, steps, measured=measured, shot_reach=shot_reach)
-
-
-@dataclass(frozen=True)
-class MedianBand:
-    """Where the median class's reach should lie for a probe's bound to suit a model
-    (:func:`probe_reach_in_band`), and how many extra fits may bring it there."""
-
-    low: float
-    high: float
-    refits: int
-
-    def distance(self, median: float) -> float:
-        """How far ``median`` lies outside the band (0 inside)."""
-        return max(self.low - median, median - self.high, 0.0)
-
-
-def probe_reach_in_band(
-    bundle: ModelBundle,
-    pixels: torch.Tensor,
-    labels: torch.Tensor,
-    class_features: torch.Tensor,
-    family: ProbeFamily,
-    steps: int,
-    max_images: int,
-    budget: int,
-    band: MedianBand,
-    keep: int = 0,
-    chunk_images: int = 1024,
-    progress: Progress | None = None,
-    held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
-    max_held_out: int = HELD_OUT_IMAGES,
-) -> ProbeReach:
-    """:func:`probe_reach` with a bound suited to the model (reach measured on the odd
-    shots and ``held_out`` images alike; the bound judged by the odd shots alone, the
-    ``shot_median``, as the band was chosen, so held-out images sharpen the reach reported
-    at the bound the shots choose).
-
-    One bound does not suit every model: an additive change of 0.02 per pixel sends a median
-    CIFAR-10 lab class 10-20 % of the other classes' held-out shots but a synthetic-set class
-    almost none, and at 0.05 CIFAR-10 classes are all reached alike (docs/method.md). So the
-    probe is fitted with ``family`` first; while the median class's reach lies below
-    ``band.low`` the bound is doubled (:meth:`ProbeFamily.rescaled`) and the probe fitted
-    again, while above ``band.high`` halved, at most ``band.refits`` times. It stops when the
-    median enters the band, when the direction would turn (the band lies between two bounds a
-    factor 2 apart), or when what is left of ``budget``, less ``keep`` images left for later
-    work, does not pay for a whole fit. Returns
-    the fit whose median lies nearest the band (the first of equals), with every fit in
-    ``tried``. Costs each fit's encoder images (:func:`probe_reach`). Deterministic.
-    """
-    whole_fit = probe_cost(
-        labels,
-        int(class_features.shape[0]),
-        max_images,
-        steps,
-        None if held_out is None else held_out[1],
-        max_held_out,
-    )
-    start = bundle.image_encoder_images
-    fits: list[ProbeReach] = []
-    current, direction = family, 0
-    while True:
-        left = budget - (bundle.image_encoder_images - start)
-        fits.append(
-            probe_reach(
-                bundle,
-                pixels,
-                labels,
-                class_features,
-                current,
-                steps,
-                max_images,
-                left,
-                chunk_images,
-                progress,
-                held_out,
-                max_held_out,
-            )
-        )
-        latest = fits[-1]
-        if latest.skipped is not None or len(fits) > band.refits:
-            break
-        turn = 1 if latest.shot_median < band.low else -1 if latest.shot_median > band.high else 0
-        left = budget - (bundle.image_encoder_images - start)
-        if turn == 0 or turn == -direction or left - keep < whole_fit:
-            break
-        current, direction = current.rescaled(2.0**turn), turn
-    best = min(fits, key=lambda f: band.distance(f.shot_median))
-    return replace(best, tried=[(f.family, f.shot_median) for f in fits])
-
-
 def _class_trigger(mask: torch.Tensor, pattern: torch.Tensor) -> MaskPatternTrigger:
     return MaskPatternTrigger(
         mask=mask.detach().clone(), pattern=pattern.detach().clone(), family="inverted"
     )
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-@torch.no_grad()
-def prediction_distribution(
-    predict: Callable[[torch.Tensor], torch.Tensor],
-    pixels: torch.Tensor,
-    labels: torch.Tensor,
-    trigger: MaskPatternTrigger,
-    classnames: list[str],
-) -> dict[str, Any]:
-    """Zero-shot predictions on triggered ``pixels``: class distribution and dominant class.
-
-    ``dominant_share`` is the share of all triggered shots predicted as the dominant class;
-    ``dominant_share_others`` the same among shots whose true class is not the dominant one
-    (an attack-success rate of the inverted trigger towards it).
-    """
-    predictions = predict(trigger.apply(pixels))
-    counts = Counter(int(p) for p in predictions.tolist())
-    dominant, count = max(sorted(counts.items()), key=lambda item: item[1])
-    others = labels != dominant
-    share_others = (
-        float((predictions[others] == dominant).float().mean().item())
-        if bool(others.any())
-        else 0.0
-    )
-    return {
-        "distribution": {
-            classnames[k]: counts.get(k, 0) / len(predictions) for k in range(len(classnames))
-        },
-        "dominant_index": dominant,
-        "dominant_class": classnames[dominant],
-        "dominant_share": count / len(predictions),
-        "dominant_share_others": share_others,
-    }

@@ -21,17 +21,16 @@ from clipguard.model import ModelBundle
 from clipguard.prompts import PromptClassifier
 from clipguard.triggers import TriggerFile, trigger_file_bytes
 from clipguard_cbpt import __version__
-from clipguard_cbpt.inversion import (
-    InversionConfig,
-    InversionResult,
-    prediction_distribution,
-)
-from clipguard_cbpt.scanner import class_triggers, picture_bytes
+from clipguard_cbpt.config import ClassInversionOptions
+from clipguard_cbpt.inversion import InversionResult
+from clipguard_cbpt.render import picture_bytes
+from clipguard_cbpt.screening import class_triggers
 from clipguard_cbpt.signals import anomaly_indices
+from clipguard_cbpt.statistics import prediction_distribution
 
 
-class NCScanConfig(InversionConfig):
-    """Options of ``cbpt-nc``: the inversion's (``refine_*`` apply per class) and the test."""
+class NCScanConfig(ClassInversionOptions):
+    """Options of ``cbpt-nc``: the per-class inversion's and the anomaly test's."""
 
     anomaly_threshold: float = Field(
         4.0, gt=0, description="anomaly index above which a small-mask class is flagged"
@@ -50,7 +49,7 @@ class NCScanConfig(InversionConfig):
 def per_class_inversion(
     bundle: ModelBundle,
     shots: ShotSet,
-    config: InversionConfig,
+    config: ClassInversionOptions,
     context: RunContext,
     classifier: PromptClassifier | None = None,
 ) -> tuple[list[InversionResult], list[float], list[float], float, int]:
@@ -59,13 +58,27 @@ def per_class_inversion(
     the suspect class (smallest size below the median, else the smallest size)."""
     classifier = classifier or PromptClassifier(bundle, shots.classnames)
     n_classes = shots.n_classes
-    results, sizes = class_triggers(bundle, shots, config, context, classifier)
+    results, sizes = class_triggers(bundle, shots, config.inversion(), context, classifier)
     indices = anomaly_indices(sizes)
     median = float(torch.tensor(sizes).median())
     candidates = [k for k in range(n_classes) if sizes[k] < median]
     pool = candidates or list(range(n_classes))
     best = min(pool, key=lambda k: sizes[k])
     return results, sizes, indices, median, best
+
+
+def anomaly_verdict(top: float, config: NCScanConfig) -> tuple[str, float]:
+    """The verdict and score in ``[0, 1)`` of a suspect whose anomaly index is ``top``:
+    ``backdoor`` above ``anomaly_threshold``, ``inconclusive`` from
+    ``inconclusive_threshold``, else ``clean``; the score is ``1 - exp(-top /
+    anomaly_threshold)``."""
+    if top > config.anomaly_threshold:
+        verdict = "backdoor"
+    elif top >= config.inconclusive_threshold:
+        verdict = "inconclusive"
+    else:
+        verdict = "clean"
+    return verdict, float(1 - math.exp(-top / config.anomaly_threshold))
 
 
 class NCScanner(Scanner):
@@ -84,20 +97,13 @@ class NCScanner(Scanner):
     ) -> ScanOutcome:
         """Invert a trigger towards every class of ``shots`` and test their sizes."""
         assert isinstance(config, NCScanConfig)
-        torch.set_num_threads(min(torch.get_num_threads(), 2))
         start_images = bundle.image_encoder_images
         classifier = PromptClassifier(bundle, shots.classnames)
         results, sizes, indices, median, best = per_class_inversion(
             bundle, shots, config, context, classifier
         )
         top = indices[best] if sizes[best] < median else 0.0
-        if top > config.anomaly_threshold:
-            verdict = "backdoor"
-        elif top >= config.inconclusive_threshold:
-            verdict = "inconclusive"
-        else:
-            verdict = "clean"
-        score = float(1 - math.exp(-top / config.anomaly_threshold))
+        verdict, score = anomaly_verdict(top, config)
         name = shots.classnames[best]
         explanation = (
             f"class {name!r} has the smallest trigger (PL1 {sizes[best]:.4f}, median "

@@ -11,23 +11,13 @@ from clipguard.model import ModelBundle
 from clipguard.prompts import PromptClassifier, PromptSet
 from clipguard.triggers import MaskPatternTrigger, Trigger, TriggerFile
 from clipguard_cbpt import __version__
-from clipguard_cbpt.inversion import (
-    InversionConfig,
-    SmoothWarp,
-    invert_targeted,
-    prediction_distribution,
-    transform_towards,
-)
-from clipguard_cbpt.scanner import (
-    DEFAULT_THRESHOLDS,
-    PROBES,
-    ScanConfig,
-    deciding_ratio,
-    locate_trigger,
-    probe_evidence_settings,
-    run_inversion,
-    verdict_of,
-)
+from clipguard_cbpt.config import DEFAULT_THRESHOLDS, PROBES, ScanConfig
+from clipguard_cbpt.contrastive import ContrastiveConfig, run_inversion
+from clipguard_cbpt.evidence import deciding_ratio, verdict_of
+from clipguard_cbpt.inversion import InversionConfig, invert_targeted
+from clipguard_cbpt.probe_families import SmoothWarp, transform_towards
+from clipguard_cbpt.screening import locate_trigger
+from clipguard_cbpt.statistics import prediction_distribution, probe_evidence_settings
 from clipguard_cbpt.tuning import (
     CoOpConfig,
     FeatureCache,
@@ -49,8 +39,12 @@ SCAN_BUDGET: int = 160_000
 class PurifyConfig(TuningConfig):
     """Options of the ``cbpt`` purifier: tuning, plus the inversion it runs without a trigger."""
 
-    inversion_steps: int = Field(200, ge=1, description="contrastive inversion steps (kept run)")
-    inversion_restarts: int = Field(3, ge=1, description="contrastive inversion restarts")
+    inversion_steps: int = Field(
+        200, ge=1, description="inversion_method=contrastive: steps of the kept restart"
+    )
+    inversion_restarts: int = Field(
+        3, ge=1, description="inversion_method=contrastive: random restarts probed"
+    )
     inversion_budget: int = Field(
         SCAN_BUDGET,
         ge=1,
@@ -134,13 +128,12 @@ class CBPTPurifier(Purifier):
         judged: dict[str, Any] = {}
         if trigger is None:
             scan_config = ScanConfig(
-                steps=config.inversion_steps,
-                restarts=config.inversion_restarts,
                 budget=config.inversion_budget,
                 refine=config.refine,
                 # the purifier tunes against its trigger whatever the verdict when ungated
                 refine_clean=True,
             )
+            inversion_config: BaseModel = scan_config
             if config.inversion_method == "scan":
                 screening, suspected, kept, _ = locate_trigger(
                     bundle, shots, scan_config, context, baseline
@@ -153,7 +146,13 @@ class CBPTPurifier(Purifier):
                 }
                 statistics["inversion_evidence"] = screening.top_evidence
             else:
-                contrastive, refined, _, _ = run_inversion(bundle, shots, scan_config, context)
+                inversion_config = ContrastiveConfig(
+                    steps=config.inversion_steps,
+                    restarts=config.inversion_restarts,
+                    budget=config.inversion_budget,
+                    refine=config.refine,
+                )
+                contrastive, refined, _, _ = run_inversion(bundle, shots, inversion_config, context)
                 kept = refined if refined is not None else contrastive
             trigger = TriggerFile(
                 trigger=kept.trigger,
@@ -164,7 +163,7 @@ class CBPTPurifier(Purifier):
                     "prompts": "hand-crafted",
                     **judged,
                     "seed": context.seed,
-                    "options": scan_config.model_dump(mode="json"),
+                    "options": inversion_config.model_dump(mode="json"),
                 },
                 producer=f"clipguard_cbpt {self.name} {self.version}",
             )

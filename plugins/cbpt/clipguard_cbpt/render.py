@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from PIL import Image, ImageDraw
 
+from clipguard.components import ShotSet
+from clipguard.prompts import PromptClassifier
 from clipguard.triggers import MaskPatternTrigger
 
 #: tiles are upscaled (nearest neighbour) to at least this many pixels per side
@@ -70,3 +72,38 @@ def render_trigger_png(
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+#: clean/triggered pairs shown in trigger.png
+N_PICTURE_PAIRS = 8
+
+
+def picture_bytes(
+    classifier: PromptClassifier,
+    shots: ShotSet,
+    trigger: MaskPatternTrigger,
+    verdict: str,
+    dominant: str,
+    scanner: str = "cbpt",
+) -> bytes:
+    """``trigger.png`` with up to :data:`N_PICTURE_PAIRS` shots of different classes, labelled
+    with ``classifier``'s predictions."""
+    chosen: list[int] = []
+    seen: set[int] = set()
+    for index, label in enumerate(shots.labels.tolist()):
+        if label not in seen:
+            seen.add(label)
+            chosen.append(index)
+        if len(chosen) == N_PICTURE_PAIRS:
+            break
+    clean = shots.pixels[chosen]
+    clean_pred = classifier.predict(clean).tolist()
+    trig_pred = classifier.predict(trigger.apply(clean)).tolist()
+    names = shots.classnames
+    return render_trigger_png(
+        trigger,
+        clean,
+        [names[k] for k in clean_pred],
+        [names[k] for k in trig_pred],
+        title=f"{scanner} scan: {verdict}; triggered shots go to '{dominant}'",
+    )
