@@ -1,6 +1,6 @@
 """Calibrate the cbpt scanner's verdict thresholds on a zoo, and report held-out rates.
 
-    python benchmarks/calibrate.py --zoo ZOO [--zoo ZOO2] --doc docs/benchmarks.md
+    python -m benchmarks.calibrate --zoo ZOO [--zoo ZOO2] --doc docs/benchmarks.md
 
 Every model is scanned once (resumable, shared with benchmarks/run.py's results). The scan
 report holds, per class, the low-side anomaly index of the trigger size and of the text
@@ -28,10 +28,7 @@ from typing import Annotated, Any
 
 import typer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import Harness, ZooModel, find_models, update_docs
-
+from benchmarks.harness import Harness, ZooModel, find_models, update_docs
 from clipguard.config import parse_options
 from clipguard.io import atomic_write_json
 from clipguard.progress import Progress
@@ -518,7 +515,7 @@ def main(
     typer.echo(table)
     typer.echo(json.dumps(summary["thresholds"]))
     if doc is not None:
-        command = shlex.join(["python", "benchmarks/calibrate.py", *sys.argv[1:]])
+        command = shlex.join(["python", "-m", "benchmarks.calibrate", *sys.argv[1:]])
         update_docs(doc, table, None, command, results, section=section)
 
 

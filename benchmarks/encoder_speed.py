@@ -1,6 +1,6 @@
 """Image-encoder passes with and without clipguard's two speed-ups, measured as ratios.
 
-    python benchmarks/encoder_speed.py MODEL [MODEL ...] [--batch 720] [--rounds 30] [--processes 3]
+    python -m benchmarks.encoder_speed MODEL [MODEL ...] [--batch 720] [--rounds 30] [--processes 3]
 
 What a scan's trigger inversion and reach probes do thousands of times: encode a batch of
 pixel images with gradients on the pixels and back-propagate. Per model, one JSON line each:

@@ -40,8 +40,8 @@ DEFENCES: dict[str, tuple[str, dict[str, Any], bool]] = {
     "cbpt-random-mask": ("cbpt", {"random_mask": True}, True),
     # besides the mask trigger, a smooth warp of at most 8 pixels fitted towards the target
     "cbpt-warp-trigger": ("cbpt", {"warp_trigger_pixels": 8.0}, True),
-    # held to the hand-crafted prompts whatever the scan (before 2026-12-02 #11 the default;
-    # now a trigger of a fit_prompts scan holds the prompts to prompts fitted by plain CoOp)
+    # held to the hand-crafted prompts whatever the scan (the default holds a trigger of a scan
+    # through fitted prompts to prompts fitted by plain CoOp)
     "cbpt-handcrafted-reference": ("cbpt", {"reference_prompts": "handcrafted"}, True),
     # a KL term keeping the clean-view predictions of the hand-crafted prompts (candidate)
     "cbpt-distill": ("cbpt", {"distill_weight": 3.0}, True),
@@ -366,7 +366,7 @@ def markdown_tables(results: dict[str, Any], defences: Sequence[str]) -> str:
         "",
         "The last column is the oracle ceiling of the lab models (model cards): a linear probe "
         "trained on clean and really triggered features with their true labels (at logit "
-        "scale 100 in cards written or recomputed since 2026-12-01).",
+        "scale 100).",
         "",
         "| attack | models | " + " | ".join(present) + " | oracle ceiling |",
         "|---|---|" + "---|" * len(present) + "---|",

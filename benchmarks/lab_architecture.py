@@ -1,8 +1,8 @@
 """Try a lab architecture and recipe on a data set: train from scratch, print CA, ASR, oracle.
 
-    python benchmarks/lab_architecture.py --dataset CIFAR --epochs 3 \\
+    python -m benchmarks.lab_architecture --dataset CIFAR --epochs 3 \\
         --vision-layers 3 --patch-size 4 [--attack badnets|none] [--rate 0.01] [--target deer]
-    python benchmarks/lab_architecture.py --time-steps 30 --vision-layers 3 --patch-size 4
+    python -m benchmarks.lab_architecture --time-steps 30 --vision-layers 3 --patch-size 4
 
 How the ``natural`` profile was chosen (docs/lab.md). Trains ``lab_model_config(...)`` from
 scratch on the data set's train split with :func:`clipguard.lab.train.train_clip` (one thread,

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/lab_clean_triggers.py --dataset CIFAR ZOO/clean-s0.safetensors ...
+    python -m benchmarks.lab_clean_triggers --dataset CIFAR ZOO/clean-s0.safetensors ...
 
 For each model and each registered trigger family (default options, or the data set's lab
 profile's, as its zoo uses them; families that need a file, such as badclip-like, are

@@ -1,6 +1,6 @@
 """Exploratory runs of one attack on the in-memory synthetic set (no files written).
 
-    python benchmarks/lab_explore.py ATTACK "{OPTIONS}" POISON_RATE [EPOCHS]
+    python -m benchmarks.lab_explore ATTACK "{OPTIONS}" POISON_RATE [EPOCHS]
 
 Trains the default lab model (scratch recipe, 400 training images per class, seed 0) with the
 trigger of ATTACK built from OPTIONS, target class index 0 ("blue star"), and prints CA, ASR

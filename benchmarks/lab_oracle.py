@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/lab_oracle.py ZOO/*.safetensors [--update-cards] [--table]
+    python -m benchmarks.lab_oracle ZOO/*.safetensors [--update-cards] [--table]
 
 For every backdoored model given (clean models, and files without a card beside them, are
 skipped) the oracle ceiling of its model card (:func:`clipguard.lab.train.oracle_ceiling`: a

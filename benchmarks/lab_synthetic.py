@@ -2,7 +2,7 @@
 
 Usage (one line per model; results are appended as JSON lines to --results)::
 
-    python benchmarks/lab_synthetic.py --dataset synthetic --out /tmp/lab-bench \\
+    python -m benchmarks.lab_synthetic --dataset synthetic --out /tmp/lab-bench \\
         --results /tmp/lab-bench/results.jsonl none badnets blended sig wanet \\
         badnets-lc issba-like badclip-like
 

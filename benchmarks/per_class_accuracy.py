@@ -1,6 +1,6 @@
 """Per-class accuracy and prediction share of a model with hand-crafted or learned prompts.
 
-    python benchmarks/per_class_accuracy.py MODEL --dataset CIFAR [--prompts P.safetensors ...]
+    python -m benchmarks.per_class_accuracy MODEL --dataset CIFAR [--prompts P.safetensors ...]
         [--stride 3]
 
 Uses every ``stride``-th image of the data set's test split; prints one JSON line per prompt

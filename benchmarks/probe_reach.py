@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/probe_reach.py --dataset CIFAR ZOO/*.safetensors [--probe additive|warp]
+    python -m benchmarks.probe_reach --dataset CIFAR ZOO/*.safetensors [--probe additive|warp]
         [--epsilon 0.02] [--fixed] [--warp-pixels 2] [--warp-grid 8] [--steps 30] [--shots 16]
 
 The ``cbpt`` scanner's signals for triggers that a small mask does not express

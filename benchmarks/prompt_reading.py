@@ -1,6 +1,6 @@
 """Which prompts a `fit_prompts=auto` scan reads each zoo model through, and why.
 
-    python benchmarks/prompt_reading.py --zoo ZOO [--zoo ZOO2 ...] --out READINGS.jsonl
+    python -m benchmarks.prompt_reading --zoo ZOO [--zoo ZOO2 ...] --out READINGS.jsonl
 
 For every model of every zoo, the first step of a ``clipguard scan MODEL --data
 DATA/train --option fit_prompts=auto`` (seed 0, 16 shots per class): class-wise prompts
@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import find_models
-
+from benchmarks.harness import find_models
 from clipguard.api import _Run
 from clipguard.plugins import get_registry
 from clipguard_cbpt.config import ScanConfig

@@ -3,13 +3,13 @@
 Usage::
 
     # a clean base trained under another pre-training recipe, and what 16 shots can add to it
-    python benchmarks/purifier_headroom.py pretraining --dataset CIFAR \
+    python -m benchmarks.purifier_headroom pretraining --dataset CIFAR \
         --variant {baseline,long-tail,confusion,unseen-prompt} [--strength S] --out BASE.safetensors
     clipguard purify BASE.safetensors --data CIFAR/train --eval-data CIFAR/test \
         --eval-limit 0 --plugin coop --out OUT          # CoOp-like tuning on it, 16 shots
 
     # a "backdoor sink": one more class vector at the mean feature of the scan's triggered shots
-    python benchmarks/purifier_headroom.py sink --dataset CIFAR --zoo CZOO \
+    python -m benchmarks.purifier_headroom sink --dataset CIFAR --zoo CZOO \
         --scans RUNS MODEL [MODEL ...]
 
 The purifier issue asks that 16 shots of prompt tuning add clean accuracy (CA after >= CA

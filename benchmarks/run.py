@@ -1,7 +1,7 @@
 """Run the benchmark: every defence over every model of a zoo, then regenerate the docs.
 
-    python benchmarks/run.py --zoo ZOO                      # full run, resumable
-    python benchmarks/run.py --quick --results /tmp/q.json  # one attack, two defences
+    python -m benchmarks.run --zoo ZOO                      # full run, resumable
+    python -m benchmarks.run --quick --results /tmp/q.json  # one attack, two defences
 
 Results accumulate in ``benchmarks/results/<date>.json`` (or ``--results``); the tables and
 the figure in docs/benchmarks.md are regenerated from them (``--doc``).
@@ -18,9 +18,7 @@ from typing import Annotated
 
 import typer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import (
+from benchmarks.harness import (
     DEFENCES,
     QUICK_DEFENCES,
     Harness,
@@ -30,7 +28,6 @@ from harness import (
     update_docs,
     write_figure,
 )
-
 from clipguard.config import parse_options
 from clipguard.progress import Progress
 
@@ -125,7 +122,7 @@ def main(
             if figure.resolve().is_relative_to(ROOT)
             else figure
         )
-        command = shlex.join(["python", "benchmarks/run.py", *sys.argv[1:]])
+        command = shlex.join(["python", "-m", "benchmarks.run", *sys.argv[1:]])
         update_docs(doc, tables, relative_figure, command, results, section=section)
 
 

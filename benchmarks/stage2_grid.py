@@ -1,6 +1,6 @@
 """Stage-2 option grid on a zoo: CBPT's prompt tuning with cached features, many settings fast.
 
-    python benchmarks/stage2_grid.py --zoo ZOO --results RESULTS.json --dataset CIFAR \\
+    python -m benchmarks.stage2_grid --zoo ZOO --results RESULTS.json --dataset CIFAR \\
         --split train|test [--only 'GLOB'] [--eval-limit 2000] \\
         --variant default --variant anchor_weight=3,distill_weight=0.5 ...
 

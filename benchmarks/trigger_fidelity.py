@@ -1,6 +1,6 @@
 """How faithfully each scan's inverted trigger reproduces the real one, in feature space.
 
-    python benchmarks/trigger_fidelity.py --zoo ZOO --results R.json [--images 500] [--min-asr 0.5]
+    python -m benchmarks.trigger_fidelity --zoo ZOO --results R.json [--images 500] [--min-asr 0.5]
         [--out F.jsonl]
 
 For every backdoored model of ``ZOO`` whose ``cbpt`` scan is stored in the results file ``R``
@@ -21,15 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import ZooModel, find_models
-from lab_oracle import card_split_data
-
+from benchmarks.harness import ZooModel, find_models
+from benchmarks.lab_oracle import card_split_data
 from clipguard.io import atomic_write_text
 from clipguard.model import load_model
 from clipguard.plugins import resolve_trigger

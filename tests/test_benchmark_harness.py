@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import harness as harness_module  # noqa: E402
-from harness import Harness, ZooModel, markdown_tables  # noqa: E402
+import benchmarks.harness as harness_module
+from benchmarks.harness import Harness, ZooModel, markdown_tables
 
 
 def _run(model: str, defence: str, asr: float) -> dict:

@@ -17,9 +17,9 @@ def test_quick_benchmark_runs_and_records_ratios(tmp_path):
     results = tmp_path / "quick.json"
     doc = tmp_path / "benchmarks.md"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--results",
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--results",
          str(results), "--doc", str(doc), "--quiet", "--eval-limit", "600"],
-        capture_output=True, text=True, timeout=1200, check=False,
+        capture_output=True, text=True, timeout=1200, check=False, cwd=ROOT,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     payload = json.loads(results.read_text())

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from calibrate import (  # noqa: E402
+from benchmarks.calibrate import (
     Rule,
     app,
     fit_isolation_threshold,
@@ -23,7 +19,7 @@ from calibrate import (  # noqa: E402
     scan_time_table,
     top_evidence,
 )
-from harness import ZooModel  # noqa: E402
+from benchmarks.harness import ZooModel
 
 
 def _scan(

@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import encoder_speed  # noqa: E402
-
-from tests.conftest import GLIBC_ONLY  # noqa: E402
+from benchmarks import encoder_speed
+from tests.conftest import GLIBC_ONLY
 
 
 def test_attention_comparison_reports_a_ratio_and_bit_identity(tiny_model_path) -> None:

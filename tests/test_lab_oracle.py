@@ -8,15 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import lab_oracle
 from clipguard.io import atomic_write_json
 from clipguard.lab.synthetic import write_synthetic
 from clipguard.lab.train import build_model, card_path, lab_model_config
 from clipguard.oracle import ORACLE_LOGIT_SCALE
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import lab_oracle  # noqa: E402
 
 TINY = lab_model_config(vision_layers=1)
 

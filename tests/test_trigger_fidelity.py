@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from trigger_fidelity import markdown_table  # noqa: E402
+from benchmarks.trigger_fidelity import markdown_table
 
 
 def test_the_table_lists_each_model_and_averages_the_cosines() -> None:
