@@ -53,7 +53,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from clipguard.features import encode_images as features
+from clipguard.features import encode_images
 from clipguard.lab.train import (
     PROFILES,
     TEMPLATES,
@@ -159,7 +159,7 @@ def pretraining(args: argparse.Namespace) -> None:
         bundle = ModelBundle.from_model(model, model_cfg)
     n_classes = len(data.classnames)
     zero_shot, _ = evaluate_zero_shot(bundle, data.classnames, data.test_pixels, data.test_labels)
-    test_features = features(bundle, data.test_pixels)
+    test_features = encode_images(bundle, data.test_pixels)
     initial = handcrafted_text_features(bundle, data.classnames)
     predictions = (test_features @ initial.T).argmax(dim=1)
     recall = {
@@ -170,7 +170,7 @@ def pretraining(args: argparse.Namespace) -> None:
     def probe_on(rows: torch.Tensor, steps: int) -> float:
         return probe_accuracy(
             initial,
-            features(bundle, data.train_pixels[rows]),
+            encode_images(bundle, data.train_pixels[rows]),
             data.train_labels[rows],
             test_features,
             data.test_labels,
@@ -212,12 +212,12 @@ def sink_result(
     class_features = handcrafted_text_features(bundle, data.classnames)
     rows = draw_shots(data.train_labels, len(data.classnames), 16, 0)
     shots, shot_labels = data.train_pixels[rows], data.train_labels[rows]
-    clean_shots = features(bundle, shots)
-    triggered_shots = features(bundle, inverted.apply(shots[shot_labels != target]))
+    clean_shots = encode_images(bundle, shots)
+    triggered_shots = encode_images(bundle, inverted.apply(shots[shot_labels != target]))
     sink = F.normalize(triggered_shots.mean(dim=0), dim=-1)
     test, test_labels = data.test_pixels, data.test_labels
-    clean_test = features(bundle, test)
-    triggered_test = features(bundle, real.apply(test[test_labels != target]))
+    clean_test = encode_images(bundle, test)
+    triggered_test = encode_images(bundle, real.apply(test[test_labels != target]))
 
     def classify(image_features: torch.Tensor, threshold: float) -> torch.Tensor:
         scores = image_features @ class_features.T

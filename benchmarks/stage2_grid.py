@@ -38,7 +38,7 @@ import torch
 
 from clipguard.components import RunContext, ShotSet
 from clipguard.data import load_pixels, open_image_folder, split_shots, subsample
-from clipguard.features import encode_images as encode_batched
+from clipguard.features import encode_images
 from clipguard.lab.train import open_lab_dataset
 from clipguard.model import ModelBundle, load_model
 from clipguard.plugins import resolve_trigger
@@ -96,15 +96,13 @@ def prepare(model: Path, scan: dict, root: Path, split: str, eval_limit: int) ->
     eval_pixels, eval_labels = load_pixels(
         subsample(pool, eval_limit, 1 if split == "train" else 0), bundle.pixel_transform
     )
-    eval_features = encode_batched(bundle, eval_pixels)
+    eval_features = encode_images(bundle, eval_pixels)
     if card["attack"] == "none":
         target, triggered_features = None, None
     else:
         attack, _, _ = resolve_trigger(card["attack"], card["trigger_options"], bundle.image_size)
         target = train.classnames.index(card["target"])
-        triggered_features = encode_batched(
-            bundle, attack.apply(eval_pixels[eval_labels != target])
-        )
+        triggered_features = encode_images(bundle, attack.apply(eval_pixels[eval_labels != target]))
     return Prepared(
         name=model.stem,
         bundle=bundle,

@@ -623,6 +623,21 @@ def block_prompt_reading() -> str:
     return "\n".join(lines)
 
 
+LEAVE_OUT = "leave-one-family-out.json"
+LEAVE_OUT_COMMAND = (
+    "python -m benchmarks.leave_out benchmarks/results/synthetic-defaults.json "
+    "benchmarks/results/cifar10-natural-defaults.json "
+    "--out benchmarks/results/leave-one-family-out.json"
+)
+
+
+def block_leave_out() -> str:
+    from benchmarks.leave_out import markdown
+
+    results = json.loads((ROOT / RESULTS / LEAVE_OUT).read_text())
+    return "\n".join(_source([LEAVE_OUT], [LEAVE_OUT_COMMAND])) + "\n" + markdown(results).rstrip()
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "glance": block_glance,
     "detection": block_detection,
@@ -632,6 +647,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "unseen-prompt-targets": block_unseen_targets,
     "trigger-fidelity": block_fidelity,
     "prompt-reading": block_prompt_reading,
+    "leave-out": block_leave_out,
 }
 _MARKER = re.compile(
     r"(<!-- tables:(?P<name>[a-z0-9-]+):begin -->\n).*?(<!-- tables:(?P=name):end -->)", re.S

@@ -74,11 +74,12 @@ class AdditiveTrigger(Trigger):
     family: str = "additive"
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
-        _check_size(images, self.delta.shape[-1])
+        check_images(images, self.delta.shape[-1])
         return (images + self.delta.to(images)).clamp(0, 1)
 
 
-def _check_size(images: torch.Tensor, size: int) -> None:
+def check_images(images: torch.Tensor, size: int) -> None:
+    """Raise :class:`InputError` unless ``images`` is ``B x 3 x size x size``."""
     if images.dim() != 4 or images.shape[1] != 3:
         raise InputError(f"trigger expects B x 3 x H x W images, got {tuple(images.shape)}")
     if images.shape[-1] != size or images.shape[-2] != size:
@@ -123,7 +124,7 @@ class WarpTrigger(Trigger):
     family: str = "wanet"
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
-        _check_size(images, self.grid.shape[0])
+        check_images(images, self.grid.shape[0])
         grid = self.grid.to(images).unsqueeze(0).expand(images.shape[0], -1, -1, -1)
         warped = F.grid_sample(images, grid, mode="bilinear", align_corners=True)
         return warped.clamp(0, 1)
@@ -231,7 +232,7 @@ class GeneratorTrigger(Trigger):
     family: str = "issba-like"
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
-        _check_size(images, self.image_size)
+        check_images(images, self.image_size)
         self.generator.to(images.device, images.dtype)
         return (images + self.epsilon * self.generator(images)).clamp(0, 1)
 

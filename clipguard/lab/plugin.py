@@ -1,6 +1,7 @@
 """The lab as a clipguard plugin (entry point ``lab`` of the ``clipguard`` package).
 
-It registers the lab's trigger families (:data:`clipguard.lab.attacks.LAB_FAMILIES`) and adds
+It registers the lab's trigger families (:data:`clipguard.lab.attacks.LAB_FAMILIES` and
+:data:`clipguard.lab.attacks_extended.EXTENDED_FAMILIES`) and adds
 the ``clipguard lab ...`` command group and ``clipguard demo`` to the command line, through
 the same hooks as any installed plugin: the core never imports the lab.
 """
@@ -11,12 +12,13 @@ import typer
 
 from clipguard.hookspecs import RegisterTriggerFamily, hookimpl
 from clipguard.lab.attacks import LAB_FAMILIES
+from clipguard.lab.attacks_extended import EXTENDED_FAMILIES
 
 
 @hookimpl
 def clipguard_register_triggers(register: RegisterTriggerFamily) -> None:
     """Register the lab's trigger families (badnets is registered by the core)."""
-    for family in LAB_FAMILIES:
+    for family in LAB_FAMILIES + EXTENDED_FAMILIES:
         register(family())
 
 

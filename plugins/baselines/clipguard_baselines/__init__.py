@@ -8,4 +8,4 @@
 The fine-tuning purifiers output a model file (``model.safetensors``), not prompts.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,3 +1,3 @@
 """CBPT (Class-wise Backdoor Prompt Tuning) for clipguard: a scanner and a purifier."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from clipguard.augment import apply_affine, random_affine
-from clipguard.features import encode_images as encode_batched  # noqa: F401  (transitional)
 from clipguard.model import ModelBundle
 from clipguard.progress import Progress
 from clipguard.triggers import MaskPatternTrigger
