@@ -152,10 +152,18 @@ def zoo(
             "(repeatable; e.g. '*-s1' for a further seed)",
         ),
     ] = None,
+    attack: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--attack",
+            help="trigger families to plan (repeatable): a family's name, or seven (the "
+            "default), extended (the seven further families) or all",
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Build clean models on several seeds and every attack (varied targets); manifest.json."""
-    from clipguard.lab.zoo import build_zoo
+    from clipguard.lab.zoo import build_zoo, resolve_attacks
 
     manifest = build_zoo(
         dataset,
@@ -169,6 +177,7 @@ def zoo(
         profile=profile,
         shard=_parse_shard(shard),
         only=only or (),
+        attacks=resolve_attacks(attack or ()),
     )
     typer.echo(f"zoo {out}: {len(manifest['models'])} models (manifest.json)")
 

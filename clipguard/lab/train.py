@@ -191,8 +191,19 @@ PROFILES: dict[str, LabProfile] = {
             "badnets-lc": 0.07,
             "issba-like": 0.1,
             "wanet": 0.1,
+            "badnets-random": 0.1,
+            "refool-like": 0.07,
+            "color-filter": 0.07,
+            "bpp": 0.1,
         },
         epoch_overrides={"issba-like": 10, "wanet": 10},
+        # at 10 %, a 4-pixel random patch at a moving place and plain 3-bit colour did not
+        # take (ASR under 1 %); a 6-pixel checkerboard (98 %) and dithered 2-bit colour
+        # (100 %) did
+        trigger_option_overrides={
+            "badnets-random": {"size": 6, "pattern": "checkerboard"},
+            "bpp": {"bits": 2, "dither": True},
+        },
     ),
     "natural": LabProfile(
         name="natural",

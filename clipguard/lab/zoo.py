@@ -26,9 +26,10 @@ from clipguard.lab.train import (
     get_profile,
     open_lab_dataset,
 )
+from clipguard.plugins import get_registry
 from clipguard.progress import Progress
 
-#: every attack the lab reproduces, in zoo order
+#: the lab's first seven attacks, in zoo order: a zoo's default
 ATTACKS: tuple[str, ...] = (
     "badnets",
     "blended",
@@ -38,6 +39,42 @@ ATTACKS: tuple[str, ...] = (
     "issba-like",
     "badclip-like",
 )
+#: the seven further families (:mod:`clipguard.lab.attacks_extended`), in zoo order
+EXTENDED_ATTACKS: tuple[str, ...] = (
+    "badnets-random",
+    "multi-patch",
+    "grid-overlay",
+    "refool-like",
+    "color-filter",
+    "bpp",
+    "ftrojan",
+)
+#: names that stand for a group of attacks in :func:`resolve_attacks`
+ATTACK_GROUPS: dict[str, tuple[str, ...]] = {
+    "seven": ATTACKS,
+    "extended": EXTENDED_ATTACKS,
+    "all": ATTACKS + EXTENDED_ATTACKS,
+}
+
+
+def resolve_attacks(names: Sequence[str]) -> tuple[str, ...]:
+    """The attacks a zoo plans: each name is a registered trigger family or a group of
+    :data:`ATTACK_GROUPS`, in the order given, without repeats; none given: :data:`ATTACKS`.
+
+    Raises :class:`InputError` for a name that is neither."""
+    if not names:
+        return ATTACKS
+    known = get_registry().triggers
+    planned: list[str] = []
+    for name in names:
+        group = ATTACK_GROUPS.get(name)
+        if group is None and name not in known:
+            choices = ", ".join([*ATTACK_GROUPS, *sorted(known)])
+            raise InputError(f"--attack {name!r} is no trigger family or group ({choices})")
+        planned += [attack for attack in group or (name,) if attack not in planned]
+    return tuple(planned)
+
+
 MANIFEST = "manifest.json"
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from clipguard.errors import InputError
 from clipguard.lab.train import PROFILES, lab_model_config
-from clipguard.lab.zoo import ATTACKS, build_zoo, plan_zoo
+from clipguard.lab.zoo import ATTACKS, EXTENDED_ATTACKS, build_zoo, plan_zoo, resolve_attacks
 from tests.core.cli_helpers import assert_one_line_error, run_cli
 
 
@@ -145,6 +145,25 @@ def test_zoo_plan_covers_every_attack_with_varied_targets():
     assert len({e.name for e in plan}) == len(plan)
     rates = {e.attack: e.poison_rate for e in plan}
     assert rates["badnets"] == 0.07 and rates["blended"] == 0.05 and rates["wanet"] == 0.1
+
+
+def test_zoo_attacks_are_families_or_groups_in_order_without_repeats():
+    assert resolve_attacks(()) == ATTACKS
+    assert resolve_attacks(["extended"]) == EXTENDED_ATTACKS
+    assert resolve_attacks(["all"]) == ATTACKS + EXTENDED_ATTACKS
+    assert resolve_attacks(["ftrojan", "seven", "ftrojan"]) == ("ftrojan", *ATTACKS)
+    with pytest.raises(InputError, match="no trigger family"):
+        resolve_attacks(["no-such-family"])
+
+
+def test_a_zoo_of_the_extended_families_plans_each_with_the_profile_settings():
+    names = [f"class {i}" for i in range(10)]
+    synthetic = PROFILES["synthetic"]
+    plan = plan_zoo(names, synthetic, clean_seeds=0, attacks=EXTENDED_ATTACKS)
+    assert [e.attack for e in plan] == list(EXTENDED_ATTACKS)
+    for entry in plan:
+        assert entry.poison_rate == synthetic.zoo_poison_rate(entry.attack)
+    assert synthetic.trigger_options("badnets-random") == {"size": 6, "pattern": "checkerboard"}
 
 
 def test_zoo_plan_takes_rates_and_epochs_from_the_profile():
