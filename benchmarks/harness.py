@@ -233,7 +233,7 @@ class Harness:
                 *option_arguments("--option", self.scan_options),
             ]
         )
-        if measured.returncode not in (0, 1):
+        if measured.returncode not in (0, 1, 3):  # clean, backdoor, inconclusive
             raise RuntimeError(f"scan of {model.name} failed: {measured.stderr}")
         finding = measured.payload["findings"][0]
         entry = {

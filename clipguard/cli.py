@@ -1,8 +1,9 @@
 """The ``clipguard`` command line: a thin typer layer over :mod:`clipguard.api`.
 
-Exit codes: 0 success (``scan``: no backdoor evidence), 1 (``scan``: backdoor found;
+Exit codes: 0 success (``scan``: verdict clean), 1 (``scan``: backdoor found;
 ``purify --fail-on-lost-class``: a class was lost), 2 error (bad input, refused or corrupt
-checkpoint, plugin problem), 130 interrupted.
+checkpoint, plugin problem), 3 (``scan``: verdict inconclusive), 130 interrupted.
+``scan --fail-on`` chooses which verdicts fail (default: backdoor and inconclusive).
 Errors are one line on stderr; ``CLIPGUARD_DEBUG=1`` adds the traceback.
 
 ``scan``, ``purify`` and ``evaluate`` run with ``--threads`` torch CPU threads (environment
@@ -26,8 +27,15 @@ from rich.table import Table
 from rich.text import Text
 
 from clipguard import api
-from clipguard.cli_errors import EXIT_BACKDOOR, EXIT_CLEAN, EXIT_LOST_CLASS, handle_errors
+from clipguard.cli_errors import (
+    EXIT_BACKDOOR,
+    EXIT_CLEAN,
+    EXIT_INCONCLUSIVE,
+    EXIT_LOST_CLASS,
+    handle_errors,
+)
 from clipguard.config import parse_options
+from clipguard.errors import InputError
 from clipguard.io import atomic_write_text
 from clipguard.plugins import register_commands
 from clipguard.render import SUFFIXES, Format, lost_class_warnings, render
@@ -45,6 +53,47 @@ app = typer.Typer(
 )
 stdout = Console()
 stderr = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from clipguard import __version__
+
+        typer.echo(f"clipguard {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """Audit CLIP models for backdoors and purify them with class-wise prompts."""
+
+
+#: the exit code of each scan verdict when ``--fail-on`` names it
+VERDICT_EXIT = {"backdoor": EXIT_BACKDOOR, "inconclusive": EXIT_INCONCLUSIVE}
+
+
+def scan_exit_code(verdict: str, fail_on: list[str]) -> int:
+    """The exit code of a scan whose verdict is ``verdict``: its code in
+    :data:`VERDICT_EXIT` when ``fail_on`` names it, else 0."""
+    return VERDICT_EXIT[verdict] if verdict in fail_on else EXIT_CLEAN
+
+
+def _fail_on(values: list[str] | None) -> list[str]:
+    """``--fail-on`` values (repeatable, comma-separated) as a list; none given: both."""
+    if not values:
+        return list(VERDICT_EXIT)
+    chosen = [part.strip() for value in values for part in value.split(",") if part.strip()]
+    if unknown := [value for value in chosen if value not in (*VERDICT_EXIT, "none")]:
+        raise InputError(f"--fail-on {', '.join(unknown)}: choose backdoor, inconclusive or none")
+    return [value for value in chosen if value != "none"]
+
 
 # Shared options ------------------------------------------------------------------------
 
@@ -208,9 +257,22 @@ def scan(
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
     output_format: FormatOpt = None,
+    fail_on: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fail-on",
+            help="verdicts that fail the command: backdoor, inconclusive (repeatable or "
+            "comma-separated; none: always exit 0 after a scan) [default: both]",
+            show_default=False,
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Scan MODEL for a backdoor. Exit 0: no evidence, 1: backdoor found, 2: error."""
+    """Scan MODEL for a backdoor.
+
+    Exit 0: clean, 1: backdoor found, 2: error, 3: inconclusive (with the default --fail-on).
+    """
+    failing = _fail_on(fail_on)
     output_format = "json" if json_output else output_format
     report = api.scan(
         model,
@@ -233,7 +295,7 @@ def scan(
         _emit(report, output_format, out)
     elif not quiet:
         _print_scan_summary(report, out)
-    raise typer.Exit(EXIT_BACKDOOR if report.verdict == "backdoor" else EXIT_CLEAN)
+    raise typer.Exit(scan_exit_code(report.verdict or "clean", failing))
 
 
 @app.command()

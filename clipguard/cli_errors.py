@@ -1,7 +1,8 @@
 """Exit codes and error handling shared by every clipguard command (core and lab).
 
-Exit codes: 0 success (``scan``: no backdoor evidence), 1 (``scan``: backdoor found),
-2 error, 130 interrupted. An error is one line on stderr; ``CLIPGUARD_DEBUG=1`` adds the
+Exit codes: 0 success (``scan``: verdict clean), 1 (``scan``: backdoor found), 2 error,
+3 (``scan``: verdict inconclusive), 130 interrupted; ``scan --fail-on`` chooses which
+verdicts fail. An error is one line on stderr; ``CLIPGUARD_DEBUG=1`` adds the
 traceback.
 """
 
@@ -19,7 +20,7 @@ from rich.console import Console
 
 from clipguard.errors import ClipguardError
 
-EXIT_CLEAN, EXIT_BACKDOOR, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_CLEAN, EXIT_BACKDOOR, EXIT_ERROR, EXIT_INCONCLUSIVE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 #: ``purify --fail-on-lost-class``: the purification gave up a class (a finding, like a backdoor)
 EXIT_LOST_CLASS = 1
 

@@ -12,11 +12,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from clipguard.io import atomic_write_text
 
 SCHEMA_VERSION = "1.0"
+#: report.json's schema version: 1.1 added the top-level ``verdict`` and ``target_class``
+REPORT_SCHEMA_VERSION = "1.1"
 
 
 class _Model(BaseModel):
@@ -157,8 +159,18 @@ class Purification(_Model):
 class Report(_Model):
     """The report of a ``scan`` or ``purify`` run (report.json)."""
 
-    schema_version: Literal["1.0"] = SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1"] = REPORT_SCHEMA_VERSION
     kind: Literal["scan", "purify"]
+    verdict: Literal["backdoor", "clean", "inconclusive"] | None = Field(
+        None,
+        description="scan: the overall verdict (backdoor if any finding says so, then "
+        "inconclusive, else clean), derived from the findings; purify: null",
+    )
+    target_class: str | None = Field(
+        None,
+        description="scan: the target class of the finding that decided the verdict (null "
+        "for a clean verdict); purify: null",
+    )
     tool: ToolInfo
     run: RunInfo
     model: ModelInfo
@@ -167,15 +179,30 @@ class Report(_Model):
     purification: Purification | None = None
     errors: list[str] = Field(default_factory=list)
 
-    @property
-    def verdict(self) -> Literal["backdoor", "clean", "inconclusive"]:
-        """The overall verdict: backdoor if any finding says so, then inconclusive, else clean."""
-        verdicts = {finding.verdict for finding in self.findings}
-        if "backdoor" in verdicts:
-            return "backdoor"
-        if "inconclusive" in verdicts:
-            return "inconclusive"
-        return "clean"
+    @model_validator(mode="after")
+    def _overall_verdict(self) -> Report:
+        """Derive ``verdict`` and ``target_class`` from the findings of a scan report; a
+        stored report whose values disagree with its findings is refused."""
+        verdict, target = _overall(self.findings) if self.kind == "scan" else (None, None)
+        stored = self.model_fields_set
+        for name, derived in (("verdict", verdict), ("target_class", target)):
+            if name in stored and getattr(self, name) != derived:
+                raise ValueError(
+                    f"report {name} {getattr(self, name)!r} disagrees with its findings"
+                )
+            object.__setattr__(self, name, derived)
+        return self
+
+
+def _overall(
+    findings: list[Finding],
+) -> tuple[Literal["backdoor", "clean", "inconclusive"], str | None]:
+    """The overall verdict of ``findings`` and the target class of the first finding with it."""
+    for verdict in ("backdoor", "inconclusive"):
+        deciding = [finding for finding in findings if finding.verdict == verdict]
+        if deciding:
+            return verdict, deciding[0].target_class
+    return "clean", None
 
 
 class EvaluationReport(_Model):

@@ -75,12 +75,13 @@ def test_example_plugin_installs_and_scans_through_the_cli(tiny_model_path, tiny
         "--shots", "3", "--option", "steps=4", "--option", "batch_size=4", "--out", str(out),
         "--quiet",
     )  # fmt: skip
-    assert scan.returncode in (0, 1), scan.stderr
+    assert scan.returncode in (0, 1, 3), scan.stderr
     report = json.loads((out / "report.json").read_text())
     finding = report["findings"][0]
     assert finding["scanner"] == "neural-cleanse"
     assert finding["config"]["steps"] == 4
-    assert (scan.returncode == 1) == (finding["verdict"] == "backdoor")
+    exit_codes = {"clean": 0, "backdoor": 1, "inconclusive": 3}
+    assert scan.returncode == exit_codes[finding["verdict"]]
     table = json.loads((out / CLASSES_ARTIFACT).read_text())
     assert [row["class"] for row in table] == report["data"]["classes"]
 

@@ -176,6 +176,8 @@ def _purify_report_with_a_lost_class(scan_report_path: Path):
     return report.model_copy(
         update={
             "kind": "purify",
+            "verdict": None,
+            "target_class": None,
             "findings": [],
             "purification": Purification(
                 purifier="cbpt",
