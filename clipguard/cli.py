@@ -34,6 +34,7 @@ from clipguard.cli_errors import (
     EXIT_LOST_CLASS,
     handle_errors,
 )
+from clipguard.cli_options import QuietOpt, SeedOpt, ThreadsOpt
 from clipguard.config import parse_options
 from clipguard.errors import InputError
 from clipguard.io import atomic_write_text
@@ -102,7 +103,6 @@ DataOpt = Annotated[
     Path, typer.Option("--data", help="clean ImageFolder: one sub-folder per class")
 ]
 ShotsOpt = Annotated[int, typer.Option("--shots", help="clean images per class the plugin may use")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="random seed (same seed, same result on CPU)")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device, e.g. cpu or cuda")]
 OptionOpt = Annotated[
     list[str] | None, typer.Option("--option", "-o", help="plugin option key=value (repeatable)")
@@ -118,7 +118,6 @@ TorchScriptOpt = Annotated[
     bool,
     typer.Option("--allow-torchscript", help="load TorchScript archives (they can carry code)"),
 ]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or summary")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout")]
 FormatOpt = Annotated[
     Format | None,
@@ -135,16 +134,6 @@ AttackOptionOpt = Annotated[
     list[str] | None, typer.Option("--attack-option", help="trigger option key=value (repeatable)")
 ]
 TargetOpt = Annotated[str | None, typer.Option("--target", help="target class name of the attack")]
-ThreadsOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--threads",
-        envvar="CLIPGUARD_THREADS",
-        min=1,
-        help="torch CPU threads (default: torch's count, at most 2)",
-        show_default=False,
-    ),
-]
 
 
 def _percent(value: float | None) -> str:

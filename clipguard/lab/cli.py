@@ -15,6 +15,8 @@ from typing import Annotated
 
 import typer
 
+from clipguard.cli_options import QuietOpt as DemoQuietOpt
+from clipguard.cli_options import SeedOpt, ThreadsOpt
 from clipguard.config import parse_options
 from clipguard.errors import InputError
 from clipguard.progress import Progress
@@ -234,22 +236,9 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="folder for the demo's outputs")] = Path(
         "demo-output"
     ),
-    seed: Annotated[
-        int, typer.Option("--seed", help="random seed (same seed, same result on CPU)")
-    ] = 0,
-    quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="no progress bars or summary")
-    ] = False,
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            "--threads",
-            envvar="CLIPGUARD_THREADS",
-            min=1,
-            help="torch CPU threads (default: torch's count, at most 2)",
-            show_default=False,
-        ),
-    ] = None,
+    seed: SeedOpt = 0,
+    quiet: DemoQuietOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Build a backdoored model on the built-in synthetic set, scan it, purify it."""
     from rich.console import Console
