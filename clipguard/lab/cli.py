@@ -198,16 +198,15 @@ def badclip_patch(
     quiet: QuietOpt = False,
 ) -> None:
     """Optimise a BadCLIP-like patch on a clean model towards the target's captions."""
-    from clipguard.data import load_pixels, open_image_folder
+    from clipguard.data import load_pixels, open_image_folder, resolve_class
     from clipguard.lab.train import make_badclip_patch, open_lab_dataset
     from clipguard.model import load_model
 
     progress = Progress(quiet=quiet)
     bundle = load_model(model)
     folder = open_image_folder(open_lab_dataset(dataset, progress=progress) / "train")
-    if target not in folder.classnames:
-        raise InputError(f"target class {target!r} is not one of: {', '.join(folder.classnames)}")
-    index = folder.classnames.index(target)
+    index = resolve_class(target, folder.classnames, folder.folders)
+    target = folder.classnames[index]
     samples = [sample for sample in folder.samples if sample[1] != index]
     pixels, _ = load_pixels(samples, bundle.pixel_transform, progress)
     make_badclip_patch(
