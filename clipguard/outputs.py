@@ -4,7 +4,8 @@
 * :func:`plan_outputs` decides which format goes to stdout and which are written as
   ``report.<ext>`` files, and refuses combinations that cannot be honoured.
 * :func:`check_output_dir` checks that an output folder can be created or written and that
-  the files a run will write there can be replaced, without writing anything.
+  the files a run will write there can be replaced, and :func:`check_output_file` that an
+  output file can be written, without writing anything.
 
 Every refusal is an :class:`~clipguard.errors.InputError` with one line: the command line
 reports it and exits 2 before a model is loaded. Only the standard library is imported.
@@ -98,8 +99,28 @@ def check_output_dir(out: Path, files: Iterable[str] = ()) -> None:
         return
     if out.is_symlink():
         raise InputError(f"--out {out}: is a broken symbolic link")
-    parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    _check_creatable(out, "folder")
+
+
+def check_output_file(path: Path) -> None:
+    """Check, writing nothing, that a run can write the file ``path`` (replacing it if it
+    exists); :class:`InputError` naming it otherwise: it is a folder, or its folder cannot
+    be written or created."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"--out {path}: is a folder, expected a file name")
+    folder = path.absolute().parent
+    if folder.is_dir():
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise InputError(f"--out {path}: folder {folder} is not writable")
+        return
+    _check_creatable(path, "file")
+
+
+def _check_creatable(path: Path, what: str) -> None:
+    """The nearest existing folder above ``path`` is a folder a run can create it in."""
+    parent = next(p for p in path.absolute().parents if p.exists())
     if not parent.is_dir():
-        raise InputError(f"--out {out}: cannot create the folder: {parent} is a file")
+        raise InputError(f"--out {path}: cannot create the {what}: {parent} is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out}: cannot create the folder: {parent} is not writable")
+        raise InputError(f"--out {path}: cannot create the {what}: {parent} is not writable")
