@@ -195,13 +195,15 @@ TargetOpt = Annotated[
 
 
 def _check_model(model: Path) -> None:
-    if not model.exists() and not model.is_symlink():
+    """The model exists (what it holds is checked when it is loaded)."""
+    if not model.exists():
         raise InputError(f"{model}: model file not found")
 
 
 def _check_file(path: Path | None, what: str) -> None:
+    """``path``, when given, is a regular file."""
     if path is not None and not path.is_file():
-        reason = "is not a file" if path.exists() else "not found"
+        reason = "is not a regular file" if path.exists() else "not found"
         raise InputError(f"{path}: {what} {reason}")
 
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TypeVar
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -43,8 +43,8 @@ class _IfCounted(ProgressColumn):
         super().__init__()
         self.column = column
 
-    def render(self, task: Task) -> Text:
-        return self.column.render(task) if task.total is not None else Text("")  # type: ignore[return-value]
+    def render(self, task: Task) -> RenderableType:
+        return self.column.render(task) if task.total is not None else Text("")
 
 
 class _Display:
