@@ -240,6 +240,14 @@ def _check_plugin(kind: str, name: str) -> None:
     get_registry().entry(kind, name)
 
 
+def _check_attack(attack: str | None, target: str | None) -> None:
+    """``--attack`` and ``--target`` come together, and the attack is registered."""
+    if (attack is None) != (target is None):
+        raise InputError("--attack and --target go together")
+    if attack is not None:
+        _check_plugin("attack", attack)
+
+
 def _emit(
     report: Report,
     plan: OutputPlan,
@@ -484,12 +492,11 @@ def purify(
     _check_model(model)
     _check_file(config, "config file")
     _check_file(trigger, "trigger file")
+    _check_attack(attack, target)
     target = _check_data(data, classnames, target)
     if eval_data is not None:
         _check_data(eval_data, classnames)
     _check_plugin("purifier", plugin)
-    if attack is not None:
-        _check_plugin("attack", attack)
     from clipguard import api
     from clipguard.runtime import cli_threads
 
@@ -559,9 +566,8 @@ def evaluate(
     attack_options = parse_options(attack_option or [])
     _check_model(model)
     _check_file(prompts, "prompt file")
+    _check_attack(attack, target)
     target = _check_data(data, classnames, target)
-    if attack is not None:
-        _check_plugin("attack", attack)
     from clipguard import api
     from clipguard.runtime import cli_threads
 

@@ -81,6 +81,8 @@ def test_errors_about_paths_and_options_come_before_torch(tmp_path):
         ["scan", str(model), "--data", str(tmp_path), "--format", "pdf"],
         ["scan", str(model), "--data", str(tmp_path), "--fail-on", "maybe"],
         ["purify", str(model), "--data", str(tmp_path), "--format", "md,html"],
+        ["evaluate", str(model), "--data", str(tmp_path), "--target", "cat"],
+        ["evaluate", str(model), "--data", str(tmp_path), "--attack", "nope", "--target", "cat"],
         ["report", "render", str(taken), "--format", "md"],
     ]
     probe = _probe(*commands)

@@ -170,3 +170,13 @@ def test_a_rendered_report_resolves_paths_where_the_run_was(workspace, tmp_path,
     assert result.exit_code == 0, result.output
     (run,) = json.loads(result.stdout)["runs"]
     assert run["artifacts"][0]["location"]["uri"] == "models%20dir/tiny%20model.safetensors"
+
+
+def test_the_api_records_the_process_command_line(workspace, monkeypatch):
+    from clipguard import api
+
+    monkeypatch.setattr("sys.argv", ["governance-pipeline", "--audit", "tiny model"])
+    report = api.scan("models dir/tiny model.safetensors", "data", scanner="fixed-verdict", shots=2)
+    assert report.run.command == "governance-pipeline --audit 'tiny model'"
+    command = api.scan("models dir/tiny model.safetensors", "data", "fixed-verdict", 2, command="x")
+    assert command.run.command == "x"
