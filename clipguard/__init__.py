@@ -1,7 +1,8 @@
 """clipguard: audit CLIP models for backdoors and purify them with class-wise prompts.
 
 What a plugin author needs is importable from here, as ``import clipguard`` then
-``@clipguard.hookimpl`` and ``class MyScanner(clipguard.Scanner)``: the hook marker, the
+``@clipguard.hookimpl`` and ``class MyScanner(clipguard.Scanner)``: the hook marker (and
+:class:`~clipguard.hookspecs.Deferred`, to register a component loaded on first use), the
 component base classes, the objects passed to and returned by them, and the model bundle.
 They are imported on first access (PEP 562), so ``import clipguard`` alone does not import
 torch.
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
         ShotSet,
         Verdict,
     )
-    from clipguard.hookspecs import hookimpl
+    from clipguard.hookspecs import Deferred, hookimpl
     from clipguard.model import ModelBundle
     from clipguard.triggers import Trigger, TriggerFamily
 
@@ -35,6 +36,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 #: public name -> the module that defines it
 _EXPORTS = {
     "hookimpl": "clipguard.hookspecs",
+    "Deferred": "clipguard.hookspecs",
     "Scanner": "clipguard.components",
     "Purifier": "clipguard.components",
     "ShotSet": "clipguard.components",
@@ -48,6 +50,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "Deferred",
     "ModelBundle",
     "Purifier",
     "PurifyOutcome",

@@ -14,6 +14,9 @@ return, even on an exception. Each seeds Python's, NumPy's and torch's generator
 
 from __future__ import annotations
 
+import os
+import shlex
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,10 +31,12 @@ from clipguard.data import (
     Sample,
     load_pixels,
     open_image_folder,
+    resolve_class,
     split_shots,
     subsample,
     take_per_class,
 )
+from clipguard.defaults import DEFAULT_DRAWS, DEFAULT_EVAL_LIMIT, DEFAULT_SHOTS
 from clipguard.errors import InputError
 from clipguard.io import atomic_write_bytes
 from clipguard.metrics import (
@@ -64,14 +69,13 @@ from clipguard.report import (
 from clipguard.runtime import seed_everything, torch_settings
 from clipguard.triggers import Trigger, TriggerFile, load_trigger_file, save_trigger_file
 
-DEFAULT_SHOTS = 16
-#: held-out images used for before/after metrics of ``purify`` unless told otherwise
-DEFAULT_EVAL_LIMIT = 2000
-#: shot draws a scan offers its scanner unless told otherwise (:attr:`RunContext.draws`)
-DEFAULT_DRAWS = 3
-
-
 # --------------------------------------------------------------------------- helpers
+
+
+def command_line() -> str:
+    """This process's command line (``sys.argv``, shell-quoted): what a report records as
+    ``run.command`` when its caller gives none."""
+    return shlex.join(sys.argv)
 
 
 def _model_info(bundle: ModelBundle) -> ModelInfo:
@@ -88,23 +92,22 @@ def _resolve_attack(
     registry: Registry,
     attack: str | None,
     target: str | None,
-    classnames: Sequence[str],
+    folder: ImageFolder,
     image_size: int,
     attack_options: Mapping[str, Any] | None = None,
 ) -> tuple[Trigger | None, int | None, AttackSpec | None]:
     """The trigger of a registered attack (:func:`~clipguard.plugins.resolve_trigger`), the
-    index of its target class and the report's record of it; all None without an attack."""
+    index of its target class (a class or folder name of ``folder``:
+    :func:`~clipguard.data.resolve_class`) and the report's record of it; all None without
+    an attack."""
     if attack is None and target is None:
         return None, None, None
     if attack is None or target is None:
         raise InputError("--attack and --target go together")
-    if target not in classnames:
-        raise InputError(
-            f"target class {target!r} is not one of the classes: {', '.join(classnames)}"
-        )
+    index = resolve_class(target, folder.classnames, folder.folders)
     trigger, _, options = resolve_trigger(attack, dict(attack_options or {}), image_size, registry)
-    spec = AttackSpec(name=attack, target_class=target, options=options)
-    return trigger, list(classnames).index(target), spec
+    spec = AttackSpec(name=attack, target_class=folder.classnames[index], options=options)
+    return trigger, index, spec
 
 
 def _metrics(evaluation: Evaluation, classnames: Sequence[str]) -> Metrics:
@@ -220,6 +223,7 @@ class _Run:
     def run_info(self) -> RunInfo:
         return RunInfo(
             command=self.command,
+            working_directory=os.getcwd(),
             seed=self.seed,
             device=str(self.context.device),
             started_at=self.started_at,
@@ -268,6 +272,7 @@ def scan(
     quiet: bool = True,
     draws: int = DEFAULT_DRAWS,
     threads: int | None = None,
+    command: str | None = None,
 ) -> Report:
     """Scan a checkpoint for a backdoor with a registered scanner.
 
@@ -280,6 +285,8 @@ def scan(
 
     Runs with ``threads`` torch CPU threads (None: as many as now) and deterministic
     kernels; both settings are restored on return (:func:`clipguard.runtime.torch_settings`).
+    ``command`` is recorded as the report's ``run.command`` (default: this process's command
+    line, :func:`command_line`).
     """
     if draws < 1:
         raise InputError(f"--draws must be at least 1, got {draws}")
@@ -288,7 +295,7 @@ def scan(
         component = registry.scanner(scanner)
         config = build_config(component.Config, options, config_file, what=f"scanner {scanner}")
         run = _Run(
-            command=f"scan {model_path}",
+            command=command if command is not None else command_line(),
             model_path=Path(model_path),
             data_dir=Path(data_dir),
             shots=shots,
@@ -355,6 +362,7 @@ def purify(
     out_dir: Path | str | None = None,
     quiet: bool = True,
     threads: int | None = None,
+    command: str | None = None,
 ) -> Report:
     """Purify a checkpoint with a registered purifier and measure CA/ASR before and after.
 
@@ -366,13 +374,15 @@ def purify(
 
     Runs with ``threads`` torch CPU threads (None: as many as now) and deterministic
     kernels; both settings are restored on return (:func:`clipguard.runtime.torch_settings`).
+    ``command`` is recorded as the report's ``run.command`` (default: this process's command
+    line, :func:`command_line`).
     """
     with torch_settings(threads=threads, deterministic=True):
         registry = get_registry()
         component = registry.purifier(purifier)
         config = build_config(component.Config, options, config_file, what=f"purifier {purifier}")
         run = _Run(
-            command=f"purify {model_path}",
+            command=command if command is not None else command_line(),
             model_path=Path(model_path),
             data_dir=Path(data_dir),
             shots=shots,
@@ -410,7 +420,7 @@ def purify(
                 eval_samples, run.bundle.pixel_transform, run.progress, "loading evaluation images"
             )
         real_trigger, real_target, attack_spec = _resolve_attack(
-            run.registry, attack, target, classnames, run.bundle.image_size, attack_options
+            run.registry, attack, target, run.folder, run.bundle.image_size, attack_options
         )
 
         baseline = PromptClassifier(run.bundle, classnames)
@@ -559,7 +569,7 @@ def evaluate(
         prompts = load_prompt_file(Path(prompts_path)) if prompts_path is not None else None
         classifier = PromptClassifier(bundle, folder.classnames, prompts)
         trigger, target_index, spec = _resolve_attack(
-            get_registry(), attack, target, folder.classnames, bundle.image_size, attack_options
+            get_registry(), attack, target, folder, bundle.image_size, attack_options
         )
         samples = subsample(folder.samples, limit, seed)
         result = evaluate_samples(

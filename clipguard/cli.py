@@ -6,6 +6,11 @@ checkpoint, plugin problem), 3 (``scan``: verdict inconclusive), 130 interrupted
 ``scan --fail-on`` chooses which verdicts fail (default: backdoor and inconclusive).
 Errors are one line on stderr; ``CLIPGUARD_DEBUG=1`` adds the traceback.
 
+Every command checks its options and paths first (output folders and the report files it
+will replace included: :mod:`clipguard.outputs`), then imports torch and does the work:
+``--help``, ``--version``, ``plugins``, ``schema`` and every such error answer without
+loading torch (:mod:`clipguard.api` is imported inside the commands that need it).
+
 ``scan``, ``purify`` and ``evaluate`` run with ``--threads`` torch CPU threads (environment
 variable ``CLIPGUARD_THREADS``); by default the smaller of torch's own count and 2
 (:func:`clipguard.runtime.cli_threads`), the count the plugins used to cap themselves at.
@@ -18,6 +23,9 @@ adds ``clipguard lab ...`` and ``clipguard demo``.
 from __future__ import annotations
 
 import json
+import shlex
+from collections.abc import Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,8 +33,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperGroup
 
-from clipguard import api
 from clipguard.cli_errors import (
     EXIT_BACKDOOR,
     EXIT_CLEAN,
@@ -36,22 +44,47 @@ from clipguard.cli_errors import (
 )
 from clipguard.cli_options import QuietOpt, SeedOpt, ThreadsOpt
 from clipguard.config import parse_options
+from clipguard.defaults import DEFAULT_DRAWS, DEFAULT_EVAL_LIMIT, DEFAULT_SHOTS
 from clipguard.errors import InputError
 from clipguard.io import atomic_write_text
-from clipguard.plugins import register_commands
-from clipguard.render import SUFFIXES, Format, lost_class_warnings, render
-from clipguard.report import EvaluationReport, Report, write_schemas
-from clipguard.runtime import cli_threads
+from clipguard.outputs import SUFFIXES, OutputPlan, check_output_dir, parse_formats, plan_outputs
+from clipguard.plugins import get_registry, register_commands
+from clipguard.progress import display
+from clipguard.render import lost_class_warnings, render
+from clipguard.report import EvaluationReport, Report, read_report, write_schemas
 
 DEFAULT_SCHEMA_DIR = Path("schemas")
+#: the command line being run, as :class:`_RecordingGroup` read it (:func:`command_line`)
+_command_line: ContextVar[str | None] = ContextVar("clipguard_command_line", default=None)
+
+
+class _RecordingGroup(TyperGroup):
+    """The root command group; it records the command line it is given, so a report can
+    carry it whole (:func:`command_line`)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        _command_line.set(shlex.join([ctx.info_name or "clipguard", *args]))
+        return super().parse_args(ctx, args)
+
+
+def command_line() -> str:
+    """The command line being run, shell-quoted: the program name and every argument as
+    given (what a report records as ``run.command``)."""
+    recorded = _command_line.get()
+    assert recorded is not None, "command_line() outside a command"
+    return recorded
+
 
 app = typer.Typer(
     name="clipguard",
+    cls=_RecordingGroup,
     help="Audit CLIP models for backdoors and purify them with class-wise prompts.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+report_app = typer.Typer(no_args_is_help=True, help="Work with stored reports (report.json).")
+app.add_typer(report_app, name="report")
 stdout = Console()
 stderr = Console(stderr=True)
 
@@ -64,7 +97,12 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(
+    epilog="Examples:\n\n  clipguard scan model.safetensors --data clean/ --out audit/\n\n"
+    "  clipguard report render audit/report.json --format html,sarif --out audit/\n\n"
+    "  clipguard scan --help\n\n"
+    "Exit codes: 0 clean, 1 backdoor, 2 error, 3 inconclusive (scan --fail-on chooses)."
+)
 def main(
     version: Annotated[
         bool,
@@ -118,13 +156,27 @@ TorchScriptOpt = Annotated[
     bool,
     typer.Option("--allow-torchscript", help="load TorchScript archives (they can carry code)"),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout")]
+JsonOpt = Annotated[
+    bool,
+    typer.Option("--json", help="print the report as JSON on stdout (the same as --format json)"),
+]
 FormatOpt = Annotated[
-    Format | None,
+    list[str] | None,
     typer.Option(
         "--format",
-        help="print the report in this format (json, md, html, sarif); with --out, also write "
-        "it there as report.<format>",
+        help="report formats: json, md, html, sarif (repeatable or comma-separated). One "
+        "format is printed on stdout (and written as report.<format> with --out); several are "
+        "written under --out only; with --json, JSON goes to stdout and the others to --out",
+        show_default=False,
+    ),
+]
+SarifBaseOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--sarif-base",
+        help="folder the SARIF locations are relative to (uriBaseId SRCROOT) [default: the "
+        "current folder]",
+        show_default=False,
     ),
 ]
 AttackOpt = Annotated[
@@ -133,7 +185,83 @@ AttackOpt = Annotated[
 AttackOptionOpt = Annotated[
     list[str] | None, typer.Option("--attack-option", help="trigger option key=value (repeatable)")
 ]
-TargetOpt = Annotated[str | None, typer.Option("--target", help="target class name of the attack")]
+TargetOpt = Annotated[
+    str | None,
+    typer.Option("--target", help="target class of the attack: a class or class-folder name"),
+]
+
+
+# Checks made before torch loads --------------------------------------------------------
+
+
+def _check_model(model: Path) -> None:
+    """The model exists (what it holds is checked when it is loaded)."""
+    if not model.exists():
+        raise InputError(f"{model}: model file not found")
+
+
+def _check_file(path: Path | None, what: str) -> None:
+    """``path``, when given, is a regular file."""
+    if path is not None and not path.is_file():
+        reason = "is not a regular file" if path.exists() else "not found"
+        raise InputError(f"{path}: {what} {reason}")
+
+
+def _check_data(data: Path, classnames: Path | None, target: str | None = None) -> str | None:
+    """Check the data folder's classes (not its images) and resolve ``target`` to its class
+    name (a folder name is accepted: :func:`clipguard.data.resolve_class`)."""
+    from clipguard.data import class_folders, class_names, resolve_class
+
+    folders = class_folders(data)
+    names = class_names(data, folders, classnames)
+    return None if target is None else names[resolve_class(target, names, folders)]
+
+
+def _plan(
+    formats: Sequence[str] | None,
+    json_output: bool,
+    out: Path | None,
+    sarif_base: Path | None,
+    also_written: Sequence[str] = ("report.json",),
+) -> OutputPlan:
+    """Where the report goes (:func:`clipguard.outputs.plan_outputs`), with the output
+    folder and the files the run writes there (``also_written`` and the report files)
+    checked."""
+    plan = plan_outputs(parse_formats(formats), json_output, out)
+    if out is not None:
+        check_output_dir(out, [*also_written, *plan.file_names()])
+    if sarif_base is not None and not sarif_base.is_dir():
+        raise InputError(f"--sarif-base {sarif_base}: not a folder")
+    return plan
+
+
+def _check_plugin(kind: str, name: str) -> None:
+    """The plugin is registered (checked without importing it)."""
+    get_registry().entry(kind, name)
+
+
+def _check_attack(attack: str | None, target: str | None) -> None:
+    """``--attack`` and ``--target`` come together, and the attack is registered."""
+    if (attack is None) != (target is None):
+        raise InputError("--attack and --target go together")
+    if attack is not None:
+        _check_plugin("attack", attack)
+
+
+def _emit(
+    report: Report,
+    plan: OutputPlan,
+    out: Path | None,
+    sarif_base: Path | None,
+    write_json: bool = False,
+) -> None:
+    """Write the report files of ``plan`` under ``out`` (report.json only when
+    ``write_json``: a run writes it itself) and print ``plan.stdout``."""
+    for fmt in plan.files:
+        if out is not None and (fmt != "json" or write_json):
+            atomic_write_text(out / f"report.{SUFFIXES[fmt]}", render(report, fmt, sarif_base))
+    if plan.stdout is not None:
+        typer.echo(render(report, plan.stdout, sarif_base), nl=False)
 
 
 def _percent(value: float | None) -> str:
@@ -204,17 +332,22 @@ def _print_purify_summary(report: Report, out: Path | None) -> None:
             stderr.print(f"{name}: {path}", highlight=False)
 
 
-def _emit(report: Report, output_format: Format, out: Path | None) -> None:
-    text = render(report, output_format)
-    if out is not None and output_format != "json":
-        atomic_write_text(out / f"report.{SUFFIXES[output_format]}", text)
-    typer.echo(text, nl=False)
-
-
 # Commands ------------------------------------------------------------------------------
 
 
-@app.command()
+SCAN_EXAMPLES = """Examples:
+
+  clipguard scan model.safetensors --data clean/ --out audit/
+
+  clipguard scan model.safetensors --data clean/ --json > report.json
+
+  clipguard scan model.safetensors --data clean/ --out audit/ --format html,sarif
+
+  clipguard scan model.safetensors --data clean/ --fail-on backdoor -q
+"""
+
+
+@app.command(epilog=SCAN_EXAMPLES)
 @handle_errors
 def scan(
     model: ModelArg,
@@ -222,7 +355,7 @@ def scan(
     plugin: Annotated[
         str, typer.Option("--plugin", help="scanner name (see `clipguard plugins`)")
     ] = "cbpt",
-    shots: ShotsOpt = api.DEFAULT_SHOTS,
+    shots: ShotsOpt = DEFAULT_SHOTS,
     out: Annotated[
         Path | None, typer.Option("--out", help="folder for report.json and artefacts")
     ] = None,
@@ -241,11 +374,12 @@ def scan(
                 "SEED+1, ... (the cbpt scanner screens each and judges by the median)"
             ),
         ),
-    ] = api.DEFAULT_DRAWS,
+    ] = DEFAULT_DRAWS,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
     output_format: FormatOpt = None,
+    sarif_base: SarifBaseOpt = None,
     fail_on: Annotated[
         list[str] | None,
         typer.Option(
@@ -262,32 +396,50 @@ def scan(
     Exit 0: clean, 1: backdoor found, 2: error, 3: inconclusive (with the default --fail-on).
     """
     failing = _fail_on(fail_on)
-    output_format = "json" if json_output else output_format
-    report = api.scan(
-        model,
-        data,
-        scanner=plugin,
-        shots=shots,
-        seed=seed,
-        device=device,
-        options=parse_options(option or []),
-        config_file=config,
-        classnames_file=classnames,
-        arch=arch,
-        allow_torchscript=allow_torchscript,
-        out_dir=out,
-        quiet=quiet or output_format is not None,
-        draws=draws,
-        threads=cli_threads(threads),
-    )
-    if output_format is not None:
-        _emit(report, output_format, out)
-    elif not quiet:
+    plan = _plan(output_format, json_output, out, sarif_base)
+    options = parse_options(option or [])
+    _check_model(model)
+    _check_file(config, "config file")
+    _check_data(data, classnames)
+    _check_plugin("scanner", plugin)
+    from clipguard import api
+    from clipguard.runtime import cli_threads
+
+    with display("clipguard scan", quiet):
+        report = api.scan(
+            model,
+            data,
+            scanner=plugin,
+            shots=shots,
+            seed=seed,
+            device=device,
+            options=options,
+            config_file=config,
+            classnames_file=classnames,
+            arch=arch,
+            allow_torchscript=allow_torchscript,
+            out_dir=out,
+            quiet=quiet,
+            draws=draws,
+            threads=cli_threads(threads),
+            command=command_line(),
+        )
+    _emit(report, plan, out, sarif_base)
+    if plan.stdout is None and not quiet:
         _print_scan_summary(report, out)
     raise typer.Exit(scan_exit_code(report.verdict or "clean", failing))
 
 
-@app.command()
+PURIFY_EXAMPLES = """Examples:
+
+  clipguard purify model.safetensors --data clean/ --out purified/
+
+  clipguard purify model.safetensors --data clean/ --trigger audit/trigger.safetensors \\
+  --attack badnets --target blue_star --out purified/ --format md
+"""
+
+
+@app.command(epilog=PURIFY_EXAMPLES)
 @handle_errors
 def purify(
     model: ModelArg,
@@ -303,11 +455,11 @@ def purify(
     ] = None,
     eval_limit: Annotated[
         int, typer.Option("--eval-limit", help="at most this many evaluation images (0: all)")
-    ] = api.DEFAULT_EVAL_LIMIT,
+    ] = DEFAULT_EVAL_LIMIT,
     attack: AttackOpt = None,
     attack_option: AttackOptionOpt = None,
     target: TargetOpt = None,
-    shots: ShotsOpt = api.DEFAULT_SHOTS,
+    shots: ShotsOpt = DEFAULT_SHOTS,
     out: Annotated[Path | None, typer.Option("--out", help="folder for prompts and report")] = None,
     option: OptionOpt = None,
     config: ConfigOpt = None,
@@ -319,6 +471,7 @@ def purify(
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
     output_format: FormatOpt = None,
+    sarif_base: SarifBaseOpt = None,
     quiet: QuietOpt = False,
     fail_on_lost_class: Annotated[
         bool,
@@ -332,39 +485,63 @@ def purify(
     """Purify MODEL: learn class-wise prompts (or a model) that neutralise the backdoor.
 
     Exit 0, or 1 with --fail-on-lost-class when a class was lost, 2 on error."""
-    output_format = "json" if json_output else output_format
-    report = api.purify(
-        model,
-        data,
-        purifier=plugin,
-        shots=shots,
-        seed=seed,
-        device=device,
-        options=parse_options(option or []),
-        config_file=config,
-        trigger_path=trigger,
-        eval_data=eval_data,
-        eval_limit=eval_limit or None,
-        attack=attack,
-        attack_options=parse_options(attack_option or []),
-        target=target,
-        classnames_file=classnames,
-        arch=arch,
-        allow_torchscript=allow_torchscript,
-        out_dir=out,
-        quiet=quiet or output_format is not None,
-        threads=cli_threads(threads),
-    )
-    if output_format is not None:
-        _emit(report, output_format, out)
-    elif not quiet:
+    written = ("report.json", "prompts.safetensors", "trigger.safetensors")
+    plan = _plan(output_format, json_output, out, sarif_base, also_written=written)
+    options = parse_options(option or [])
+    attack_options = parse_options(attack_option or [])
+    _check_model(model)
+    _check_file(config, "config file")
+    _check_file(trigger, "trigger file")
+    _check_attack(attack, target)
+    target = _check_data(data, classnames, target)
+    if eval_data is not None:
+        _check_data(eval_data, classnames)
+    _check_plugin("purifier", plugin)
+    from clipguard import api
+    from clipguard.runtime import cli_threads
+
+    with display("clipguard purify", quiet):
+        report = api.purify(
+            model,
+            data,
+            purifier=plugin,
+            shots=shots,
+            seed=seed,
+            device=device,
+            options=options,
+            config_file=config,
+            trigger_path=trigger,
+            eval_data=eval_data,
+            eval_limit=eval_limit or None,
+            attack=attack,
+            attack_options=attack_options,
+            target=target,
+            classnames_file=classnames,
+            arch=arch,
+            allow_torchscript=allow_torchscript,
+            out_dir=out,
+            quiet=quiet,
+            threads=cli_threads(threads),
+            command=command_line(),
+        )
+    _emit(report, plan, out, sarif_base)
+    if plan.stdout is None and not quiet:
         _print_purify_summary(report, out)
     assert report.purification is not None
     if fail_on_lost_class and report.purification.lost_classes:
         raise typer.Exit(EXIT_LOST_CLASS)
 
 
-@app.command()
+EVALUATE_EXAMPLES = """Examples:
+
+  clipguard evaluate model.safetensors --data test/
+
+  clipguard evaluate model.safetensors --data test/ --prompts purified/prompts.safetensors \\
+  --attack badnets --target blue_star --json
+"""
+
+
+@app.command(epilog=EVALUATE_EXAMPLES)
 @handle_errors
 def evaluate(
     model: ModelArg,
@@ -386,22 +563,31 @@ def evaluate(
     quiet: QuietOpt = False,
 ) -> None:
     """Clean accuracy (CA) of MODEL on DATA, and attack success rate (ASR) with --attack."""
-    report: EvaluationReport = api.evaluate(
-        model,
-        data,
-        prompts_path=prompts,
-        attack=attack,
-        attack_options=parse_options(attack_option or []),
-        target=target,
-        classnames_file=classnames,
-        limit=limit,
-        seed=seed,
-        arch=arch,
-        allow_torchscript=allow_torchscript,
-        device=device,
-        quiet=quiet or json_output,
-        threads=cli_threads(threads),
-    )
+    attack_options = parse_options(attack_option or [])
+    _check_model(model)
+    _check_file(prompts, "prompt file")
+    _check_attack(attack, target)
+    target = _check_data(data, classnames, target)
+    from clipguard import api
+    from clipguard.runtime import cli_threads
+
+    with display("clipguard evaluate", quiet):
+        report: EvaluationReport = api.evaluate(
+            model,
+            data,
+            prompts_path=prompts,
+            attack=attack,
+            attack_options=attack_options,
+            target=target,
+            classnames_file=classnames,
+            limit=limit,
+            seed=seed,
+            arch=arch,
+            allow_torchscript=allow_torchscript,
+            device=device,
+            quiet=quiet,
+            threads=cli_threads(threads),
+        )
     if json_output:
         typer.echo(report.model_dump_json(indent=2))
         return
@@ -421,7 +607,45 @@ def evaluate(
         )
 
 
-@app.command()
+RENDER_EXAMPLES = """Examples:
+
+  clipguard report render audit/report.json --format html > report.html
+
+  clipguard report render audit/report.json --format html,sarif --out audit/ --sarif-base .
+"""
+
+
+@report_app.command("render", epilog=RENDER_EXAMPLES)
+@handle_errors
+def report_render(
+    report_file: Annotated[
+        Path, typer.Argument(help="report.json of a scan or purify run", show_default=False)
+    ],
+    output_format: Annotated[
+        list[str],
+        typer.Option(
+            "--format",
+            help="formats: json, md, html, sarif (repeatable or comma-separated). One format "
+            "is printed on stdout (and written as report.<format> with --out); several are "
+            "written under --out only",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="folder to write report.<format> files in")
+    ] = None,
+    sarif_base: SarifBaseOpt = None,
+) -> None:
+    """Render a stored report.json again, in other formats (it is validated first)."""
+    plan = _plan(output_format, False, out, sarif_base, also_written=())
+    if not plan.stdout and not plan.files:
+        raise InputError("--format: give at least one of json, md, html, sarif")
+    _emit(read_report(report_file), plan, out, sarif_base, write_json=True)
+
+
+@app.command(
+    epilog="Examples:\n\n  clipguard plugins\n\n  clipguard plugins --options cbpt --json\n"
+)
 @handle_errors
 def plugins(
     json_output: JsonOpt = False,
@@ -436,8 +660,6 @@ def plugins(
     ] = None,
 ) -> None:
     """List the registered scanners, purifiers and trigger families, and plugin errors."""
-    from clipguard.plugins import get_registry
-
     registry = get_registry()
     if options is not None:
         _print_options(options, registry.options_of(options), json_output)
@@ -481,7 +703,10 @@ def _shown_default(option: dict[str, Any]) -> str:
     return f"{value:.6g}" if isinstance(value, float) else json.dumps(value)
 
 
-@app.command()
+@app.command(
+    epilog="Examples:\n\n  clipguard schema > schemas.json\n\n"
+    "  clipguard schema --write --dir schemas\n"
+)
 @handle_errors
 def schema(
     write: Annotated[bool, typer.Option("--write", help="write the schemas into --dir")] = False,

@@ -67,10 +67,12 @@ class RunContext:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time the enclosed block as stage ``name`` (accumulates when repeated)."""
+        """Time the enclosed block as stage ``name`` (accumulates when repeated) and show it
+        on the progress display's overall line."""
         start = time.perf_counter()
         try:
-            yield
+            with self.progress.stage(name):
+                yield
         finally:
             self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + (
                 time.perf_counter() - start

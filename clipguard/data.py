@@ -14,14 +14,17 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from clipguard.errors import InputError
 from clipguard.io import sha256_files
 from clipguard.progress import Progress
+
+if TYPE_CHECKING:  # torch is imported where pixels are loaded: checking a folder needs none
+    import torch
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -112,12 +115,44 @@ def folder_to_classname(folder: str) -> str:
     )
 
 
-def open_image_folder(root: Path | str, classnames_file: Path | None = None) -> ImageFolder:
-    """Index an ImageFolder; :class:`InputError` for every way it can be unusable.
+def _loose(name: str) -> str:
+    """A class or folder name compared loosely: as a class name (:func:`folder_to_classname`),
+    case-folded."""
+    return folder_to_classname(name).casefold()
 
-    Errors: missing or non-directory ``root``, fewer than 2 class folders, a class folder
-    without images, a class-names file whose length does not match the folders.
+
+def resolve_class(
+    name: str, classnames: Sequence[str], folders: Sequence[str], what: str = "target class"
+) -> int:
+    """The label of the class that ``name`` designates among ``classnames`` (of the class
+    ``folders``, in the same order): its class name (``"blue star"``), its folder's name
+    (``"blue_star"``) or, failing both, either one written with other case, underscores or
+    spaces (``"Blue Star"``).
+
+    Every command that takes a class name (``--target``) resolves it here. Raises
+    :class:`InputError` naming ``what`` when no class matches, or when several do (exact
+    matches are tried first: a class name and another class's folder name are ambiguous;
+    then loose ones).
     """
+    pairs = list(zip(classnames, folders, strict=True))
+    for matches in (
+        [k for k, pair in enumerate(pairs) if name in pair],
+        [k for k, pair in enumerate(pairs) if _loose(name) in map(_loose, pair)],
+    ):
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            candidates = ", ".join(f"{classnames[k]!r} (folder {folders[k]})" for k in matches)
+            raise InputError(f"{what} {name!r} is ambiguous: it matches {candidates}")
+    raise InputError(
+        f"{what} {name!r} is not one of the classes: {', '.join(classnames)} "
+        "(their folder names are accepted too)"
+    )
+
+
+def class_folders(root: Path | str) -> list[str]:
+    """The class sub-folders of an ImageFolder ``root``, sorted (hidden ones left out);
+    :class:`InputError` when ``root`` is missing, not a folder or has fewer than 2."""
     root = Path(root)
     if not root.exists():
         raise InputError(f"{root}: data folder not found")
@@ -128,6 +163,17 @@ def open_image_folder(root: Path | str, classnames_file: Path | None = None) -> 
         raise InputError(
             f"{root}: needs at least 2 class sub-folders (ImageFolder layout), found {len(folders)}"
         )
+    return folders
+
+
+def class_names(
+    root: Path | str, folders: Sequence[str], classnames_file: Path | None = None
+) -> list[str]:
+    """The class names of the class ``folders`` of ``root`` (in their order): from
+    ``classnames_file`` when given, else the folder names read as class names;
+    :class:`InputError` for a file whose length does not match, a folder name that gives an
+    empty name, or two folders that give the same name."""
+    root = Path(root)
     if classnames_file is not None:
         classnames = read_classnames_file(Path(classnames_file))
         if len(classnames) != len(folders):
@@ -135,17 +181,29 @@ def open_image_folder(root: Path | str, classnames_file: Path | None = None) -> 
                 f"{classnames_file}: lists {len(classnames)} class names but {root} has "
                 f"{len(folders)} class folders"
             )
-    else:
-        classnames = [folder_to_classname(folder) for folder in folders]
-        for folder, name in zip(folders, classnames, strict=True):
-            if not name:
-                raise InputError(f"{root / folder}: folder name gives an empty class name")
-        if len(set(classnames)) != len(classnames):
-            duplicate = next(n for n in classnames if classnames.count(n) > 1)
-            raise InputError(
-                f"{root}: two class folders give the same class name {duplicate!r}; "
-                "rename one or pass --classnames"
-            )
+        return classnames
+    classnames = [folder_to_classname(folder) for folder in folders]
+    for folder, name in zip(folders, classnames, strict=True):
+        if not name:
+            raise InputError(f"{root / folder}: folder name gives an empty class name")
+    if len(set(classnames)) != len(classnames):
+        duplicate = next(n for n in classnames if classnames.count(n) > 1)
+        raise InputError(
+            f"{root}: two class folders give the same class name {duplicate!r}; "
+            "rename one or pass --classnames"
+        )
+    return classnames
+
+
+def open_image_folder(root: Path | str, classnames_file: Path | None = None) -> ImageFolder:
+    """Index an ImageFolder; :class:`InputError` for every way it can be unusable.
+
+    Errors: missing or non-directory ``root``, fewer than 2 class folders, a class folder
+    without images, a class-names file whose length does not match the folders.
+    """
+    root = Path(root)
+    folders = class_folders(root)
+    classnames = class_names(root, folders, classnames_file)
     samples: list[Sample] = []
     for label, folder in enumerate(folders):
         directory = root / folder
@@ -264,6 +322,8 @@ def load_pixels(
     description: str = "loading images",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load ``samples`` as a pixel tensor ``N x 3 x H x W`` in ``[0, 1]`` and labels ``N``."""
+    import torch
+
     if not samples:
         raise InputError("no images to load")
     images = []

@@ -15,12 +15,19 @@ Installed plugins are found through the ``clipguard`` entry-point group
 (``[project.entry-points.clipguard] myplugin = "my_package.plugin"``); ``CLIPGUARD_PLUGINS``
 restricts which of them load (:mod:`clipguard.plugins`). A hook implementation may take any
 subset of a hook's arguments, by name.
+
+A registration hook may pass a :class:`Deferred` instead of an instance: the component is
+then listed (``clipguard plugins``) from the names it carries and its module is imported
+only when a command uses it, so listing plugins, ``--help`` and option errors never wait for
+torch.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeAlias
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import pluggy
 
@@ -34,12 +41,38 @@ PROJECT = "clipguard"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
+
+@dataclass(frozen=True)
+class Deferred:
+    """A scanner, purifier or trigger family registered by import path, loaded on first use.
+
+    ``target`` is ``"package.module:Name"``, a class (or any callable) that, called without
+    arguments, returns the component; ``name``, ``version`` and ``description`` are what
+    ``clipguard plugins`` lists without importing ``target``, and must be the component's
+    own: the registry checks the name and version when it loads it. Pass it to ``register``
+    in place of an instance::
+
+        register(Deferred("my_package.scanner:MyScanner", "mine", __version__, "what it does"))
+    """
+
+    target: str
+    name: str
+    version: str
+    description: str = ""
+
+    def load(self) -> Any:
+        """Import ``target`` and call it: the component (exceptions propagate)."""
+        module_name, _, attribute = self.target.partition(":")
+        factory = getattr(importlib.import_module(module_name), attribute)
+        return factory()
+
+
 #: the callback of :func:`clipguard_register_scanners`
-RegisterScanner: TypeAlias = Callable[["Scanner"], None]
+RegisterScanner: TypeAlias = Callable[["Scanner | Deferred"], None]
 #: the callback of :func:`clipguard_register_purifiers`
-RegisterPurifier: TypeAlias = Callable[["Purifier"], None]
+RegisterPurifier: TypeAlias = Callable[["Purifier | Deferred"], None]
 #: the callback of :func:`clipguard_register_triggers`
-RegisterTriggerFamily: TypeAlias = Callable[["TriggerFamily"], None]
+RegisterTriggerFamily: TypeAlias = Callable[["TriggerFamily | Deferred"], None]
 
 
 @hookspec
@@ -47,10 +80,12 @@ def clipguard_register_scanners(register: RegisterScanner) -> None:
     """Register backdoor scanners.
 
     :param register: Call it once per :class:`clipguard.Scanner` instance the plugin
-        provides. Its ``name`` is what ``clipguard scan --plugin NAME`` selects; names are
-        unique across all plugins: a second registration of a name is reported as an error
-        (in ``clipguard plugins`` and every report's ``errors``) naming both plugins, and is
-        not registered. Anything that is not a ``Scanner`` is reported and skipped.
+        provides, or a :class:`Deferred` that loads one on first use. Its ``name`` is what
+        ``clipguard scan --plugin NAME`` selects; names are unique across all plugins: a
+        second registration of a name is reported as an error (in ``clipguard plugins`` and
+        every report's ``errors``) naming both plugins, and is not registered. Anything that
+        is not a ``Scanner`` is reported and skipped (for a :class:`Deferred`: when it is
+        loaded, as a one-line error of the command that uses it).
 
     Called once per registry build: when a command or :mod:`clipguard.api` function first
     needs the registered components (the plugin manager is created on first use, and again
@@ -66,9 +101,9 @@ def clipguard_register_purifiers(register: RegisterPurifier) -> None:
     """Register purifiers.
 
     :param register: Call it once per :class:`clipguard.Purifier` instance the plugin
-        provides. Its ``name`` is what ``clipguard purify --plugin NAME`` selects; names are
-        unique across plugins, with duplicates and wrong types reported as for
-        :func:`clipguard_register_scanners`.
+        provides (or :class:`Deferred`). Its ``name`` is what ``clipguard purify --plugin
+        NAME`` selects; names are unique across plugins, with duplicates and wrong types
+        reported as for :func:`clipguard_register_scanners`.
 
     Called once per registry build, like :func:`clipguard_register_scanners`.
 
@@ -81,8 +116,8 @@ def clipguard_register_triggers(register: RegisterTriggerFamily) -> None:
     """Register trigger families, used to attack (the lab) and to evaluate (``--attack``).
 
     :param register: Call it once per :class:`clipguard.TriggerFamily` instance the plugin
-        provides. Its ``name`` is what ``--attack NAME`` selects; names are unique across
-        plugins, with duplicates and wrong types reported as for
+        provides (or :class:`Deferred`). Its ``name`` is what ``--attack NAME`` selects;
+        names are unique across plugins, with duplicates and wrong types reported as for
         :func:`clipguard_register_scanners`.
 
     Called once per registry build, before the scanners and purifiers are registered.

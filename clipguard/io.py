@@ -13,12 +13,12 @@ import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-
-import torch
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
+from typing import TYPE_CHECKING
 
 from clipguard.errors import InputError
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written, not with this module
+    import torch
 
 #: a safetensors header larger than this is refused before it is parsed
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
@@ -95,6 +95,8 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     different bytes; the header is rewritten with sorted keys (and padded to 8 bytes, as the
     format asks), so equal inputs give byte-identical files.
     """
+    from safetensors.torch import save as safetensors_save
+
     raw = safetensors_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
     length = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + length])
@@ -167,6 +169,8 @@ def read_safetensors_bytes(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise InputError(f"{path}: {what} has malformed metadata")
+    from safetensors.torch import load as safetensors_load
+
     try:
         tensors = safetensors_load(data)
     except Exception as error:  # SafetensorError and friends: the file is corrupt

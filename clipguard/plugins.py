@@ -9,11 +9,15 @@
   empty string to load none.
 * A plugin that fails to import, or registers a name another plugin already took, becomes an
   error in :attr:`Registry.errors` naming the plugin and its package; the rest still work.
+* A component registered as a :class:`~clipguard.hookspecs.Deferred` is listed from the
+  names it carries and imported when first used (:attr:`Registered.obj`): the project's own
+  plugins register theirs so, and building the registry imports neither them nor torch.
 * ``CLIPGUARD_TRACE_HOOKS=1`` prints every hook call to stderr (for plugin authors).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -28,13 +32,15 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
 from clipguard import hookspecs
-from clipguard.components import Purifier, Scanner
 from clipguard.config import build_config
 from clipguard.errors import PluginError
-from clipguard.triggers import Trigger, TriggerFamily
+from clipguard.hookspecs import Deferred
 
 if TYPE_CHECKING:
     import typer
+
+    from clipguard.components import Purifier, Scanner
+    from clipguard.triggers import Trigger, TriggerFamily
 
 ENTRY_POINT_GROUP = "clipguard"
 BUILTIN_PLUGINS = ("clipguard.builtin_triggers",)
@@ -48,20 +54,62 @@ PROVIDED_BY = {
     "finetune": "clipguard-baselines",
     "cleanclip": "clipguard-baselines",
 }
+#: the class every registered component of a kind derives from, as (module, name): imported
+#: only to check a component, so listing deferred components imports neither torch nor them
+BASES = {
+    "scanner": ("clipguard.components", "Scanner"),
+    "purifier": ("clipguard.components", "Purifier"),
+    "trigger": ("clipguard.triggers", "TriggerFamily"),
+}
 ALLOW_LIST_VARIABLE = "CLIPGUARD_PLUGINS"
 TRACE_VARIABLE = "CLIPGUARD_TRACE_HOOKS"
 
 
+def _base(kind: str) -> type:
+    module, name = BASES[kind]
+    return getattr(importlib.import_module(module), name)
+
+
 @dataclass(frozen=True)
 class Registered:
-    """One registered scanner, purifier or trigger family, and where it came from."""
+    """One registered scanner, purifier or trigger family, and where it came from.
+
+    ``source`` is the registered instance or the :class:`~clipguard.hookspecs.Deferred` that
+    loads it; :attr:`obj` is the instance, loaded on first access.
+    """
 
     name: str
     version: str
     description: str
     plugin: str
     package: str
-    obj: Any
+    kind: str
+    source: Any
+
+    @functools.cached_property
+    def obj(self) -> Any:
+        """The component; a deferred one is imported, built and checked here (its class, name
+        and version), any failure a one-line :class:`PluginError` naming the plugin."""
+        if not isinstance(self.source, Deferred):
+            return self.source
+        where = f"{self.kind} {self.name!r} of plugin {self.plugin!r} (package {self.package})"
+        try:
+            obj = self.source.load()
+        except Exception as error:
+            raise PluginError(
+                f"{where} failed to load from {self.source.target}: {type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}"
+            ) from error
+        base = _base(self.kind)
+        if not isinstance(obj, base):
+            raise PluginError(f"{where} loads a {type(obj).__name__}, not a {base.__name__}")
+        loaded = (getattr(obj, "name", None), str(getattr(obj, "version", "")))
+        if loaded != (self.name, self.version):
+            raise PluginError(
+                f"{where} was registered as version {self.version} but loads as "
+                f"{loaded[0]!r} version {loaded[1]}"
+            )
+        return obj
 
     def describe(self) -> dict[str, str]:
         return {
@@ -82,7 +130,17 @@ class Registry:
     triggers: dict[str, Registered] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
+    def entry(self, kind: str, name: str) -> Registered:
+        """The registered ``kind`` (``"scanner"``, ``"purifier"`` or ``"attack"``) called
+        ``name``, without loading it; :class:`PluginError` (one line, with what to install
+        or what is available) when there is none."""
+        table = {"scanner": self.scanners, "purifier": self.purifiers, "attack": self.triggers}
+        return self._entry(kind, table[kind], name)
+
     def _get(self, kind: str, table: dict[str, Registered], name: str) -> Any:
+        return self._entry(kind, table, name).obj
+
+    def _entry(self, kind: str, table: dict[str, Registered], name: str) -> Registered:
         if name not in table:
             package = PROVIDED_BY.get(name) if kind != "attack" else None
             if package is not None:
@@ -97,7 +155,7 @@ class Registry:
                 )
             known = ", ".join(sorted(table)) or "none"
             raise PluginError(f"unknown {kind} {name!r} (available: {known})")
-        return table[name].obj
+        return table[name]
 
     def scanner(self, name: str) -> Scanner:
         return self._get("scanner", self.scanners, name)
@@ -239,7 +297,6 @@ def _fill(
     hook: pluggy.HookCaller,
     kind: str,
     table: dict[str, Registered],
-    base: type,
     errors: list[str],
     trace: Callable[..., None],
 ) -> None:
@@ -248,7 +305,7 @@ def _fill(
         package = _package_of(impl.plugin_name, impl.plugin)
 
         def register(obj: Any, _plugin: str = impl.plugin_name, _package: str = package) -> None:
-            if not isinstance(obj, base):
+            if not isinstance(obj, Deferred) and not isinstance(obj, base := _base(kind)):
                 errors.append(
                     f"plugin {_plugin!r} (package {_package}) registered a {type(obj).__name__}, "
                     f"not a {base.__name__}"
@@ -269,7 +326,8 @@ def _fill(
                 description=str(getattr(obj, "description", "")),
                 plugin=_plugin,
                 package=_package,
-                obj=obj,
+                kind=kind,
+                source=obj,
             )
 
         try:
@@ -307,12 +365,12 @@ def build_registry(manager: pluggy.PluginManager | None = None) -> Registry:
     errors = registry.errors
     trace = manager.trace.root.get("hook")  # writes only when CLIPGUARD_TRACE_HOOKS is set
     tables = (
-        (hooks.clipguard_register_triggers, "trigger", registry.triggers, TriggerFamily),
-        (hooks.clipguard_register_scanners, "scanner", registry.scanners, Scanner),
-        (hooks.clipguard_register_purifiers, "purifier", registry.purifiers, Purifier),
+        (hooks.clipguard_register_triggers, "trigger", registry.triggers),
+        (hooks.clipguard_register_scanners, "scanner", registry.scanners),
+        (hooks.clipguard_register_purifiers, "purifier", registry.purifiers),
     )
-    for hook, kind, table, base in tables:
-        _fill(hook, kind, table, base, errors, trace)
+    for hook, kind, table in tables:
+        _fill(hook, kind, table, errors, trace)
     return registry
 
 

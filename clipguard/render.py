@@ -4,22 +4,30 @@
 * HTML: one self-contained file (the trigger picture inlined as a data URI, no external
   resources): verdict, findings, the before/after table of a purification, provenance.
 * SARIF 2.1.0: one result per finding, the model file as the artifact, for code-scanning
-  dashboards.
+  dashboards: its location relative to a base folder (``uriBaseId`` ``SRCROOT``, declared in
+  the run's ``originalUriBaseIds``), a ``partialFingerprints`` entry from the model's sha256
+  and the rule, and the run's whole command line in the invocation.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import quote
 
 from clipguard.report import Metrics, Report
 
 Format = Literal["json", "md", "html", "sarif"]
-SUFFIXES: dict[str, str] = {"json": "json", "md": "md", "html": "html", "sarif": "sarif"}
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
+#: the uriBaseId of the SARIF artifact locations: the folder given as ``--sarif-base``
+SARIF_BASE_ID = "SRCROOT"
+#: the name of the partialFingerprints entry (a sha256 of rule id and model sha256)
+SARIF_FINGERPRINT = "clipguardModelRule/v1"
 _SARIF_LEVEL = {"backdoor": "error", "inconclusive": "warning", "clean": "note"}
 
 
@@ -60,8 +68,8 @@ def lost_class_warnings(report: Report) -> list[str]:
     ]
 
 
-def render(report: Report, fmt: Format) -> str:
-    """The report in format ``fmt`` as text."""
+def render(report: Report, fmt: Format | str, sarif_base: Path | None = None) -> str:
+    """The report in format ``fmt`` as text (``sarif_base``: see :func:`to_sarif`)."""
     if fmt == "json":
         return report.model_dump_json(indent=2) + "\n"
     if fmt == "md":
@@ -69,8 +77,17 @@ def render(report: Report, fmt: Format) -> str:
     if fmt == "html":
         return to_html(report)
     if fmt == "sarif":
-        return json.dumps(to_sarif(report), indent=2) + "\n"
+        return json.dumps(to_sarif(report, sarif_base), indent=2) + "\n"
     raise ValueError(f"unknown format {fmt!r}")
+
+
+def _run_path(report: Report, path: str) -> Path:
+    """``path`` as recorded in ``report``, absolute: a relative one is taken relative to the
+    folder the run worked in (the current folder for a report that does not say)."""
+    recorded = Path(path)
+    if recorded.is_absolute():
+        return recorded
+    return Path(os.path.abspath(Path(report.run.working_directory or os.getcwd()) / recorded))
 
 
 def to_markdown(report: Report) -> str:
@@ -124,8 +141,8 @@ def to_markdown(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _inline_image(path: str) -> str | None:
-    file = Path(path)
+def _inline_image(report: Report, path: str) -> str | None:
+    file = _run_path(report, path)
     if not file.is_file() or file.suffix.lower() != ".png":
         return None
     return "data:image/png;base64," + base64.b64encode(file.read_bytes()).decode("ascii")
@@ -160,7 +177,7 @@ def to_html(report: Report) -> str:
             f"<td>{e(finding.explanation)}</td></tr></table>",
         ]
         for name, path in finding.artifacts.items():
-            data_uri = _inline_image(path)
+            data_uri = _inline_image(report, path)
             if data_uri:
                 parts.append(
                     f"<figure><img id='trigger-image' alt='{e(name)}' src='{data_uri}'>"
@@ -210,9 +227,40 @@ def to_html(report: Report) -> str:
     return "".join(parts)
 
 
-def to_sarif(report: Report) -> dict:
-    """A SARIF 2.1.0 log: one run, one result per finding, the model file as the artifact."""
-    model_uri = Path(report.model.path).as_posix() if report.model.path else "model"
+def _model_location(report: Report, base: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model's SARIF ``artifactLocation`` and the run's ``originalUriBaseIds``: a
+    percent-encoded uri relative to ``base`` with ``uriBaseId`` :data:`SARIF_BASE_ID` when the
+    model lies under ``base``, else its absolute ``file:`` uri (and no base ids)."""
+    if report.model.path is None:
+        return {"uri": f"sha256/{report.model.sha256}"}, {}
+    model = _run_path(report, report.model.path)
+    base = Path(os.path.abspath(base))
+    if not model.is_relative_to(base):
+        return {"uri": model.as_uri()}, {}
+    relative = model.relative_to(base).as_posix()
+    location = {"uri": quote(relative), "uriBaseId": SARIF_BASE_ID}
+    return location, {SARIF_BASE_ID: {"uri": base.as_uri().rstrip("/") + "/"}}
+
+
+def _fingerprint(report: Report, rule_id: str, *detail: str) -> dict[str, str]:
+    """The result's ``partialFingerprints``: a sha256 of the rule, the model's sha256 and
+    ``detail`` (what tells two results of one rule on one model apart)."""
+    key = "\0".join((rule_id, report.model.sha256, *detail))
+    return {SARIF_FINGERPRINT: hashlib.sha256(key.encode("utf-8")).hexdigest()}
+
+
+def to_sarif(report: Report, base: Path | None = None) -> dict:
+    """A SARIF 2.1.0 log: one run, one result per finding, the model file as the artifact.
+
+    The model's location is relative to ``base`` (default: the current folder) through the
+    ``uriBaseId`` :data:`SARIF_BASE_ID`, which ``originalUriBaseIds`` maps to ``base``'s
+    absolute uri; a model outside ``base`` keeps its absolute ``file:`` uri. Each result has
+    a ``partialFingerprints`` entry (:data:`SARIF_FINGERPRINT`) from its rule and the model's
+    sha256, so a code-scanning service tracks the same finding on the same model across
+    runs. The invocation carries the run's whole command line and working folder.
+    """
+    location, base_ids = _model_location(report, Path.cwd() if base is None else base)
+    model_location = {**location, "index": 0}
     rules = []
     results = []
     for finding in report.findings:
@@ -241,9 +289,8 @@ def to_sarif(report: Report) -> dict:
                 if finding.verdict == "inconclusive"
                 else "pass",
                 "message": {"text": f"{finding.verdict}{target}: {finding.explanation}"},
-                "locations": [
-                    {"physicalLocation": {"artifactLocation": {"uri": model_uri, "index": 0}}}
-                ],
+                "locations": [{"physicalLocation": {"artifactLocation": model_location}}],
+                "partialFingerprints": _fingerprint(report, rule_id),
                 "properties": {
                     "score": finding.score,
                     "targetClass": finding.target_class,
@@ -271,40 +318,34 @@ def to_sarif(report: Report) -> dict:
                     "level": "warning",
                     "kind": "review",
                     "message": {"text": text},
-                    "locations": [
-                        {"physicalLocation": {"artifactLocation": {"uri": model_uri, "index": 0}}}
-                    ],
+                    "locations": [{"physicalLocation": {"artifactLocation": model_location}}],
+                    "partialFingerprints": _fingerprint(report, rule_id, lost.name),
                     "properties": lost.model_dump(),
                 }
             )
-    return {
-        "$schema": SARIF_SCHEMA,
-        "version": "2.1.0",
-        "runs": [
-            {
-                "tool": {
-                    "driver": {
-                        "name": "clipguard",
-                        "version": report.tool.clipguard,
-                        "informationUri": "https://arxiv.org/abs/2502.19269",
-                        "rules": rules,
-                    }
-                },
-                "artifacts": [
-                    {
-                        "location": {"uri": model_uri},
-                        "hashes": {"sha-256": report.model.sha256},
-                    }
-                ],
-                "results": results,
-                "invocations": [
-                    {
-                        "executionSuccessful": not report.errors,
-                        "commandLine": report.run.command,
-                        "startTimeUtc": report.run.started_at.isoformat(),
-                        "endTimeUtc": report.run.finished_at.isoformat(),
-                    }
-                ],
-            }
-        ],
+    invocation: dict[str, Any] = {
+        "executionSuccessful": not report.errors,
+        "commandLine": report.run.command,
+        "startTimeUtc": report.run.started_at.isoformat(),
+        "endTimeUtc": report.run.finished_at.isoformat(),
     }
+    if report.run.working_directory is not None:
+        invocation["workingDirectory"] = {
+            "uri": Path(report.run.working_directory).as_uri().rstrip("/") + "/"
+        }
+    run: dict[str, Any] = {
+        "tool": {
+            "driver": {
+                "name": "clipguard",
+                "version": report.tool.clipguard,
+                "informationUri": "https://arxiv.org/abs/2502.19269",
+                "rules": rules,
+            }
+        },
+        "artifacts": [{"location": location, "hashes": {"sha-256": report.model.sha256}}],
+        "results": results,
+        "invocations": [invocation],
+    }
+    if base_ids:
+        run["originalUriBaseIds"] = base_ids
+    return {"$schema": SARIF_SCHEMA, "version": "2.1.0", "runs": [run]}

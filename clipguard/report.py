@@ -12,13 +12,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from clipguard.errors import InputError
 from clipguard.io import atomic_write_text
 
 SCHEMA_VERSION = "1.0"
-#: report.json's schema version: 1.1 added the top-level ``verdict`` and ``target_class``
-REPORT_SCHEMA_VERSION = "1.1"
+#: report.json's schema version: 1.1 added the top-level ``verdict`` and ``target_class``,
+#: 1.2 the run's whole command line and its ``working_directory``
+REPORT_SCHEMA_VERSION = "1.2"
 
 
 class _Model(BaseModel):
@@ -53,7 +55,15 @@ class ToolInfo(_Model):
 class RunInfo(_Model):
     """How the run was made: seed, device, wall-clock times, seconds per stage."""
 
-    command: str
+    command: str = Field(
+        description="the whole command line of the run, shell-quoted (schema 1.2; before: "
+        "the command and model only)"
+    )
+    working_directory: str | None = Field(
+        None,
+        description="the folder the command ran in: relative paths of the report are relative "
+        "to it (schema 1.2; null in older reports)",
+    )
     seed: int
     device: str
     started_at: datetime
@@ -159,7 +169,7 @@ class Purification(_Model):
 class Report(_Model):
     """The report of a ``scan`` or ``purify`` run (report.json)."""
 
-    schema_version: Literal["1.0", "1.1"] = REPORT_SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2"] = REPORT_SCHEMA_VERSION
     kind: Literal["scan", "purify"]
     verdict: Literal["backdoor", "clean", "inconclusive"] | None = Field(
         None,
@@ -326,6 +336,37 @@ def cpu_capability() -> str | None:
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+#: a stored report larger than this is refused before it is parsed
+MAX_REPORT_BYTES = 64 * 1024 * 1024
+
+
+def read_report(path: Path) -> Report:
+    """A stored report.json, validated as a :class:`Report` (any schema version this release
+    reads); :class:`~clipguard.errors.InputError` with one line for a missing, unreadable,
+    oversized, non-JSON or foreign file (the first thing wrong with it named)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: report {'is not a file' if path.exists() else 'not found'}")
+    try:
+        if path.stat().st_size > MAX_REPORT_BYTES:
+            raise InputError(f"{path}: report is larger than {MAX_REPORT_BYTES} bytes")
+        data = json.loads(path.read_bytes())
+    except OSError as error:
+        raise InputError(f"{path}: cannot read report ({error.strerror or error})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise InputError(f"{path}: not a JSON file") from None
+    try:
+        return Report.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "top level"
+        message = str(first["msg"]).splitlines()[0]
+        raise InputError(
+            f"{path}: not a clipguard scan or purify report ({where}: {message}; "
+            f"{error.error_count()} problem(s))"
+        ) from None
 
 
 def write_report(path: Path, report: BaseModel) -> None:

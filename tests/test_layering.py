@@ -12,7 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAB = "clipguard.lab"
 PLUGIN_PACKAGES = ("clipguard_cbpt", "clipguard_baselines", "clipguard_nc")
-MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+#: a dotted module name, or "module:attribute" (a Deferred component's target)
+MODULE_NAME = re.compile(r"(?P<module>[A-Za-z_]\w*(\.[A-Za-z_]\w*)+)(:[A-Za-z_]\w*)?")
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
@@ -30,13 +31,14 @@ def _imports(path: Path) -> list[tuple[int, str]]:
                 base = ".".join([*parts, base] if base else parts)
             found.append((node.lineno, base))
             found.extend((node.lineno, f"{base}.{alias.name}") for alias in node.names)
-    # a module named in a string is imported by name (importlib), as BUILTIN_PLUGINS did
+    # a module named in a string is imported by name (importlib): BUILTIN_PLUGINS, and the
+    # target of a Deferred component
     found.extend(
-        (node.lineno, node.value)
+        (node.lineno, match["module"])
         for node in ast.walk(tree)
         if isinstance(node, ast.Constant)
         and isinstance(node.value, str)
-        and MODULE_NAME.fullmatch(node.value)
+        and (match := MODULE_NAME.fullmatch(node.value))
     )
     return found
 

@@ -11,7 +11,7 @@ from clipguard import __version__, plugins
 from clipguard.components import RunContext, Scanner, ScanOutcome, ShotSet
 from clipguard.hookspecs import hookimpl
 from clipguard.model import ModelBundle
-from clipguard.report import Report
+from clipguard.report import REPORT_SCHEMA_VERSION, Report
 from tests.core.cli_helpers import assert_one_line_error, run_cli
 
 TARGETS = {"backdoor": "cat", "inconclusive": "dog", "clean": None}
@@ -88,7 +88,7 @@ def test_the_exit_code_follows_the_verdict_and_fail_on(
     assert stored["verdict"] == verdict
     expected_target = None if verdict == "clean" else stored["data"]["classes"][0]
     assert stored["target_class"] == expected_target
-    assert stored["schema_version"] == "1.1"
+    assert stored["schema_version"] == REPORT_SCHEMA_VERSION == "1.2"
 
 
 def test_an_unknown_fail_on_value_is_refused_before_the_scan(

@@ -19,6 +19,7 @@ from clipguard.cli_options import QuietOpt as DemoQuietOpt
 from clipguard.cli_options import SeedOpt, ThreadsOpt
 from clipguard.config import parse_options
 from clipguard.errors import InputError
+from clipguard.outputs import check_output_dir, check_output_file
 from clipguard.progress import Progress
 
 app = typer.Typer(no_args_is_help=True, help="Build small clean and backdoored CLIP models.")
@@ -37,7 +38,9 @@ ProfileOpt = Annotated[
 ]
 
 
-@data_app.command("synthetic")
+@data_app.command(
+    "synthetic", epilog="Example:\n\n  clipguard lab data synthetic --out data/synthetic\n"
+)
 def data_synthetic(
     out: Annotated[Path, typer.Option("--out", help="folder to write train/ and test/ into")],
     seed: Annotated[int, typer.Option("--seed", help="seed of the images")] = 0,
@@ -49,6 +52,7 @@ def data_synthetic(
     quiet: QuietOpt = False,
 ) -> None:
     """Write the built-in synthetic image set (12 coloured-shape classes, 32 px) as ImageFolders."""
+    check_output_dir(out)
     from clipguard.lab.synthetic import write_synthetic
 
     root = write_synthetic(
@@ -62,7 +66,10 @@ def data_synthetic(
     typer.echo(f"wrote {root}/train and {root}/test")
 
 
-@app.command()
+@app.command(
+    epilog="Examples:\n\n  clipguard lab build --out clean.safetensors\n\n"
+    "  clipguard lab build --attack badnets --target blue_star --out badnets.safetensors\n"
+)
 def build(
     out: Annotated[Path, typer.Option("--out", help="model file to write (.safetensors)")],
     dataset: Annotated[
@@ -95,6 +102,7 @@ def build(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a clean or poisoned small CLIP and write it with its model card (NAME.card.json)."""
+    check_output_file(out)
     from clipguard.lab.train import build_model, card_path
 
     card = build_model(
@@ -122,7 +130,9 @@ def build(
     )
 
 
-@app.command()
+@app.command(
+    epilog="Example:\n\n  clipguard lab zoo --dataset synthetic --out zoo/ --attack seven\n"
+)
 def zoo(
     out: Annotated[Path, typer.Option("--out", help="zoo folder (resumable)")],
     dataset: Annotated[
@@ -165,6 +175,7 @@ def zoo(
     quiet: QuietOpt = False,
 ) -> None:
     """Build clean models on several seeds and every attack (varied targets); manifest.json."""
+    check_output_dir(out)
     from clipguard.lab.zoo import build_zoo, resolve_attacks
 
     manifest = build_zoo(
@@ -184,7 +195,11 @@ def zoo(
     typer.echo(f"zoo {out}: {len(manifest['models'])} models (manifest.json)")
 
 
-@app.command("badclip-patch")
+@app.command(
+    "badclip-patch",
+    epilog="Example:\n\n  clipguard lab badclip-patch clean.safetensors --target blue_star "
+    "--out patch.safetensors\n",
+)
 def badclip_patch(
     model: Annotated[Path, typer.Argument(help="clean model to optimise the patch on")],
     target: Annotated[str, typer.Option("--target", help="target class name")],
@@ -198,16 +213,16 @@ def badclip_patch(
     quiet: QuietOpt = False,
 ) -> None:
     """Optimise a BadCLIP-like patch on a clean model towards the target's captions."""
-    from clipguard.data import load_pixels, open_image_folder
+    check_output_file(out)
+    from clipguard.data import load_pixels, open_image_folder, resolve_class
     from clipguard.lab.train import make_badclip_patch, open_lab_dataset
     from clipguard.model import load_model
 
     progress = Progress(quiet=quiet)
     bundle = load_model(model)
     folder = open_image_folder(open_lab_dataset(dataset, progress=progress) / "train")
-    if target not in folder.classnames:
-        raise InputError(f"target class {target!r} is not one of: {', '.join(folder.classnames)}")
-    index = folder.classnames.index(target)
+    index = resolve_class(target, folder.classnames, folder.folders)
+    target = folder.classnames[index]
     samples = [sample for sample in folder.samples if sample[1] != index]
     pixels, _ = load_pixels(samples, bundle.pixel_transform, progress)
     make_badclip_patch(
@@ -240,7 +255,11 @@ def demo(
     quiet: DemoQuietOpt = False,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Build a backdoored model on the built-in synthetic set, scan it, purify it."""
+    """Build a backdoored model on the built-in synthetic set, scan it, purify it.
+
+    Example: clipguard demo --out demo-output
+    """
+    check_output_dir(out)
     from rich.console import Console
 
     from clipguard.lab.demo import print_demo, run_demo

@@ -38,7 +38,7 @@ from open_clip.model import CLIP
 from open_clip.tokenizer import SimpleTokenizer
 
 from clipguard.config import build_config
-from clipguard.data import ImageFolder, load_pixels, open_image_folder
+from clipguard.data import ImageFolder, load_pixels, open_image_folder, resolve_class
 from clipguard.errors import InputError
 from clipguard.io import (
     atomic_write_bytes,
@@ -733,14 +733,14 @@ def build_model(
         model_cfg = model_cfg or lab_profile.model_cfg
         image_size = int(model_cfg["vision_cfg"]["image_size"])
         default_epochs = epochs if epochs is not None else lab_profile.default_epochs(recipe)
-        classnames = open_image_folder(root / "train").classnames
+        train_folder = open_image_folder(root / "train")
+        classnames = train_folder.classnames
         if attack != "none" and target is None:
             raise InputError("--target is required with an attack")
         target_index: int | None = None
         if target is not None:
-            if target not in classnames:
-                raise InputError(f"target class {target!r} is not one of: {', '.join(classnames)}")
-            target_index = classnames.index(target)
+            target_index = resolve_class(target, classnames, train_folder.folders)
+            target = classnames[target_index]
         if attack != "none":
             family = get_registry().trigger_family(attack)
             if attack != "badclip-like" or "patch_file" in (attack_options or {}):

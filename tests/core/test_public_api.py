@@ -21,7 +21,7 @@ def test_import_clipguard_does_not_import_torch() -> None:
 
 @pytest.mark.parametrize("name", sorted(set(clipguard.__all__) - {"__version__"}))
 def test_every_public_name_is_the_defining_modules_object(name: str) -> None:
-    home = {"hookimpl": hookspecs, "ModelBundle": model, "Trigger": triggers}
+    home = {"hookimpl": hookspecs, "Deferred": hookspecs, "ModelBundle": model, "Trigger": triggers}
     home["TriggerFamily"] = triggers
     assert getattr(clipguard, name) is getattr(home.get(name, components), name)
     assert name in dir(clipguard)

@@ -2,19 +2,26 @@
 
 ``pyproject.toml`` declares ``[project.entry-points.clipguard] neural-cleanse =
 "clipguard_nc.plugin"``; clipguard imports this module and calls its ``@hookimpl`` functions.
+It imports neither the scanner module nor torch: the scanner is registered as a
+:class:`~clipguard.hookspecs.Deferred`, so ``clipguard --help`` and ``clipguard plugins`` stay
+fast, and clipguard imports :mod:`clipguard_nc.scanner` when a scan uses it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from clipguard.hookspecs import Deferred, RegisterScanner, hookimpl
 
-from clipguard.hookspecs import hookimpl
+from clipguard_nc import __version__
 
-from clipguard_nc.scanner import NeuralCleanseScanner
+SCANNER = Deferred(
+    "clipguard_nc.scanner:NeuralCleanseScanner",
+    "neural-cleanse",
+    __version__,
+    "per-class trigger inversion (Neural Cleanse) with the MAD anomaly index of mask sizes",
+)
 
 
 @hookimpl
-def clipguard_register_scanners(register: Callable[[Any], None]) -> None:
+def clipguard_register_scanners(register: RegisterScanner) -> None:
     """Register the ``neural-cleanse`` scanner (called once by clipguard's plugin manager)."""
-    register(NeuralCleanseScanner())
+    register(SCANNER)
