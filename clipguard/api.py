@@ -143,6 +143,8 @@ class _Run:
         registry: Registry,
         draws: int = 1,
     ) -> None:
+        if draws < 1:
+            raise InputError(f"--draws must be at least 1, got {draws}")
         self.started_at = utc_now()
         self.clock = time.perf_counter()
         self.command = command
@@ -288,8 +290,6 @@ def scan(
     ``command`` is recorded as the report's ``run.command`` (default: this process's command
     line, :func:`command_line`).
     """
-    if draws < 1:
-        raise InputError(f"--draws must be at least 1, got {draws}")
     with torch_settings(threads=threads, deterministic=True):
         registry = get_registry()
         component = registry.scanner(scanner)
@@ -363,13 +363,17 @@ def purify(
     quiet: bool = True,
     threads: int | None = None,
     command: str | None = None,
+    draws: int = DEFAULT_DRAWS,
 ) -> Report:
     """Purify a checkpoint with a registered purifier and measure CA/ASR before and after.
 
     The purifier sees only ``shots`` images per class of ``data_dir``. Metrics are measured on
     ``eval_data`` or, by default, on the images of ``data_dir`` it did not see (at most
     ``eval_limit``). ASR uses the registered ``attack`` aimed at ``target`` when given, and the
-    purifier's own (inverted) trigger when it reports one. With ``out_dir``, writes the prompt
+    purifier's own (inverted) trigger when it reports one. Without ``trigger_path`` the purifier
+    is offered ``draws`` shot draws and held-out images of ``data_dir`` as a scan is
+    (:meth:`_Run.offer_more_draws`), so that its own inversion can be the scan's; they only
+    choose the trigger, never tune the prompts. With ``out_dir``, writes the prompt
     file (or the purifier's model file), other artefacts and ``report.json`` atomically.
 
     Runs with ``threads`` torch CPU threads (None: as many as now) and deterministic
@@ -393,10 +397,13 @@ def purify(
             allow_torchscript=allow_torchscript,
             quiet=quiet,
             registry=registry,
+            draws=draws,
         )
         classnames = run.folder.classnames
         trigger_file: TriggerFile | None = None
-        if trigger_path is not None:
+        if trigger_path is None:
+            run.offer_more_draws()
+        else:
             trigger_file = load_trigger_file(Path(trigger_path))
             trigger_file.check_fits(run.bundle.sha256, classnames, run.bundle.image_size)
 

@@ -42,7 +42,7 @@ from clipguard.cli_errors import (
     EXIT_LOST_CLASS,
     handle_errors,
 )
-from clipguard.cli_options import QuietOpt, SeedOpt, ThreadsOpt
+from clipguard.cli_options import DrawsOpt, QuietOpt, SeedOpt, ThreadsOpt
 from clipguard.config import parse_options
 from clipguard.defaults import DEFAULT_DRAWS, DEFAULT_EVAL_LIMIT, DEFAULT_SHOTS
 from clipguard.errors import InputError
@@ -365,16 +365,7 @@ def scan(
     arch: ArchOpt = None,
     allow_torchscript: TorchScriptOpt = False,
     seed: SeedOpt = 0,
-    draws: Annotated[
-        int,
-        typer.Option(
-            "--draws",
-            help=(
-                "shot draws the scanner may use: --shots per class each, seeds SEED, "
-                "SEED+1, ... (the cbpt scanner screens each and judges by the median)"
-            ),
-        ),
-    ] = DEFAULT_DRAWS,
+    draws: DrawsOpt = DEFAULT_DRAWS,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
@@ -467,6 +458,7 @@ def purify(
     arch: ArchOpt = None,
     allow_torchscript: TorchScriptOpt = False,
     seed: SeedOpt = 0,
+    draws: DrawsOpt = DEFAULT_DRAWS,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
     json_output: JsonOpt = False,
@@ -521,6 +513,7 @@ def purify(
             allow_torchscript=allow_torchscript,
             out_dir=out,
             quiet=quiet,
+            draws=draws,
             threads=cli_threads(threads),
             command=command_line(),
         )

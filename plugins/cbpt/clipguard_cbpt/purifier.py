@@ -16,6 +16,7 @@ from clipguard_cbpt.contrastive import ContrastiveConfig, run_inversion
 from clipguard_cbpt.evidence import deciding_ratio, verdict_of
 from clipguard_cbpt.inversion import InversionConfig, invert_targeted
 from clipguard_cbpt.probe_families import SmoothWarp, transform_towards
+from clipguard_cbpt.prompt_fit import scan_classifier
 from clipguard_cbpt.screening import locate_trigger
 from clipguard_cbpt.statistics import prediction_distribution, probe_evidence_settings
 from clipguard_cbpt.tuning import (
@@ -31,9 +32,9 @@ TuningConfigT = TypeVar("TuningConfigT", bound=TuningConfig)
 
 #: control-grid side of the purifier's warp trigger: the scanner's warp probe's default
 WARP_TRIGGER_GRID: int = ScanConfig.model_fields["warp_grid"].default
-#: image-encoder images of the purifier's own inversion: a cbpt scan's on one shot draw (the
-#: purifier draws no more shots: the folder's other images are its held-out evaluation)
-SCAN_BUDGET: int = 160_000
+#: image-encoder images of the purifier's own inversion: a whole cbpt scan's, since the
+#: inversion is the scan's (its prompt reading, shot draws and reach probes)
+SCAN_BUDGET: int = ScanConfig.model_fields["budget"].default
 
 
 class PurifyConfig(TuningConfig):
@@ -48,7 +49,7 @@ class PurifyConfig(TuningConfig):
     inversion_budget: int = Field(
         SCAN_BUDGET,
         ge=1,
-        description="image-encoder images for the inversion (a cbpt scan's on one shot draw)",
+        description="image-encoder images for the inversion (a whole cbpt scan's by default)",
     )
     refine: bool = Field(True, description="refine the inverted trigger towards its class")
     extra_triggers: int = Field(
@@ -135,8 +136,11 @@ class CBPTPurifier(Purifier):
             )
             inversion_config: BaseModel = scan_config
             if config.inversion_method == "scan":
+                # exactly the scan's localisation: the same prompt reading, draws and probes
+                reading = scan_classifier(bundle, shots, scan_config, context)
+                inverted_through = reading.name
                 screening, suspected, kept, _ = locate_trigger(
-                    bundle, shots, scan_config, context, baseline
+                    bundle, shots, scan_config, context, reading.classifier
                 )
                 judged = {
                     "verdict": verdict_of(suspected.ratio, scan_config),
@@ -146,6 +150,7 @@ class CBPTPurifier(Purifier):
                 }
                 statistics["inversion_evidence"] = screening.top_evidence
             else:
+                inverted_through = "hand-crafted"
                 inversion_config = ContrastiveConfig(
                     steps=config.inversion_steps,
                     restarts=config.inversion_restarts,
@@ -160,7 +165,7 @@ class CBPTPurifier(Purifier):
                 classnames=list(shots.classnames),
                 settings={
                     "inverted_by": f"{self.name} purifier",
-                    "prompts": "hand-crafted",
+                    "prompts": inverted_through,
                     **judged,
                     "seed": context.seed,
                     "options": inversion_config.model_dump(mode="json"),
