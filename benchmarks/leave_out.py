@@ -1,9 +1,11 @@
 """Leave-one-family-out calibration: thresholds fitted without the family they are judged on.
 
-    python -m benchmarks.leave_out RESULTS.json [RESULTS.json ...] [--out OUT.json] [--min-asr 0.5]
+    python -m benchmarks.leave_out RESULTS.json[+MORE.json] [RESULTS.json ...] [--out OUT.json]
+        [--min-asr 0.5]
 
 Each results file holds the stored cbpt scans of one lab zoo (``benchmarks.run`` or
-``benchmarks.calibrate`` wrote them). The scan reports keep every class's evidence, so a
+``benchmarks.calibrate`` wrote them); files joined with ``+`` are one zoo (its families
+scanned into separate files). The scan reports keep every class's evidence, so a
 verdict under other thresholds is recomputed without scanning again (as
 ``benchmarks.calibrate`` judges). For every trigger family F of a zoo, one fold:
 
@@ -223,18 +225,35 @@ def implanted(payload: dict[str, Any], min_asr: float) -> list[dict[str, Any]]:
     return [s for s in payload["scans"] if s["attack"] == "none" or s["model"] not in failed]
 
 
+def joined_scans(joined: str, min_asr: float) -> tuple[str, list[dict[str, Any]]]:
+    """One zoo's name (its first file's stem) and its implanted scans (:func:`implanted`)
+    from ``joined``: results files separated by ``+``. A model scanned in two of the files
+    is refused (ValueError): its folds would count it twice."""
+    paths = [Path(part) for part in joined.split("+")]
+    scans = [scan for path in paths for scan in implanted(json.loads(path.read_text()), min_asr)]
+    names = [scan["model"] for scan in scans]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise ValueError(f"{joined}: models scanned in more than one file: {duplicated}")
+    return paths[0].stem, scans
+
+
 @app.command()
 def main(
-    results: Annotated[list[Path], typer.Argument(help="results files holding stored scans")],
+    results: Annotated[
+        list[str],
+        typer.Argument(
+            help="results files holding stored scans, one zoo each; A.json+B.json joins "
+            "the scans of several files (one zoo's families scanned separately) as one zoo"
+        ),
+    ],
     out: Annotated[Path | None, typer.Option(help="write the result JSON here")] = None,
     min_asr: Annotated[
         float, typer.Option(help="leave out backdoored models whose stored ASR is lower")
     ] = 0.5,
 ) -> None:
     """Fit the scanner's thresholds leaving one trigger family out at a time; report on it."""
-    outcome = {}
-    for path in results:
-        outcome[path.stem] = leave_out(implanted(json.loads(path.read_text()), min_asr))
+    outcome = dict(joined_scans(joined, min_asr) for joined in results)
     typer.echo(markdown(outcome))
     if out is not None:
         atomic_write_json(out, outcome)

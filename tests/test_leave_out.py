@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from benchmarks.leave_out import folds, seed_of
+from benchmarks.leave_out import folds, joined_scans, seed_of
 
 FAMILIES = st.sampled_from(["none", "badnets", "blended", "sig", "wanet", "ftrojan", "bpp"])
 
@@ -40,3 +42,18 @@ def test_every_fold_keeps_its_family_and_odd_clean_seeds_out_of_the_fit(entries)
 def test_a_model_name_without_a_seed_is_refused() -> None:
     with pytest.raises(ValueError, match="-s<seed>"):
         seed_of({"model": "clean"})
+
+
+def _results(path, scans: list[dict[str, object]]):
+    path.write_text(json.dumps({"scans": scans}))
+    return str(path)
+
+
+def test_files_joined_with_a_plus_are_one_zoo(tmp_path) -> None:
+    first = _results(tmp_path / "seven.json", _scans([("none", 0), ("badnets", 0)]))
+    second = _results(tmp_path / "more.json", _scans([("ftrojan", 0), ("none", 1)]))
+    name, scans = joined_scans(f"{first}+{second}", min_asr=0.5)
+    assert name == "seven"
+    assert [s["model"] for s in scans] == ["clean-s0", "badnets-s0", "ftrojan-s0", "clean-s1"]
+    with pytest.raises(ValueError, match="more than one file"):
+        joined_scans(f"{first}+{first}", min_asr=0.5)
