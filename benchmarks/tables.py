@@ -638,6 +638,75 @@ def block_leave_out() -> str:
     return "\n".join(_source([LEAVE_OUT], [LEAVE_OUT_COMMAND])) + "\n" + markdown(results).rstrip()
 
 
+REALSIZE = "realsize-cost-cpu.json"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def block_realsize() -> str:
+    """A real-size scan's estimate against what each stage took (benchmarks.realsize_cost)."""
+    result = json.loads((ROOT / RESULTS / REALSIZE).read_text())
+    lines = _source([REALSIZE], [result["command"]])
+    default, run = result["default"], result["run"]
+    units = run["units"]
+    lines += [
+        f"{result['architecture']} ({result['parameters'] / 1e6:.0f} M parameters, random "
+        f"weights), {result['classes']} classes x {result['shots']} shots, {result['device']}, "
+        f"{result['threads']} threads, {result['cpu']}; load average "
+        f"{result['load_before'][0]:.1f} before, {result['load_after'][0]:.1f} after. "
+        f"Measured passes: {units['image_pass_seconds']:.3f} s per image with backward, "
+        f"{units['image_forward_seconds']:.3f} s forward, {units['text_pass_seconds']:.3f} s "
+        "per prompt of a prompt-tuning step.",
+        "",
+        f"The defaults (`--estimate`, draws 3, budget {default['budget']:,}): projected "
+        f"{default['projected_seconds'] / 3600:.1f} h at most.",
+        "",
+    ]
+    lines += _table(
+        ["stage", "image passes", "image forwards", "text passes", "projected s", "when"],
+        [
+            [
+                s["stage"],
+                f"{s['image_passes']:,}",
+                f"{s['image_forwards']:,}",
+                f"{s['text_passes']:,}",
+                _seconds(s["projected_seconds"]),
+                s["condition"] or "always",
+            ]
+            for s in default["stages"]
+        ],
+    )
+    lines += [
+        "",
+        f"A scan cut to a few steps of every stage (the options in the command; "
+        f"{run['shots']} shots per class, draws {run['draws']}, `--max-minutes "
+        f"{run['max_minutes']:g}`): budget "
+        f"{run['budget']:,} images in force, verdict `{run['verdict']}`; projected "
+        f"{_seconds(run['projected_seconds'])} s at most, took "
+        f"{_seconds(run['actual_seconds'])} s.",
+        "",
+    ]
+    lines += _table(
+        ["stage", "planned images (at most)", "images", "projected s", "took s"],
+        [
+            [
+                s["stage"],
+                f"{s['image_passes'] + s['image_forwards']:,}",
+                f"{s['actual_image_images']:,}",
+                _seconds(s["projected_seconds"]),
+                _seconds(s["actual_seconds"]),
+            ]
+            for s in run["stages"]
+        ],
+    )
+    steps = [" ".join(step["args"]) for step in run["next_steps"]]
+    if steps:
+        lines += ["", "Next steps it printed: " + "; ".join(f"`{s}`" for s in steps) + "."]
+    return "\n".join(lines)
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "glance": block_glance,
     "detection": block_detection,
@@ -648,6 +717,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "trigger-fidelity": block_fidelity,
     "prompt-reading": block_prompt_reading,
     "leave-out": block_leave_out,
+    "realsize-cost": block_realsize,
 }
 _MARKER = re.compile(
     r"(<!-- tables:(?P<name>[a-z0-9-]+):begin -->\n).*?(<!-- tables:(?P=name):end -->)", re.S

@@ -18,7 +18,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch
 
 from clipguard.components import RunContext, ShotSet
 from clipguard.config import build_config
+from clipguard.cost import plan_scan, with_actuals
 from clipguard.data import (
     ImageFolder,
     Sample,
@@ -47,12 +48,13 @@ from clipguard.metrics import (
     lost_classes,
     triggered_success,
 )
-from clipguard.model import ModelBundle, load_model
+from clipguard.model import ModelBundle, load_model, resolve_device
 from clipguard.plugins import Registry, get_registry, resolve_trigger
 from clipguard.progress import Progress
 from clipguard.prompts import PromptClassifier, load_prompt_file, save_prompt_file
 from clipguard.report import (
     AttackSpec,
+    CostRecord,
     DataInfo,
     EvaluationReport,
     Finding,
@@ -153,11 +155,13 @@ class _Run:
         self.registry = registry
         self.draws = draws
         self.progress = Progress(quiet=quiet)
+        device = resolve_device(device)
         self.context = RunContext(seed=seed, device=torch.device(device), progress=self.progress)
         with self.context.stage("load model"):
             self.bundle = load_model(
                 model_path, arch=arch, allow_torchscript=allow_torchscript, device=device
             )
+        self.context.encoder_images = lambda: self.bundle.image_encoder_images
         with self.context.stage("load data"):
             self.folder: ImageFolder = open_image_folder(data_dir, classnames_file)
         self.n_shots = shots
@@ -222,7 +226,7 @@ class _Run:
             files_sha256=self.folder.files_sha256(self.used_samples),
         )
 
-    def run_info(self) -> RunInfo:
+    def run_info(self, cost: CostRecord | None = None) -> RunInfo:
         return RunInfo(
             command=self.command,
             working_directory=os.getcwd(),
@@ -234,6 +238,7 @@ class _Run:
             stage_seconds={k: round(v, 4) for k, v in self.context.stage_seconds.items()},
             image_encoder_images=self.bundle.image_encoder_images,
             text_encoder_prompts=self.bundle.text_encoder_prompts,
+            cost=cost,
         )
 
     def plugin_versions(self) -> dict[str, str]:
@@ -258,6 +263,103 @@ def _write_artifacts(out_dir: Path | None, artifacts: Mapping[str, bytes]) -> di
 # --------------------------------------------------------------------------- scan
 
 
+def _scan_run(
+    *,
+    command: str,
+    model_path: Path | str,
+    data_dir: Path | str,
+    scanner: str,
+    shots: int,
+    seed: int,
+    device: str,
+    options: Mapping[str, Any] | None,
+    config_file: Path | None,
+    classnames_file: Path | None,
+    arch: str | None,
+    allow_torchscript: bool,
+    quiet: bool,
+    draws: int,
+    max_minutes: float | None,
+) -> tuple[Any, Any, _Run, CostRecord]:
+    """The scanner, its config and the run of a scan, set up (model and shots loaded, the
+    draws offered, the deadline set), and its cost record (:func:`clipguard.cost.plan_scan`);
+    ``command`` is recorded as the report's ``run.command``."""
+    if max_minutes is not None and not max_minutes > 0:
+        raise InputError(f"--max-minutes must be above 0, got {max_minutes}")
+    registry = get_registry()
+    component = registry.scanner(scanner)
+    config = build_config(component.Config, options, config_file, what=f"scanner {scanner}")
+    run = _Run(
+        command=command,
+        model_path=Path(model_path),
+        data_dir=Path(data_dir),
+        shots=shots,
+        seed=seed,
+        device=device,
+        classnames_file=classnames_file,
+        arch=arch,
+        allow_torchscript=allow_torchscript,
+        quiet=quiet,
+        registry=registry,
+        draws=draws,
+    )
+    run.offer_more_draws()
+    if max_minutes is not None:
+        run.context.deadline = run.clock + 60 * max_minutes
+    cost = plan_scan(
+        component,
+        run.bundle,
+        run.shots,
+        config,
+        run.context,
+        max_minutes=max_minutes,
+        overhead_seconds=time.perf_counter() - run.clock,
+    )
+    return component, config, run, cost
+
+
+def estimate(
+    model_path: Path | str,
+    data_dir: Path | str,
+    scanner: str = "cbpt",
+    shots: int = DEFAULT_SHOTS,
+    seed: int = 0,
+    device: str = "cpu",
+    options: Mapping[str, Any] | None = None,
+    config_file: Path | None = None,
+    classnames_file: Path | None = None,
+    arch: str | None = None,
+    allow_torchscript: bool = False,
+    draws: int = DEFAULT_DRAWS,
+    max_minutes: float | None = None,
+    threads: int | None = None,
+    command: str | None = None,
+) -> CostRecord:
+    """What a :func:`scan` with these arguments would cost, without scanning: the
+    scanner's plan (stages, image- and text-encoder passes) and the seconds it projects to,
+    from a few passes of this model measured on this device (``clipguard scan
+    --estimate``). ``known`` is False for a scanner that declares no plan."""
+    with torch_settings(threads=threads, deterministic=True):
+        _, _, _, cost = _scan_run(
+            command=command if command is not None else command_line(),
+            model_path=model_path,
+            data_dir=data_dir,
+            scanner=scanner,
+            shots=shots,
+            seed=seed,
+            device=device,
+            options=options,
+            config_file=config_file,
+            classnames_file=classnames_file,
+            arch=arch,
+            allow_torchscript=allow_torchscript,
+            quiet=True,
+            draws=draws,
+            max_minutes=max_minutes,
+        )
+        return cost
+
+
 def scan(
     model_path: Path | str,
     data_dir: Path | str,
@@ -275,6 +377,8 @@ def scan(
     draws: int = DEFAULT_DRAWS,
     threads: int | None = None,
     command: str | None = None,
+    max_minutes: float | None = None,
+    on_plan: Callable[[CostRecord], None] | None = None,
 ) -> Report:
     """Scan a checkpoint for a backdoor with a registered scanner.
 
@@ -285,30 +389,37 @@ def scan(
     that uses one draw ignores it. With ``out_dir`` it writes the scanner's artefacts and
     ``report.json`` there, each atomically (the report last).
 
+    Before the scan, a few passes of the model are measured and the scanner's plan projected
+    (:func:`estimate`); ``on_plan`` gets that record before the scan starts, and the report
+    keeps it with what each stage took (``report.run.cost``). ``max_minutes`` is a time
+    budget for the whole run (:attr:`RunContext.deadline`): a scanner that honours it does
+    less work, and says so, rather than run over.
+
     Runs with ``threads`` torch CPU threads (None: as many as now) and deterministic
     kernels; both settings are restored on return (:func:`clipguard.runtime.torch_settings`).
     ``command`` is recorded as the report's ``run.command`` (default: this process's command
     line, :func:`command_line`).
     """
     with torch_settings(threads=threads, deterministic=True):
-        registry = get_registry()
-        component = registry.scanner(scanner)
-        config = build_config(component.Config, options, config_file, what=f"scanner {scanner}")
-        run = _Run(
+        component, config, run, cost = _scan_run(
             command=command if command is not None else command_line(),
-            model_path=Path(model_path),
-            data_dir=Path(data_dir),
+            model_path=model_path,
+            data_dir=data_dir,
+            scanner=scanner,
             shots=shots,
             seed=seed,
             device=device,
+            options=options,
+            config_file=config_file,
             classnames_file=classnames_file,
             arch=arch,
             allow_torchscript=allow_torchscript,
             quiet=quiet,
-            registry=registry,
             draws=draws,
+            max_minutes=max_minutes,
         )
-        run.offer_more_draws()
+        if on_plan is not None:
+            on_plan(cost)
         with run.context.stage("scan"):
             outcome = component.scan(run.bundle, run.shots, config, run.context)
         out = Path(out_dir) if out_dir is not None else None
@@ -323,11 +434,13 @@ def scan(
             config=config.model_dump(mode="json"),
             statistics=outcome.statistics,
             artifacts=artifacts,
+            next_steps=list(outcome.next_steps),
         )
+        cost = with_actuals(cost, run.context, time.perf_counter() - run.clock)
         report = Report(
             kind="scan",
             tool=tool_info(run.plugin_versions()),
-            run=run.run_info(),
+            run=run.run_info(cost),
             model=_model_info(run.bundle),
             data=run.data_info(),
             findings=[finding],

@@ -50,8 +50,8 @@ from clipguard.io import atomic_write_text
 from clipguard.outputs import SUFFIXES, OutputPlan, check_output_dir, parse_formats, plan_outputs
 from clipguard.plugins import get_registry, register_commands
 from clipguard.progress import display
-from clipguard.render import lost_class_warnings, render
-from clipguard.report import EvaluationReport, Report, read_report, write_schemas
+from clipguard.render import lost_class_warnings, next_step_lines, render
+from clipguard.report import CostRecord, EvaluationReport, Report, read_report, write_schemas
 
 DEFAULT_SCHEMA_DIR = Path("schemas")
 #: the command line being run, as :class:`_RecordingGroup` read it (:func:`command_line`)
@@ -141,7 +141,9 @@ DataOpt = Annotated[
     Path, typer.Option("--data", help="clean ImageFolder: one sub-folder per class")
 ]
 ShotsOpt = Annotated[int, typer.Option("--shots", help="clean images per class the plugin may use")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="torch device, e.g. cpu or cuda")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1, or auto (CUDA if present)")
+]
 OptionOpt = Annotated[
     list[str] | None, typer.Option("--option", "-o", help="plugin option key=value (repeatable)")
 ]
@@ -240,6 +242,12 @@ def _check_plugin(kind: str, name: str) -> None:
     get_registry().entry(kind, name)
 
 
+def _check_draws(draws: int) -> None:
+    """``--draws`` is at least 1 (checked before torch loads, as one line)."""
+    if draws < 1:
+        raise InputError(f"--draws must be at least 1, got {draws}")
+
+
 def _check_attack(attack: str | None, target: str | None) -> None:
     """``--attack`` and ``--target`` come together, and the attack is registered."""
     if (attack is None) != (target is None):
@@ -282,11 +290,47 @@ def _print_scan_summary(report: Report, out: Path | None) -> None:
             finding.explanation,
         )
     stderr.print(table)
+    for line in next_step_lines(report):
+        stderr.print(line, style="yellow", highlight=False)
     if out is not None:
         stderr.print(f"report: {out / 'report.json'}", highlight=False)
         for finding in report.findings:
             for name, path in finding.artifacts.items():
                 stderr.print(f"{name}: {path}", highlight=False)
+
+
+def cost_table(cost: CostRecord) -> Table | Text:
+    """The plan and projection of a scan (:mod:`clipguard.cost`) as a table for people."""
+    from clipguard.cost import minutes
+    if not cost.known:
+        return Text(f"projected cost: unknown ({cost.reason})")
+    units = cost.units
+    title = f"projected cost ({cost.scanner}"
+    if units is not None:
+        title += (
+            f", {units.device}, {units.threads} threads: {units.image_pass_seconds:.4f} s per "
+            f"image with backward, {units.text_pass_seconds:.4f} s per prompt step"
+        )
+    title += ")"
+    table = Table(title=title)
+    for column in ("stage", "image passes", "image forwards", "text passes", "at most", "when"):
+        table.add_column(column)
+    for stage in cost.stages:
+        table.add_row(
+            stage.stage,
+            f"{stage.image_passes:,}",
+            f"{stage.image_forwards:,}",
+            f"{stage.text_passes:,}",
+            minutes(stage.projected_seconds),
+            stage.condition or "always",
+        )
+    total = minutes(cost.projected_seconds)
+    table.add_row("total (loading and measuring included)", "", "", "", total, "")
+    budget = "" if cost.budget is None else f"budget {cost.budget:,} images"
+    if cost.budget_needed is not None:
+        budget += f" (uncut: {cost.budget_needed:,})"
+    table.caption = "; ".join(part for part in [budget, *cost.notes] if part)
+    return table
 
 
 def _print_purify_summary(report: Report, out: Path | None) -> None:
@@ -381,10 +425,29 @@ def scan(
         ),
     ] = None,
     quiet: QuietOpt = False,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            "--estimate",
+            help="measure a few passes of the model on --device and print the scan's plan "
+            "(stages, encoder passes, projected seconds) without scanning; --json for machines",
+        ),
+    ] = False,
+    max_minutes: Annotated[
+        float | None,
+        typer.Option(
+            "--max-minutes",
+            help="time budget of the whole scan: the scanner does less work to end in time; "
+            "a clean scan cut short is inconclusive, with what to run next",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Scan MODEL for a backdoor.
 
     Exit 0: clean, 1: backdoor found, 2: error, 3: inconclusive (with the default --fail-on).
+    Every scan prints its projected cost when it starts (not with -q); --estimate prints it
+    alone, exit 0.
     """
     failing = _fail_on(fail_on)
     plan = _plan(output_format, json_output, out, sarif_base)
@@ -393,27 +456,42 @@ def scan(
     _check_file(config, "config file")
     _check_data(data, classnames)
     _check_plugin("scanner", plugin)
+    _check_draws(draws)
     from clipguard import api
     from clipguard.runtime import cli_threads
 
+    arguments: dict[str, Any] = {
+        "scanner": plugin,
+        "shots": shots,
+        "seed": seed,
+        "device": device,
+        "options": options,
+        "config_file": config,
+        "classnames_file": classnames,
+        "arch": arch,
+        "allow_torchscript": allow_torchscript,
+        "draws": draws,
+        "threads": cli_threads(threads),
+        "max_minutes": max_minutes,
+        "command": command_line(),
+    }
+    if estimate:
+        with display("clipguard scan --estimate", quiet):
+            cost = api.estimate(model, data, **arguments)
+        if json_output:
+            typer.echo(cost.model_dump_json(indent=2))
+        else:
+            stdout.print(cost_table(cost))
+        raise typer.Exit(EXIT_CLEAN)
+    show_plan = not quiet and plan.stdout is None
     with display("clipguard scan", quiet):
         report = api.scan(
             model,
             data,
-            scanner=plugin,
-            shots=shots,
-            seed=seed,
-            device=device,
-            options=options,
-            config_file=config,
-            classnames_file=classnames,
-            arch=arch,
-            allow_torchscript=allow_torchscript,
             out_dir=out,
             quiet=quiet,
-            draws=draws,
-            threads=cli_threads(threads),
-            command=command_line(),
+            on_plan=(lambda cost: stderr.print(cost_table(cost))) if show_plan else None,
+            **arguments,
         )
     _emit(report, plan, out, sarif_base)
     if plan.stdout is None and not quiet:
@@ -489,6 +567,7 @@ def purify(
     if eval_data is not None:
         _check_data(eval_data, classnames)
     _check_plugin("purifier", plugin)
+    _check_draws(draws)
     from clipguard import api
     from clipguard.runtime import cli_threads
 

@@ -27,7 +27,6 @@ DrawsOpt = Annotated[
     int,
     typer.Option(
         "--draws",
-        min=1,
         help=(
             "shot draws the scanner may use: --shots per class each, seeds SEED, SEED+1, ... "
             "(the cbpt scanner screens each and judges by the median); purify offers them "

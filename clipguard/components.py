@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel
@@ -21,7 +21,11 @@ from pydantic import BaseModel
 from clipguard.model import ModelBundle
 from clipguard.progress import Progress
 from clipguard.prompts import PromptClassifier, PromptSet
+from clipguard.report import NextStep, UnitCosts
 from clipguard.triggers import TriggerFile
+
+if TYPE_CHECKING:
+    from clipguard.cost import ScanPlan
 
 Verdict = Literal["backdoor", "clean", "inconclusive"]
 
@@ -55,6 +59,12 @@ class RunContext:
     not among the run's own shots (drawn with ``seed``, so a plugin may measure on them what
     it fitted on its shots), fewer where the folder has fewer left; their images are
     counted in the report's data hash too.
+    ``unit_costs`` (a scan) are the seconds of one pass of this model on this device, measured
+    before the scan; ``deadline`` (``time.perf_counter()`` seconds; ``--max-minutes``) is when
+    the run must end, None without a time budget: a scanner turns what is left into passes
+    (:func:`clipguard.cost.affordable_images`). ``encoder_images``, where set, counts the
+    images through the image encoder so far; ``stage`` then records each stage's images in
+    ``stage_images``.
     """
 
     seed: int = 0
@@ -64,12 +74,18 @@ class RunContext:
     draws: int = 1
     draw_shots: Callable[[int], ShotSet] | None = None
     held_out_shots: Callable[[int], ShotSet | None] | None = None
+    unit_costs: UnitCosts | None = None
+    deadline: float | None = None
+    encoder_images: Callable[[], int] | None = None
+    stage_images: dict[str, int] = field(default_factory=dict)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time the enclosed block as stage ``name`` (accumulates when repeated) and show it
-        on the progress display's overall line."""
+        """Time the enclosed block as stage ``name`` (accumulates when repeated), count its
+        image-encoder images where ``encoder_images`` is set, and show it on the progress
+        display's overall line."""
         start = time.perf_counter()
+        images = self.encoder_images() if self.encoder_images is not None else 0
         try:
             with self.progress.stage(name):
                 yield
@@ -77,6 +93,16 @@ class RunContext:
             self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + (
                 time.perf_counter() - start
             )
+            if self.encoder_images is not None:
+                self.stage_images[name] = self.stage_images.get(name, 0) + (
+                    self.encoder_images() - images
+                )
+
+    def seconds_left(self) -> float | None:
+        """Seconds until ``deadline``, at least 0; None without a time budget."""
+        if self.deadline is None:
+            return None
+        return max(self.deadline - time.perf_counter(), 0.0)
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A CPU random generator seeded with ``seed + offset``."""
@@ -89,7 +115,8 @@ class ScanOutcome:
 
     ``artifacts`` maps file names to bytes; the core writes them atomically into the output
     folder and lists their paths in the report. ``trigger`` (when the scanner inverts one)
-    lets a purifier reuse it in the same process.
+    lets a purifier reuse it in the same process. ``next_steps`` (for an ``inconclusive``
+    verdict) say what to run to settle it: the report shows them.
     """
 
     verdict: Verdict
@@ -99,6 +126,7 @@ class ScanOutcome:
     statistics: dict[str, Any] = field(default_factory=dict)
     artifacts: dict[str, bytes] = field(default_factory=dict)
     trigger: TriggerFile | None = None
+    next_steps: list[NextStep] = field(default_factory=list)
 
 
 @dataclass
@@ -131,6 +159,15 @@ class Scanner(ABC):
         self, bundle: ModelBundle, shots: ShotSet, config: BaseModel, context: RunContext
     ) -> ScanOutcome:
         """Scan ``bundle`` using the clean ``shots``; ``config`` is an instance of ``Config``."""
+
+    def plan(
+        self, bundle: ModelBundle, shots: ShotSet, config: BaseModel, context: RunContext
+    ) -> ScanPlan | None:
+        """The passes each stage of :meth:`scan` will take at most with these arguments
+        (``context.unit_costs`` and ``context.deadline`` set as the scan will have them),
+        without scanning; None (the default) when the scanner cannot say: its cost is then
+        reported as unknown (``clipguard scan --estimate``)."""
+        return None
 
 
 class Purifier(ABC):

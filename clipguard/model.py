@@ -14,6 +14,9 @@ dict (ViT and ModifiedResNet image towers; QuickGELU assumed, as open_clip does)
 unexpected or mis-shaped weights, and non-finite values, are refused with a one-line
 :class:`~clipguard.errors.ModelLoadError`.
 
+Memory is checked before it is spent: the file's size before it is read, and the float32
+model (counted on the ``meta`` device) before it is built (:func:`check_memory`).
+
 Defences, in order: the file is read once (its sha256 is that of the bytes parsed); every
 pickle in it is disassembled (never run) and refused if it names a global outside torch's
 weights-only allow-list, so the error can name it, GLOBAL and STACK_GLOBAL alike; only then
@@ -155,12 +158,16 @@ class ModelBundle:
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Image features of pixel images ``B x 3 x H x W`` in ``[0, 1]`` (normalised inside).
 
-        Gradients flow to ``pixels`` when they require grad (trigger inversion needs that).
+        The encoder runs on the bundle's ``device``; the features come back on the device of
+        ``pixels`` (the host, for callers that keep their tensors there), so the code around
+        the encoders is the same on every device. Gradients flow to ``pixels`` when they
+        require grad (trigger inversion needs that).
         """
         self.image_encoder_calls += 1
         self.image_encoder_images += int(pixels.shape[0])
         features = self.model.encode_image(self.normalize(pixels.to(self.device)))
-        return torch.nn.functional.normalize(features, dim=-1) if normalize else features
+        features = torch.nn.functional.normalize(features, dim=-1) if normalize else features
+        return features.to(pixels.device)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """Token ids ``len(texts) x context_length`` from the model's own tokenizer."""
@@ -168,9 +175,10 @@ class ModelBundle:
 
     @torch.no_grad()
     def encode_text(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
-        """Text features of ``texts`` (no gradients; prompt tuning uses clipguard.prompts)."""
+        """Text features of ``texts`` on the host (CPU), computed on the bundle's ``device``
+        (no gradients; prompt tuning uses clipguard.prompts)."""
         self.text_encoder_prompts += len(texts)
-        return self.model.encode_text(self.tokenize(texts), normalize=normalize)
+        return self.model.encode_text(self.tokenize(texts), normalize=normalize).cpu()
 
     def describe(self) -> dict[str, Any]:
         """Provenance for reports: path, sha256, architecture, parameters, image size."""
@@ -383,7 +391,8 @@ def load_model(
     allow_torchscript: bool = False,
     device: str | torch.device = "cpu",
 ) -> ModelBundle:
-    """Load a CLIP checkpoint safely and return a frozen :class:`ModelBundle` in eval mode.
+    """Load a CLIP checkpoint safely and return a frozen :class:`ModelBundle` in eval mode,
+    on ``device`` (``"auto"``: CUDA where present, else the CPU; :func:`resolve_device`).
 
     Raises :class:`InputError` (missing path, directory, unknown ``arch`` or ``device``),
     :class:`UnsafeModelError` (pickle globals outside torch's weights-only allow-list,
@@ -393,6 +402,8 @@ def load_model(
     """
     path = Path(path)
     torch_device = _check_device(device)
+    if path.is_file():
+        check_memory(2 * path.stat().st_size, path, "to read and parse the file")
     data = _read_model_bytes(path)
     state_dict, file_cfg = _read_checkpoint_bytes(data, path, allow_torchscript)
     state_dict = _unwrap_state_dict(state_dict, path)
@@ -414,6 +425,11 @@ def load_model(
     with torch.device("meta"):
         skeleton = build_clip_from_config(model_cfg)
     state_dict = _check_weights_fit(skeleton, state_dict, path, arch_name, len(data))
+    model_bytes = 4 * sum(t.numel() for t in skeleton.state_dict().values())
+    # the float32 model, and the float32 copies of the file's weights it is loaded from
+    check_memory(2 * model_bytes, path, "for the float32 model and its weights")
+    if torch_device.type == "cuda":
+        check_device_memory(model_bytes, torch_device, path)
     model = _materialise(skeleton, model_cfg)
     del skeleton
     _load_weights_strict(model, state_dict, path, arch_name)
@@ -427,6 +443,54 @@ def load_model(
     )
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take: the kernel's ``MemAvailable``, lowered
+    by the control group's limit where one is set (Linux); None where neither is known."""
+    found: list[int] = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            found.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB"
+
+
+def check_memory(needed: int, path: Path, what: str) -> None:
+    """Refuse, with a one-line :class:`ModelLoadError`, a load that needs ``needed`` more
+    bytes of memory (``what`` for) than :func:`available_memory` says are left; nothing is
+    refused where the available memory is unknown."""
+    available = available_memory()
+    if available is not None and needed > available:
+        raise ModelLoadError(
+            f"{path}: not enough memory: loading needs about {_gib(needed)} {what}, "
+            f"{_gib(available)} available"
+        )
+
+
+def check_device_memory(needed: int, device: torch.device, path: Path) -> None:
+    """Refuse a model of ``needed`` bytes that the CUDA ``device``'s free memory cannot
+    hold (activations need more again)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    if needed > free:
+        raise ModelLoadError(
+            f"{path}: not enough memory on {device}: the model needs {_gib(needed)}, "
+            f"{_gib(free)} free"
+        )
+
+
 def read_checkpoint(
     path: Path, allow_torchscript: bool = False
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -435,7 +499,16 @@ def read_checkpoint(
     return _read_checkpoint_bytes(_read_model_bytes(path), path, allow_torchscript)
 
 
+def resolve_device(device: str | torch.device) -> str:
+    """``device`` as torch names it, ``"auto"`` resolved: ``"cuda"`` where CUDA is
+    available, else ``"cpu"``."""
+    if str(device) == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
 def _check_device(device: str | torch.device) -> torch.device:
+    device = resolve_device(device)
     try:
         torch_device = torch.device(device)
     except (RuntimeError, ValueError, TypeError):

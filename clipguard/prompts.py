@@ -58,9 +58,10 @@ class PromptEncoder(nn.Module):
     """Text features of class-wise prompts from context vectors, through a frozen text tower.
 
     ``forward(context)`` takes ``C x M x D`` context vectors and returns ``C x E`` L2-normalised
-    text features. Token embedding, positional embedding, the causal transformer (batch
-    first, mask outside it, as in open_clip 3.x), ``ln_final``, end-of-text pooling and the
-    text projection are the model's own. Positions after the last end-of-text token are
+    text features, on the device of ``context`` (the text tower runs on the bundle's). Token
+    embedding, positional embedding, the causal transformer (batch first, mask outside it, as
+    in open_clip 3.x), ``ln_final``, end-of-text pooling and the text projection are the
+    model's own. Positions after the last end-of-text token are
     dropped where that cannot change the result (:func:`pooled_prefix_length`).
     """
 
@@ -115,7 +116,7 @@ class PromptEncoder(nn.Module):
             x = model.text_projection(x)
         elif model.text_projection is not None:
             x = x @ model.text_projection
-        return nn.functional.normalize(x, dim=-1)
+        return nn.functional.normalize(x, dim=-1).to(context.device)
 
 
 def initial_context(

@@ -68,6 +68,17 @@ def lost_class_warnings(report: Report) -> list[str]:
     ]
 
 
+def next_step_lines(report: Report) -> list[str]:
+    """One line per next step of every inconclusive finding: the command that settles it
+    (``clipguard scan MODEL ... ARGS``) and why (empty when there are none)."""
+    return [
+        f"next ({finding.scanner}): clipguard scan {report.model.path} --data {report.data.path} "
+        f"... {' '.join(step.args)}  # {step.text}"
+        for finding in report.findings
+        for step in finding.next_steps
+    ]
+
+
 def render(report: Report, fmt: Format | str, sarif_base: Path | None = None) -> str:
     """The report in format ``fmt`` as text (``sarif_base``: see :func:`to_sarif`)."""
     if fmt == "json":
@@ -115,6 +126,8 @@ def to_markdown(report: Report) -> str:
                 f"{f.target_class or '-'} | {f.explanation} |"
             )
         lines.append("")
+        if next_step_lines(report):
+            lines += ["Next steps:", *[f"- `{line}`" for line in next_step_lines(report)], ""]
     rows = _metric_rows(report)
     if rows:
         purification = report.purification
@@ -187,6 +200,10 @@ def to_html(report: Report) -> str:
             parts.append("<details><summary>statistics</summary><pre>")
             parts.append(e(json.dumps(finding.statistics, indent=2, default=str)))
             parts.append("</pre></details>")
+    if next_step_lines(report):
+        parts.append("<h2>Next steps</h2><ul id='next-steps'>")
+        parts += [f"<li><code>{e(line)}</code></li>" for line in next_step_lines(report)]
+        parts.append("</ul>")
     rows = _metric_rows(report)
     if rows:
         purification = report.purification

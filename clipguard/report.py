@@ -18,8 +18,9 @@ from clipguard.errors import InputError
 from clipguard.io import atomic_write_text
 
 SCHEMA_VERSION = "1.0"
-#: report.json's schema version: 1.1 added the top-level ``verdict`` and ``target_class``,
-#: 1.2 the run's whole command line and its ``working_directory``
+#: report.json's schema version: 1.1 added the top-level ``verdict`` and ``target_class``;
+#: 1.2 the run's whole command line and its ``working_directory``, the scan's cost
+#: (``run.cost``: projected and actual, per stage) and every finding's ``next_steps``
 REPORT_SCHEMA_VERSION = "1.2"
 
 
@@ -52,6 +53,73 @@ class ToolInfo(_Model):
     plugins: dict[str, str] = Field(default_factory=dict, description="plugin name -> version")
 
 
+class UnitCosts(_Model):
+    """Seconds of one pass of the model on the run's device, measured before the scan
+    (:func:`clipguard.cost.measure_unit_costs`)."""
+
+    device: str
+    batch_size: int = Field(description="images per measured image-encoder pass")
+    image_pass_seconds: float = Field(
+        description="per image: image encoder forward and backward (gradients to the input)"
+    )
+    image_forward_seconds: float = Field(description="per image: image encoder forward only")
+    text_pass_seconds: float = Field(
+        description="per prompt: text encoder forward and backward (prompt tuning)"
+    )
+    text_forward_seconds: float = Field(description="per prompt: text encoder forward only")
+    threads: int = Field(description="torch CPU threads during the measurement")
+
+
+class StageCost(_Model):
+    """One stage of a scan: the passes its scanner planned (at most), the seconds they
+    project to, and what the stage actually took."""
+
+    stage: str
+    image_passes: int = Field(0, description="images through the image encoder with backward")
+    image_forwards: int = Field(0, description="images through the image encoder, forward only")
+    text_passes: int = Field(0, description="prompts through the text encoder with backward")
+    text_forwards: int = Field(0, description="prompts through the text encoder, forward only")
+    condition: str | None = Field(None, description="when the stage runs only sometimes")
+    projected_seconds: float | None = None
+    actual_seconds: float | None = Field(None, description="null until the scan ran")
+    actual_image_images: int | None = Field(
+        None, description="images the stage passed through the image encoder"
+    )
+
+
+class CostRecord(_Model):
+    """The cost of a scan: its plan and projection before it starts, then what it took.
+
+    ``known`` is False when the scanner declares no plan (a third-party scanner without
+    ``Scanner.plan``): the projection is then unknown, never a guess."""
+
+    scanner: str
+    known: bool
+    reason: str | None = Field(None, description="why the plan is unknown")
+    units: UnitCosts | None = None
+    stages: list[StageCost] = Field(default_factory=list)
+    budget: int | None = Field(
+        None, description="the scanner's pass budget in force (after --max-minutes)"
+    )
+    budget_needed: int | None = Field(
+        None, description="the pass budget at which no stage would be cut short"
+    )
+    max_minutes: float | None = None
+    projected_seconds: float | None = Field(
+        None, description="at most, within the budget (measurement included)"
+    )
+    actual_seconds: float | None = None
+    notes: list[str] = Field(default_factory=list)
+
+
+class NextStep(_Model):
+    """What to run to settle an ``inconclusive`` finding: the arguments to add to (or
+    replace in) the same ``clipguard scan`` command, and why."""
+
+    args: list[str] = Field(description="command-line arguments, e.g. ['--draws', '5']")
+    text: str = Field(description="for people: what it does and why")
+
+
 class RunInfo(_Model):
     """How the run was made: seed, device, wall-clock times, seconds per stage."""
 
@@ -72,6 +140,9 @@ class RunInfo(_Model):
     stage_seconds: dict[str, float] = Field(default_factory=dict)
     image_encoder_images: int = Field(0, description="images passed through the image encoder")
     text_encoder_prompts: int = Field(0, description="prompts passed through the text encoder")
+    cost: CostRecord | None = Field(
+        None, description="scan: projected and actual cost per stage (schema 1.2)"
+    )
 
 
 class ModelInfo(_Model):
@@ -106,6 +177,10 @@ class Finding(_Model):
     config: dict[str, Any]
     statistics: dict[str, Any] = Field(default_factory=dict)
     artifacts: dict[str, str] = Field(default_factory=dict, description="name -> written path")
+    next_steps: list[NextStep] = Field(
+        default_factory=list,
+        description="inconclusive: what to run next to settle it (schema 1.2)",
+    )
 
 
 class Metrics(_Model):

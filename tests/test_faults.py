@@ -17,7 +17,8 @@ from clipguard import api
 #: cbpt options small enough for the tiny test model
 FAST_SCAN = {"class_steps": 20, "refine_steps": 10, "refine_batch_size": 8}
 FAST_PURIFY = {"steps": 20, "augmentations": 1}
-VOLATILE = {"started_at", "finished_at", "seconds", "stage_seconds"}
+#: run fields that hold wall-clock times (the cost record: measured and projected seconds)
+VOLATILE = {"started_at", "finished_at", "seconds", "stage_seconds", "cost"}
 
 
 def _stable(report: dict) -> dict:

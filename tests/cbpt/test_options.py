@@ -139,6 +139,12 @@ def prompts(bundle: ModelBundle, shots: ShotSet, config: ScanConfig) -> Any:
     return scan_classifier(bundle, shots, config, context).name
 
 
+def prompt_fitting(bundle: ModelBundle, shots: ShotSet, config: ScanConfig) -> Any:
+    """The text-encoder steps of the prompt check's fitting and what they cost."""
+    reading = scan_classifier(bundle, shots, config, RunContext(seed=0))
+    return (reading.steps, reading.budget_images)
+
+
 def nc_verdict(_bundle: ModelBundle, _shots: ShotSet, config: NCScanConfig) -> Any:
     """The cbpt-nc verdict and score of a suspect of anomaly index 3.5."""
     return anomaly_verdict(3.5, config)
@@ -197,6 +203,7 @@ SCAN_CASES: dict[str, tuple[Unit, dict[str, Any], Any]] = {
     "refine_patience": (refinement, REFINING, 1),
     "fit_prompts": (prompts, {"fit_prompts": "auto"}, False),
     "fit_prompts_gain": (prompts, {}, 1.0),
+    "prompt_steps": (prompt_fitting, {"fit_prompts": True, "prompt_steps": 3}, 2),
     "screen_again": (decisive, {}, (0.0, 0.0)),
     "signals": (judged, {}, "size"),
     "evidence_threshold": (judged, {}, 3.0),

@@ -217,8 +217,10 @@ class CleanClipPurifier(_FineTuner):
             ]
             for row in picks
         ]
+        # on the host, as encode_image returns the views (the encoders run on the device)
         text_a = F.normalize(work.model.encode_text(work.tokenize(captions[0])), dim=-1)
         text_b = F.normalize(work.model.encode_text(work.tokenize(captions[1])), dim=-1)
+        text_a, text_b = text_a.to(view_a.device), text_b.to(view_a.device)
         work.text_encoder_prompts += 2 * len(index)
         # multimodal loss with every caption of the same class as a positive
         same_class = (labels[:, None] == labels[None, :]).float()

@@ -116,8 +116,11 @@ class ScanConfig(ClassInversionOptions):
         240_000,
         ge=1,
         description=(
-            "maximum images through the image encoder for the whole scan (per-class "
-            "inversion on every shot draw, reach probes, refinement)"
+            "maximum images through the image encoder for the whole scan: the prompt check "
+            "(its text-encoder steps counted as the images of equal compute; at most a tenth "
+            "of the budget), per-class inversion on every shot draw, reach probes, "
+            "refinement; clipguard scan --max-minutes lowers it to what the time allows. A "
+            "clean scan whose budget cut a stage short is inconclusive"
         ),
     )
 
@@ -163,6 +166,14 @@ class ScanConfig(ClassInversionOptions):
             "read through them when they classify the reach probes' held-out images at least "
             "fit_prompts_gain better than the hand-crafted prompts (hand-crafted where the "
             "caller offers no held-out images)"
+        ),
+    )
+    prompt_steps: int = Field(
+        300,
+        ge=1,
+        description=(
+            "most text-encoder steps of the prompt check's prompt fitting (fewer when its "
+            "share of the budget does not allow them)"
         ),
     )
     fit_prompts_gain: float = Field(

@@ -105,3 +105,20 @@ def decide(
         "clean": f"no class stands out; strongest is {facts}",
     }[verdict]
     return verdict, ratio / (1 + ratio), explanation
+
+
+def budget_verdict(verdict: str, explanation: str, cut: list[str]) -> tuple[str, str]:
+    """The verdict and explanation once the budget is judged: a ``clean`` verdict whose
+    budget cut stages that bear on it short (``cut``,
+    :func:`~clipguard_cbpt.budget.shortfalls`) is ``inconclusive`` (the evidence never
+    settled), never a silent clean; another verdict stays, the cut named in its
+    explanation."""
+    if not cut:
+        return verdict, explanation
+    stages = "; ".join(cut)
+    if verdict == "clean":
+        return (
+            "inconclusive",
+            f"the budget ran out before the evidence settled ({stages}); so far {explanation}",
+        )
+    return verdict, f"{explanation} (the budget cut stages short: {stages})"

@@ -48,7 +48,13 @@ Procedure (see ``docs/method.md``):
 5. **Verdict** (:mod:`clipguard_cbpt.explain`): ``backdoor`` when the suspect's evidence
    reaches ``evidence_threshold`` (or a probe decided, 3b), ``inconclusive`` from
    ``inconclusive_fraction`` of it, else ``clean``. The threshold is fitted on the lab zoo by
-   ``benchmarks/calibrate.py``; the report records the values used.
+   ``benchmarks/calibrate.py``; the report records the values used. A ``clean`` verdict
+   whose budget cut a stage that bears on it short (:func:`~clipguard_cbpt.budget.shortfalls`)
+   is ``inconclusive`` instead; an inconclusive scan says what to run next
+   (:func:`~clipguard_cbpt.budget.next_steps`).
+
+Every stage, step 0 included, is paid from one budget (:mod:`clipguard_cbpt.budget`), and
+:meth:`CBPTScanner.plan` says before the scan how many passes each stage takes at most.
 """
 
 from __future__ import annotations
@@ -58,11 +64,13 @@ from typing import ClassVar
 from pydantic import BaseModel
 
 from clipguard.components import RunContext, Scanner, ScanOutcome, ShotSet
+from clipguard.cost import ScanPlan
 from clipguard.model import ModelBundle
 from clipguard.triggers import TriggerFile, trigger_file_bytes
 from clipguard_cbpt import __version__
+from clipguard_cbpt.budget import budget_in_force, next_steps, scan_plan, shortfalls
 from clipguard_cbpt.config import ScanConfig
-from clipguard_cbpt.explain import decide
+from clipguard_cbpt.explain import budget_verdict, decide
 from clipguard_cbpt.prompt_fit import scan_classifier
 from clipguard_cbpt.render import picture_bytes
 from clipguard_cbpt.screening import ScanAblations, locate_trigger
@@ -92,6 +100,14 @@ class CBPTScanner(Scanner):
     def __init__(self, ablations: ScanAblations = ScanAblations()) -> None:
         self.ablations = ablations
 
+    def plan(
+        self, bundle: ModelBundle, shots: ShotSet, config: BaseModel, context: RunContext
+    ) -> ScanPlan:
+        """The most passes of each stage of :meth:`scan`
+        (:func:`~clipguard_cbpt.budget.scan_plan`)."""
+        assert isinstance(config, ScanConfig)
+        return scan_plan(bundle, shots, config, context)
+
     def scan(
         self, bundle: ModelBundle, shots: ShotSet, config: BaseModel, context: RunContext
     ) -> ScanOutcome:
@@ -99,12 +115,23 @@ class CBPTScanner(Scanner):
         assert isinstance(config, ScanConfig)
         start_images = bundle.image_encoder_images
         names = list(shots.classnames)
-        reading = scan_classifier(bundle, shots, config, context)
+        budget = budget_in_force(config, context)
+        reading = scan_classifier(bundle, shots, config, context, budget.prompt_allowance())
         classifier = reading.classifier
+        spent = bundle.image_encoder_images - start_images
+        text_spent = reading.budget_images - min(reading.budget_images, spent)
+        left = max(budget.images - spent - text_spent, 1)
         screening, suspected, kept, refined = locate_trigger(
-            bundle, shots, config, context, classifier, self.ablations
+            bundle,
+            shots,
+            config.model_copy(update={"budget": left}),
+            context,
+            classifier,
+            self.ablations,
         )
         verdict, score, explanation = decide(screening, suspected, names, config)
+        cut = shortfalls(reading, screening, suspected, config)
+        verdict, explanation = budget_verdict(verdict, explanation, cut)
         suspect = names[suspected.suspect]
         distribution = prediction_distribution(
             classifier.predict, shots.pixels, shots.labels, kept.trigger, names
@@ -134,7 +161,10 @@ class CBPTScanner(Scanner):
                 reading, screening, suspected, kept, refined, distribution, collapse, names, config
             ),
             "image_encoder_images": bundle.image_encoder_images - start_images,
-            "budget": config.budget,
+            "budget": budget.images,
+            "budget_source": budget.source,
+            "budget_shortfalls": cut,
+            "prompt_steps": reading.steps,
             "seed": context.seed,
         }
         picture = picture_bytes(
@@ -151,4 +181,5 @@ class CBPTScanner(Scanner):
                 "trigger.png": picture,
             },
             trigger=trigger_file,
+            next_steps=next_steps(verdict, cut, budget, bundle, shots, config, context),
         )

@@ -1,0 +1,169 @@
+"""One budget that every stage of a cbpt scan honours, the prompt check included; a clean
+scan cut short by it is inconclusive, and an inconclusive scan says what to run next."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from clipguard import api
+from clipguard.components import RunContext
+from clipguard.render import render
+from clipguard.report import UnitCosts
+from clipguard_cbpt.budget import (
+    ADVISED_DRAWS,
+    Budget,
+    budget_in_force,
+    needed_budget,
+    next_steps,
+    scan_plan,
+)
+from clipguard_cbpt.config import ScanConfig
+from clipguard_cbpt.explain import budget_verdict
+from clipguard_cbpt.prompt_fit import scan_classifier
+from tests.core.cli_helpers import run_cli
+
+#: a cbpt scan of the tiny model that takes a second or two when uncut
+CHEAP = {
+    "class_steps": 3,
+    "class_batch_size": 2,
+    "refine_steps": 2,
+    "refine_batch_size": 4,
+    "prompt_steps": 5,
+    "additive_steps": 2,
+    "additive_refits": 0,
+    "warp_steps": 2,
+    "probe_held_out": 2,
+}
+#: the same scan, whose verdict is clean on the tiny model whatever it finds
+CLEAN = {
+    **CHEAP,
+    "evidence_threshold": 1e9,
+    "isolation_threshold": 0,
+    "additive_threshold": 1,
+    "warp_threshold": 1,
+}
+UNITS = UnitCosts(
+    device="cpu",
+    batch_size=8,
+    image_pass_seconds=0.01,
+    image_forward_seconds=0.005,
+    text_pass_seconds=0.01,
+    text_forward_seconds=0.005,
+    threads=1,
+)
+
+
+def test_the_prompt_check_honours_its_share_of_the_budget(bundle, shots) -> None:
+    config = ScanConfig(fit_prompts=True, prompt_steps=40)
+    whole = scan_classifier(bundle, shots, config, RunContext(seed=0))
+    assert (whole.steps, whole.steps_wanted, whole.cut) == (40, 40, False)
+    images = whole.budget_images - (whole.budget_images - (1 + 4) * len(shots.labels))
+    allowance = images + (whole.budget_images - images) // 4
+    cut = scan_classifier(bundle, shots, config, RunContext(seed=0), allowance)
+    assert 0 < cut.steps < 40 and cut.cut and cut.fitted
+    assert cut.budget_images <= allowance
+    none = scan_classifier(bundle, shots, config, RunContext(seed=0), allowance=images)
+    assert (none.steps, none.fitted, none.cut) == (0, False, True)
+
+
+def test_a_small_budget_ends_a_scan_as_inconclusive_with_what_to_run(
+    tiny_model_path, tiny_data
+) -> None:
+    report = api.scan(
+        tiny_model_path,
+        tiny_data,
+        shots=4,
+        options={**CLEAN, "budget": 60},
+        draws=1,
+        threads=1,
+    )
+    finding = report.findings[0]
+    assert finding.verdict == "inconclusive"
+    assert "budget ran out before the evidence settled" in finding.explanation
+    assert finding.statistics["budget_shortfalls"]
+    assert report.run.image_encoder_images <= 60 + 4 * 3  # the alignment's pass over shots
+    (step,) = finding.next_steps
+    assert step.args[0] == "-o" and step.args[1].startswith("budget=")
+    suggested = int(step.args[1].removeprefix("budget="))
+    assert suggested == report.run.cost.budget_needed
+    for text in (render(report, "md"), render(report, "html")):
+        assert "Next steps" in text and f"-o budget={suggested}" in text
+    again = api.scan(
+        tiny_model_path,
+        tiny_data,
+        shots=4,
+        options={**CLEAN, "budget": suggested},
+        draws=1,
+        threads=1,
+    )
+    assert again.findings[0].statistics["budget_shortfalls"] == []
+    assert again.findings[0].verdict == "clean" and again.findings[0].next_steps == []
+
+
+def test_max_minutes_lowers_the_budget_and_advises_more_time(tiny_model_path, tiny_data) -> None:
+    result = run_cli(
+        "scan", tiny_model_path, "--data", tiny_data, "--shots", "4", "--draws", "1",
+        "--max-minutes", "0.0001", "--json", *[
+            part for key, value in CLEAN.items() for part in ("-o", f"{key}={value}")
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 3, result.output
+    report = api.Report.model_validate_json(result.stdout)
+    finding = report.findings[0]
+    assert finding.verdict == "inconclusive"
+    assert finding.statistics["budget_source"] == "max-minutes"
+    assert report.run.cost.max_minutes == 0.0001
+    (step,) = finding.next_steps
+    assert "--max-minutes" in step.args
+
+
+def test_max_minutes_must_be_positive(tiny_model_path, tiny_data) -> None:
+    result = run_cli(
+        "scan", tiny_model_path, "--data", tiny_data, "--max-minutes", "0", "--estimate"
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "--max-minutes must be above 0" in result.stderr
+
+
+def test_the_budget_in_force_is_the_option_or_what_the_time_allows() -> None:
+    config = ScanConfig(budget=1000)
+    assert budget_in_force(config, RunContext()) == Budget(1000, "option")
+    soon = RunContext(unit_costs=UNITS, deadline=time.perf_counter() + 1)
+    assert budget_in_force(config, soon).source == "max-minutes"
+    late = RunContext(unit_costs=UNITS, deadline=time.perf_counter() + 3600)
+    assert budget_in_force(config, late) == Budget(1000, "option")
+
+
+def test_the_plan_is_cut_to_the_budget_and_names_the_uncut_budget(bundle, shots) -> None:
+    config = ScanConfig(**CHEAP, fit_prompts=True)
+    needed = needed_budget(bundle, shots, config, RunContext(), 1)
+    uncut = scan_plan(bundle, shots, config.model_copy(update={"budget": needed}), RunContext())
+    assert uncut.budget_needed == needed and not uncut.notes
+    cut = scan_plan(bundle, shots, config.model_copy(update={"budget": needed // 3}), RunContext())
+    total = sum(s.image_passes + s.image_forwards for s in cut.stages)
+    assert total < sum(s.image_passes + s.image_forwards for s in uncut.stages)
+    assert cut.notes and "may cut stages short" in cut.notes[0]
+
+
+def test_inconclusive_evidence_is_advised_more_draws(bundle, shots) -> None:
+    config = ScanConfig(**CHEAP)
+    (step,) = next_steps(
+        "inconclusive", [], Budget(config.budget, "option"), bundle, shots, config, RunContext()
+    )
+    assert step.args[:2] == ["--draws", str(ADVISED_DRAWS)]
+    assert "the median over more draws is steadier" in step.text
+    small = Budget(50, "option")
+    (step,) = next_steps("inconclusive", [], small, bundle, shots, config, RunContext())
+    assert step.args[:2] == ["--draws", str(ADVISED_DRAWS)] and step.args[2] == "-o"
+    for verdict in ("clean", "backdoor"):
+        assert next_steps(verdict, [], small, bundle, shots, config, RunContext()) == []
+
+
+@pytest.mark.parametrize("verdict", ["backdoor", "inconclusive"])
+def test_only_a_clean_verdict_becomes_inconclusive_when_cut(verdict) -> None:
+    assert budget_verdict("clean", "fine", ["x"])[0] == "inconclusive"
+    assert budget_verdict("clean", "fine", []) == ("clean", "fine")
+    kept, text = budget_verdict(verdict, "why", ["warp reach probe skipped"])
+    assert kept == verdict and "warp reach probe skipped" in text
