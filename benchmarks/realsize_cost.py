@@ -1,20 +1,19 @@
 """What a scan of a real-size CLIP costs: the estimate against what each stage took.
 
-    python -m benchmarks.realsize_cost --data /tmp/cifar/cifar10/train --max-minutes 10 \\
+    python -m benchmarks.realsize_cost --data /tmp/cifar/cifar10/train \\
         --out benchmarks/results/realsize-cost-cpu.json
 
 A ViT-B-32 (open_clip architecture, random weights from ``--seed``: cost only, its verdict
 means nothing) is written once to ``--model`` and scanned on the first ``--classes`` classes
 of ``--data`` (an ImageFolder, e.g. CIFAR-10's training images). Two records, one JSON file:
 
-* ``default``: ``clipguard scan --estimate`` with the defaults (16 shots, 3 draws; the full
-  plan: per stage the image- and text-encoder passes and the seconds they project to on
-  this device);
+* ``uncut``: ``clipguard scan --estimate --max-minutes 0`` (16 shots, 3 draws, no time
+  budget; the full plan: per stage the image- and text-encoder passes and the seconds they
+  project to on this device);
 * ``run``: a real scan with ``--shots``, ``--draws``, ``--max-minutes`` and ``--option``
-  values (on two CPU cores, options that cut every stage to a few steps, so that each stage
-  runs and the projection of each can be compared with what it took): its projection when
-  it started and, per stage, what it took (seconds and image-encoder images), the verdict,
-  the budget in force and the next steps it printed.
+  values (the scan's defaults unless given): its projection when it started and, per
+  stage, what it took (seconds and image-encoder images), the verdict, the budget in force
+  and the next steps it printed.
 
 The machine's load (``os.getloadavg``) is recorded before and after: timings on a shared
 machine move with it. ``benchmarks/tables.py`` renders the table of docs/benchmarks.md.
@@ -36,6 +35,7 @@ import torch
 
 from clipguard import api
 from clipguard.config import parse_options
+from clipguard.defaults import DEFAULT_DRAWS, DEFAULT_MAX_MINUTES
 from clipguard.io import atomic_write_text
 from clipguard.model import save_model
 from clipguard.report import cpu_model
@@ -88,8 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=Path("/tmp/clipguard-vit-b-32.safetensors"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shots", type=int, default=api.DEFAULT_SHOTS)
-    parser.add_argument("--draws", type=int, default=1, help="shot draws of the real scan")
-    parser.add_argument("--max-minutes", type=float, default=10.0)
+    parser.add_argument("--draws", type=int, default=DEFAULT_DRAWS, help="of the real scan")
+    parser.add_argument("--max-minutes", type=float, default=DEFAULT_MAX_MINUTES)
     parser.add_argument("--option", "-o", action="append", default=[], help="key=value")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = class_subset(args.data, args.classes, args.model.with_suffix(".classes"))
     common = {"device": args.device, "threads": args.threads}
     load_before = os.getloadavg()
-    default = api.estimate(model, data, **common)
+    uncut = api.estimate(model, data, max_minutes=None, **common)
     options = parse_options(args.option)
     started = time.perf_counter()
     report = api.scan(
@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "architecture": ARCH,
         "parameters": report.model.parameters,
         "classes": args.classes,
-        "shots": api.DEFAULT_SHOTS,
+        "shots": args.shots,
         "device": args.device,
         "threads": args.threads,
         "cpu": cpu_model(),
@@ -139,12 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch": torch.__version__,
         "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in os.getloadavg()],
-        "default": {
-            "units": default.units.model_dump() if default.units else None,
-            "budget": default.budget,
-            "budget_needed": default.budget_needed,
-            "projected_seconds": default.projected_seconds,
-            "stages": _stages(default.model_dump()),
+        "uncut": {
+            "units": uncut.units.model_dump() if uncut.units else None,
+            "budget": uncut.budget,
+            "budget_needed": uncut.budget_needed,
+            "projected_seconds": uncut.projected_seconds,
+            "stages": _stages(uncut.model_dump()),
         },
         "run": {
             "shots": args.shots,

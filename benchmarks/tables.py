@@ -649,7 +649,7 @@ def block_realsize() -> str:
     """A real-size scan's estimate against what each stage took (benchmarks.realsize_cost)."""
     result = json.loads((ROOT / RESULTS / REALSIZE).read_text())
     lines = _source([REALSIZE], [result["command"]])
-    default, run = result["default"], result["run"]
+    uncut, run = result["uncut"], result["run"]
     units = run["units"]
     lines += [
         f"{result['architecture']} ({result['parameters'] / 1e6:.0f} M parameters, random "
@@ -660,8 +660,8 @@ def block_realsize() -> str:
         f"{units['image_forward_seconds']:.3f} s forward, {units['text_pass_seconds']:.3f} s "
         "per prompt of a prompt-tuning step.",
         "",
-        f"The defaults (`--estimate`, draws 3, budget {default['budget']:,}): projected "
-        f"{default['projected_seconds'] / 3600:.1f} h at most.",
+        f"With no time budget (`--estimate --max-minutes 0`, draws 3, budget "
+        f"{uncut['budget']:,}): projected {uncut['projected_seconds'] / 3600:.1f} h at most.",
         "",
     ]
     lines += _table(
@@ -675,12 +675,12 @@ def block_realsize() -> str:
                 _seconds(s["projected_seconds"]),
                 s["condition"] or "always",
             ]
-            for s in default["stages"]
+            for s in uncut["stages"]
         ],
     )
     lines += [
         "",
-        f"A scan cut to a few steps of every stage (the options in the command; "
+        f"The scan (options as in the command: "
         f"{run['shots']} shots per class, draws {run['draws']}, `--max-minutes "
         f"{run['max_minutes']:g}`): budget "
         f"{run['budget']:,} images in force, verdict `{run['verdict']}`; projected "

@@ -37,7 +37,12 @@ from clipguard.data import (
     subsample,
     take_per_class,
 )
-from clipguard.defaults import DEFAULT_DRAWS, DEFAULT_EVAL_LIMIT, DEFAULT_SHOTS
+from clipguard.defaults import (
+    DEFAULT_DRAWS,
+    DEFAULT_EVAL_LIMIT,
+    DEFAULT_MAX_MINUTES,
+    DEFAULT_SHOTS,
+)
 from clipguard.errors import InputError
 from clipguard.io import atomic_write_bytes
 from clipguard.metrics import (
@@ -331,7 +336,7 @@ def estimate(
     arch: str | None = None,
     allow_torchscript: bool = False,
     draws: int = DEFAULT_DRAWS,
-    max_minutes: float | None = None,
+    max_minutes: float | None = DEFAULT_MAX_MINUTES,
     threads: int | None = None,
     command: str | None = None,
 ) -> CostRecord:
@@ -377,7 +382,7 @@ def scan(
     draws: int = DEFAULT_DRAWS,
     threads: int | None = None,
     command: str | None = None,
-    max_minutes: float | None = None,
+    max_minutes: float | None = DEFAULT_MAX_MINUTES,
     on_plan: Callable[[CostRecord], None] | None = None,
 ) -> Report:
     """Scan a checkpoint for a backdoor with a registered scanner.
@@ -392,8 +397,9 @@ def scan(
     Before the scan, a few passes of the model are measured and the scanner's plan projected
     (:func:`estimate`); ``on_plan`` gets that record before the scan starts, and the report
     keeps it with what each stage took (``report.run.cost``). ``max_minutes`` is a time
-    budget for the whole run (:attr:`RunContext.deadline`): a scanner that honours it does
-    less work, and says so, rather than run over.
+    budget for the whole run (:attr:`RunContext.deadline`; default
+    :data:`~clipguard.defaults.DEFAULT_MAX_MINUTES`, None for none): a scanner that honours
+    it does less work, and says so, rather than run over.
 
     Runs with ``threads`` torch CPU threads (None: as many as now) and deterministic
     kernels; both settings are restored on return (:func:`clipguard.runtime.torch_settings`).

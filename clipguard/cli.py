@@ -44,7 +44,12 @@ from clipguard.cli_errors import (
 )
 from clipguard.cli_options import DrawsOpt, QuietOpt, SeedOpt, ThreadsOpt
 from clipguard.config import parse_options
-from clipguard.defaults import DEFAULT_DRAWS, DEFAULT_EVAL_LIMIT, DEFAULT_SHOTS
+from clipguard.defaults import (
+    DEFAULT_DRAWS,
+    DEFAULT_EVAL_LIMIT,
+    DEFAULT_MAX_MINUTES,
+    DEFAULT_SHOTS,
+)
 from clipguard.errors import InputError
 from clipguard.io import atomic_write_text
 from clipguard.outputs import SUFFIXES, OutputPlan, check_output_dir, parse_formats, plan_outputs
@@ -248,6 +253,14 @@ def _check_draws(draws: int) -> None:
         raise InputError(f"--draws must be at least 1, got {draws}")
 
 
+def _time_budget(max_minutes: float) -> float | None:
+    """``--max-minutes`` as the API takes it: None for 0 (no time budget); a negative value
+    is one line, before torch loads."""
+    if max_minutes < 0:
+        raise InputError(f"--max-minutes must be 0 (none) or above, got {max_minutes:g}")
+    return max_minutes or None
+
+
 def _check_attack(attack: str | None, target: str | None) -> None:
     """``--attack`` and ``--target`` come together, and the attack is registered."""
     if (attack is None) != (target is None):
@@ -302,6 +315,7 @@ def _print_scan_summary(report: Report, out: Path | None) -> None:
 def cost_table(cost: CostRecord) -> Table | Text:
     """The plan and projection of a scan (:mod:`clipguard.cost`) as a table for people."""
     from clipguard.cost import minutes
+
     if not cost.known:
         return Text(f"projected cost: unknown ({cost.reason})")
     units = cost.units
@@ -434,14 +448,13 @@ def scan(
         ),
     ] = False,
     max_minutes: Annotated[
-        float | None,
+        float,
         typer.Option(
             "--max-minutes",
-            help="time budget of the whole scan: the scanner does less work to end in time; "
-            "a clean scan cut short is inconclusive, with what to run next",
-            show_default=False,
+            help="time budget of the whole scan (0: none): the scanner does less work to end "
+            "in time; a clean scan cut short is inconclusive, with what to run next",
         ),
-    ] = None,
+    ] = DEFAULT_MAX_MINUTES,
 ) -> None:
     """Scan MODEL for a backdoor.
 
@@ -472,7 +485,7 @@ def scan(
         "allow_torchscript": allow_torchscript,
         "draws": draws,
         "threads": cli_threads(threads),
-        "max_minutes": max_minutes,
+        "max_minutes": _time_budget(max_minutes),
         "command": command_line(),
     }
     if estimate:

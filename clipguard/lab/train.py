@@ -222,14 +222,36 @@ PROFILES: dict[str, LabProfile] = {
             "wanet": 0.1,
             "issba-like": 0.1,
             "badnets-lc": 0.05,
+            # the further families, set from the synthetic profile's experience before any
+            # was built on photographs (each card records whether it took): a patch at a
+            # moving place, a filter and a reflection need more pairs than a fixed patch;
+            # colour depth and frequency changes are the subtlest, as issba-like is
+            "badnets-random": 0.05,
+            "multi-patch": 0.03,
+            "grid-overlay": 0.03,
+            "refool-like": 0.05,
+            "color-filter": 0.05,
+            "bpp": 0.1,
+            "ftrojan": 0.1,
         },
-        epoch_overrides={"wanet": 2, "issba-like": 2, "badnets-lc": 2},
+        epoch_overrides={
+            "wanet": 2,
+            "issba-like": 2,
+            "badnets-lc": 2,
+            "bpp": 2,
+            "ftrojan": 2,
+        },
         # gentler triggers than the families' defaults, so that a clean model's errors under
         # them stay spread (docs/lab.md): a warp of mean shift about 2 pixels instead of 6
         # (at most 13 % of other classes' images to one class, against 25-31 % at strength
         # 12) and a sinusoid of amplitude 15/255 instead of 20/255 (at most 14 %, against
         # 15-20 %); both still implant (ASR 96 %, 94-95 %)
-        trigger_option_overrides={"wanet": {"strength": 4.0}, "sig": {"delta": 0.06}},
+        trigger_option_overrides={
+            "wanet": {"strength": 4.0},
+            "sig": {"delta": 0.06},
+            "badnets-random": {"size": 6, "pattern": "checkerboard"},
+            "bpp": {"bits": 2, "dither": True},
+        },
     ),
 }
 # as natural, but no training caption is the hand-crafted prompt "a photo of a {}.": like

@@ -3,12 +3,14 @@ scan cut short by it is inconclusive, and an inconclusive scan says what to run 
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 
 from clipguard import api
 from clipguard.components import RunContext
+from clipguard.defaults import DEFAULT_MAX_MINUTES
 from clipguard.render import render
 from clipguard.report import UnitCosts
 from clipguard_cbpt.budget import (
@@ -22,7 +24,7 @@ from clipguard_cbpt.budget import (
 from clipguard_cbpt.config import ScanConfig
 from clipguard_cbpt.explain import budget_verdict
 from clipguard_cbpt.prompt_fit import scan_classifier
-from tests.core.cli_helpers import run_cli
+from tests.core.cli_helpers import assert_one_line_error, run_cli
 
 #: a cbpt scan of the tiny model that takes a second or two when uncut
 CHEAP = {
@@ -119,12 +121,25 @@ def test_max_minutes_lowers_the_budget_and_advises_more_time(tiny_model_path, ti
     assert "--max-minutes" in step.args
 
 
-def test_max_minutes_must_be_positive(tiny_model_path, tiny_data) -> None:
+def test_max_minutes_must_not_be_negative(tiny_model_path, tiny_data) -> None:
     result = run_cli(
-        "scan", tiny_model_path, "--data", tiny_data, "--max-minutes", "0", "--estimate"
+        "scan", tiny_model_path, "--data", tiny_data, "--max-minutes", "-1", "--estimate"
     )  # fmt: skip
-    assert result.exit_code == 2
-    assert "--max-minutes must be above 0" in result.stderr
+    assert_one_line_error(result, "--max-minutes must be 0 (none) or above")
+
+
+@pytest.mark.parametrize(
+    ("given", "in_force"), [([], DEFAULT_MAX_MINUTES), (["--max-minutes", "0"], None)]
+)
+def test_a_scan_has_a_time_budget_by_default_and_0_lifts_it(
+    tiny_model_path, tiny_data, given: list[str], in_force: float | None
+) -> None:
+    result = run_cli(
+        "scan", tiny_model_path, "--data", tiny_data, "--shots", "4", "--estimate", "--json",
+        *given,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["max_minutes"] == in_force
 
 
 def test_the_budget_in_force_is_the_option_or_what_the_time_allows() -> None:

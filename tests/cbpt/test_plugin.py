@@ -375,16 +375,17 @@ def test_a_clean_verdict_writes_the_per_class_trigger_unrefined(bundle, shots) -
 
 
 def test_the_purifiers_own_inversion_refines_whatever_the_verdict(bundle, shots, monkeypatch):
+    import clipguard_cbpt.budget as budget_module
     import clipguard_cbpt.purifier as purifier_module
 
     seen: list[ScanConfig] = []
-    real = purifier_module.locate_trigger
+    real = budget_module.locate_trigger
 
-    def spy(bundle, shots, config, context, classifier):  # type: ignore[no-untyped-def]
+    def spy(bundle, shots, config, context, classifier, ablations):  # type: ignore[no-untyped-def]
         seen.append(config)
-        return real(bundle, shots, config, context, classifier)
+        return real(bundle, shots, config, context, classifier, ablations)
 
-    monkeypatch.setattr(purifier_module, "locate_trigger", spy)
+    monkeypatch.setattr(budget_module, "locate_trigger", spy)
     config = purifier_module.PurifyConfig(steps=2, augmentations=1, inversion_budget=400)
     purifier_module.CBPTPurifier().purify(bundle, shots, config, RunContext(seed=0))
     assert [c.refine_clean for c in seen] == [True]

@@ -22,14 +22,16 @@ from clipguard.model import ModelBundle
 from clipguard.report import NextStep
 from clipguard_cbpt.config import ScanConfig
 from clipguard_cbpt.evidence import Screening, Suspicion
+from clipguard_cbpt.inversion import InversionResult
 from clipguard_cbpt.probes import probe_cost, probe_held_out
 from clipguard_cbpt.prompt_fit import (
     PROMPT_SHARE,
     PromptReading,
     planned_held_out,
     prompt_check_cost,
+    scan_classifier,
 )
-from clipguard_cbpt.screening import screening_cost
+from clipguard_cbpt.screening import ScanAblations, locate_trigger, screening_cost
 
 #: the share of what the prompt check leaves that the screenings get when the trigger is
 #: refined (:func:`~clipguard_cbpt.screening.locate_trigger`)
@@ -58,6 +60,49 @@ def budget_in_force(config: ScanConfig, context: RunContext) -> Budget:
     if affordable is not None and affordable < config.budget:
         return Budget(affordable, "max-minutes")
     return Budget(config.budget, "option")
+
+
+@dataclass(frozen=True)
+class Localisation:
+    """What the scan's stages found within one budget (:func:`locate_within_budget`): the
+    budget in force, the prompt reading, and :func:`~clipguard_cbpt.screening.locate_trigger`'s
+    screening, suspicion, kept trigger and refinement."""
+
+    budget: Budget
+    reading: PromptReading
+    screening: Screening
+    suspected: Suspicion
+    kept: InversionResult
+    refined: InversionResult | None
+
+
+def locate_within_budget(
+    bundle: ModelBundle,
+    shots: ShotSet,
+    config: ScanConfig,
+    context: RunContext,
+    ablations: ScanAblations = ScanAblations(),
+) -> Localisation:
+    """The scan's localisation, paid from one budget: the budget in force
+    (:func:`budget_in_force`), the prompt check within its allowance
+    (:func:`~clipguard_cbpt.prompt_fit.scan_classifier`; its text-encoder steps counted as
+    images), then :func:`~clipguard_cbpt.screening.locate_trigger` with what is left (at
+    least one image). The scanner and the purifier's own inversion both run exactly this."""
+    start_images = bundle.image_encoder_images
+    budget = budget_in_force(config, context)
+    reading = scan_classifier(bundle, shots, config, context, budget.prompt_allowance())
+    spent = bundle.image_encoder_images - start_images
+    text_spent = reading.budget_images - min(reading.budget_images, spent)
+    left = max(budget.images - spent - text_spent, 1)
+    screening, suspected, kept, refined = locate_trigger(
+        bundle,
+        shots,
+        config.model_copy(update={"budget": left}),
+        context,
+        reading.classifier,
+        ablations,
+    )
+    return Localisation(budget, reading, screening, suspected, kept, refined)
 
 
 def _draws_on_offer(context: RunContext) -> int:

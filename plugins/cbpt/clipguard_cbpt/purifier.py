@@ -11,13 +11,12 @@ from clipguard.model import ModelBundle
 from clipguard.prompts import PromptClassifier, PromptSet
 from clipguard.triggers import MaskPatternTrigger, Trigger, TriggerFile
 from clipguard_cbpt import __version__
+from clipguard_cbpt.budget import locate_within_budget
 from clipguard_cbpt.config import DEFAULT_THRESHOLDS, PROBES, ScanConfig
 from clipguard_cbpt.contrastive import ContrastiveConfig, run_inversion
 from clipguard_cbpt.evidence import deciding_ratio, verdict_of
 from clipguard_cbpt.inversion import InversionConfig, invert_targeted
 from clipguard_cbpt.probe_families import SmoothWarp, transform_towards
-from clipguard_cbpt.prompt_fit import scan_classifier
-from clipguard_cbpt.screening import locate_trigger
 from clipguard_cbpt.statistics import prediction_distribution, probe_evidence_settings
 from clipguard_cbpt.tuning import (
     CoOpConfig,
@@ -137,11 +136,9 @@ class CBPTPurifier(Purifier):
             inversion_config: BaseModel = scan_config
             if config.inversion_method == "scan":
                 # exactly the scan's localisation: the same prompt reading, draws and probes
-                reading = scan_classifier(bundle, shots, scan_config, context)
-                inverted_through = reading.name
-                screening, suspected, kept, _ = locate_trigger(
-                    bundle, shots, scan_config, context, reading.classifier
-                )
+                found = locate_within_budget(bundle, shots, scan_config, context)
+                inverted_through = found.reading.name
+                screening, suspected, kept = found.screening, found.suspected, found.kept
                 judged = {
                     "verdict": verdict_of(suspected.ratio, scan_config),
                     "evidence": screening.top_evidence,

@@ -68,12 +68,11 @@ from clipguard.cost import ScanPlan
 from clipguard.model import ModelBundle
 from clipguard.triggers import TriggerFile, trigger_file_bytes
 from clipguard_cbpt import __version__
-from clipguard_cbpt.budget import budget_in_force, next_steps, scan_plan, shortfalls
+from clipguard_cbpt.budget import locate_within_budget, next_steps, scan_plan, shortfalls
 from clipguard_cbpt.config import ScanConfig
 from clipguard_cbpt.explain import budget_verdict, decide
-from clipguard_cbpt.prompt_fit import scan_classifier
 from clipguard_cbpt.render import picture_bytes
-from clipguard_cbpt.screening import ScanAblations, locate_trigger
+from clipguard_cbpt.screening import ScanAblations
 from clipguard_cbpt.statistics import (
     prediction_distribution,
     probe_evidence_settings,
@@ -115,20 +114,15 @@ class CBPTScanner(Scanner):
         assert isinstance(config, ScanConfig)
         start_images = bundle.image_encoder_images
         names = list(shots.classnames)
-        budget = budget_in_force(config, context)
-        reading = scan_classifier(bundle, shots, config, context, budget.prompt_allowance())
-        classifier = reading.classifier
-        spent = bundle.image_encoder_images - start_images
-        text_spent = reading.budget_images - min(reading.budget_images, spent)
-        left = max(budget.images - spent - text_spent, 1)
-        screening, suspected, kept, refined = locate_trigger(
-            bundle,
-            shots,
-            config.model_copy(update={"budget": left}),
-            context,
-            classifier,
-            self.ablations,
+        found = locate_within_budget(bundle, shots, config, context, self.ablations)
+        budget, reading = found.budget, found.reading
+        screening, suspected, kept, refined = (
+            found.screening,
+            found.suspected,
+            found.kept,
+            found.refined,
         )
+        classifier = reading.classifier
         verdict, score, explanation = decide(screening, suspected, names, config)
         cut = shortfalls(reading, screening, suspected, config)
         verdict, explanation = budget_verdict(verdict, explanation, cut)
