@@ -13,6 +13,7 @@ from PIL import Image
 
 from clipguard.model import build_clip_from_config, save_model
 from clipguard.plugins import reset_plugin_manager
+from tests.core.fixed_verdict import fixed_verdict  # noqa: F401  (a fixture for every test)
 
 #: a CLIP small enough to build and run in well under a second
 TINY_CONFIG = {

@@ -152,7 +152,7 @@ def test_a_deferred_scanner_that_cannot_load_is_one_line(
 
 
 def test_a_deferred_scanner_must_be_what_it_claims(register_scanner, tiny_model_path, tiny_data):
-    register_scanner(Deferred("tests.test_verdict_exit_codes:FixedVerdictScanner", "liar", "1"))
+    register_scanner(Deferred("tests.core.fixed_verdict:FixedVerdictScanner", "liar", "1"))
     result = run_cli("scan", tiny_model_path, "--data", tiny_data, "--plugin", "liar")
     assert_one_line_error(result, "scanner 'liar'", "loads as 'fixed-verdict'")
 

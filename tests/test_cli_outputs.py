@@ -8,25 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from clipguard import api, plugins
+from clipguard import api
 from clipguard.errors import InputError
-from clipguard.hookspecs import hookimpl
 from clipguard.outputs import check_output_dir, parse_formats, plan_outputs
 from tests.core.cli_helpers import assert_one_line_error, run_cli
-from tests.test_verdict_exit_codes import FixedVerdictScanner
-
-
-@pytest.fixture
-def fixed_verdict():
-    class Plugin:
-        @hookimpl
-        def clipguard_register_scanners(self, register):
-            register(FixedVerdictScanner())
-
-    plugin = Plugin()
-    plugins.get_plugin_manager().register(plugin, name="fixed-verdict-outputs")
-    yield
-    plugins.get_plugin_manager().unregister(plugin)
 
 
 @pytest.fixture

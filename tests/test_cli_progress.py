@@ -9,12 +9,10 @@ from contextlib import contextmanager
 import pytest
 from rich.console import Console
 
-from clipguard import cli, plugins, progress
+from clipguard import cli, progress
 from clipguard.components import RunContext
-from clipguard.hookspecs import hookimpl
 from clipguard.progress import Progress, display
 from tests.core.cli_helpers import run_cli
-from tests.test_verdict_exit_codes import FixedVerdictScanner
 
 
 def _console(terminal: bool) -> tuple[Console, io.StringIO]:
@@ -71,19 +69,6 @@ def test_the_display_is_closed_by_an_error():
     with pytest.raises(RuntimeError), display("clipguard scan", console=console):
         raise RuntimeError("boom")
     assert progress._active.get() is None
-
-
-@pytest.fixture
-def fixed_verdict():
-    class Plugin:
-        @hookimpl
-        def clipguard_register_scanners(self, register):
-            register(FixedVerdictScanner())
-
-    plugin = Plugin()
-    plugins.get_plugin_manager().register(plugin, name="fixed-verdict-progress")
-    yield
-    plugins.get_plugin_manager().unregister(plugin)
 
 
 @pytest.mark.parametrize(

@@ -12,12 +12,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from clipguard import plugins
-from clipguard.hookspecs import hookimpl
 from clipguard.render import SARIF_BASE_ID, SARIF_FINGERPRINT, to_sarif
 from clipguard.report import read_report
 from tests.core.cli_helpers import run_cli
-from tests.test_verdict_exit_codes import FixedVerdictScanner
 
 LEVELS = {"none", "note", "warning", "error"}
 KINDS = {"notApplicable", "pass", "fail", "review", "open", "informational"}
@@ -66,19 +63,6 @@ def check_sarif_2_1_0(log: dict) -> None:
             assert isinstance(invocation["commandLine"], str)
             for key in ("startTimeUtc", "endTimeUtc"):
                 datetime.fromisoformat(invocation[key])
-
-
-@pytest.fixture
-def fixed_verdict():
-    class Plugin:
-        @hookimpl
-        def clipguard_register_scanners(self, register):
-            register(FixedVerdictScanner())
-
-    plugin = Plugin()
-    plugins.get_plugin_manager().register(plugin, name="fixed-verdict-sarif")
-    yield
-    plugins.get_plugin_manager().unregister(plugin)
 
 
 @pytest.fixture

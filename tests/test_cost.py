@@ -15,7 +15,7 @@ from clipguard.cost import ScanPlan, StagePlan, measure_unit_costs, text_image_e
 from clipguard.model import load_model
 from clipguard.report import Report, UnitCosts
 from tests.core.cli_helpers import run_cli
-from tests.test_verdict_exit_codes import FixedVerdictScanner, fixed_verdict  # noqa: F401
+from tests.core.fixed_verdict import FixedVerdictScanner
 
 #: a cbpt scan of the tiny model that takes a second or two
 CHEAP = {
@@ -108,7 +108,7 @@ def test_a_scan_records_projected_and_actual_cost_per_stage(
 
 
 def test_a_scanner_without_a_plan_has_an_unknown_cost(
-    fixed_verdict,  # noqa: F811
+    fixed_verdict,
     tiny_model_path,
     tiny_data,
     tmp_path,

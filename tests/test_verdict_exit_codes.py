@@ -5,57 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
-from clipguard import __version__, plugins
-from clipguard.components import RunContext, Scanner, ScanOutcome, ShotSet
-from clipguard.hookspecs import hookimpl
-from clipguard.model import ModelBundle
+from clipguard import __version__
 from clipguard.report import REPORT_SCHEMA_VERSION, Report
 from tests.core.cli_helpers import assert_one_line_error, run_cli
-
-TARGETS = {"backdoor": "cat", "inconclusive": "dog", "clean": None}
-
-
-class VerdictOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    verdict: str = "clean"
-
-
-class FixedVerdictScanner(Scanner):
-    """Returns the verdict its option names (the target of :data:`TARGETS`)."""
-
-    name = "fixed-verdict"
-    version = "1"
-    Config = VerdictOptions
-
-    def scan(
-        self, bundle: ModelBundle, shots: ShotSet, config: BaseModel, context: RunContext
-    ) -> ScanOutcome:
-        assert isinstance(config, VerdictOptions)
-        target = TARGETS[config.verdict]
-        target = shots.classnames[0] if target else None
-        return ScanOutcome(
-            verdict=config.verdict,  # type: ignore[arg-type]
-            score=0.5,
-            target_class=target,
-            explanation="as configured",
-        )
-
-
-@pytest.fixture
-def fixed_verdict():
-    class Plugin:
-        @hookimpl
-        def clipguard_register_scanners(self, register):
-            register(FixedVerdictScanner())
-
-    plugin = Plugin()
-    manager = plugins.get_plugin_manager()
-    manager.register(plugin, name="fixed-verdict-plugin")
-    yield
-    manager.unregister(plugin)
 
 
 def _scan(tiny_model_path, tiny_data, out, verdict: str, *extra: str):
