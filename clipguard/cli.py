@@ -253,9 +253,11 @@ def _check_draws(draws: int) -> None:
         raise InputError(f"--draws must be at least 1, got {draws}")
 
 
-def _time_budget(max_minutes: float) -> float | None:
-    """``--max-minutes`` as the API takes it: None for 0 (no time budget); a negative value
-    is one line, before torch loads."""
+def _time_budget(max_minutes: float | None) -> float | None:
+    """``--max-minutes`` as the API takes it: None for none or 0 (no time budget); a negative
+    value is one line, before torch loads."""
+    if max_minutes is None:
+        return None
     if max_minutes < 0:
         raise InputError(f"--max-minutes must be 0 (none) or above, got {max_minutes:g}")
     return max_minutes or None
@@ -448,11 +450,12 @@ def scan(
         ),
     ] = False,
     max_minutes: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--max-minutes",
-            help="time budget of the whole scan (0: none): the scanner does less work to end "
-            "in time; a clean scan cut short is inconclusive, with what to run next",
+            help="time budget of the whole scan (default: none): the scanner does less work "
+            "to end in time; a scan cut short is inconclusive, with what to run next",
+            show_default=False,
         ),
     ] = DEFAULT_MAX_MINUTES,
 ) -> None:

@@ -291,13 +291,23 @@ def _flops(model_cfg_json: str) -> tuple[float, float, int]:
     return image, text, length
 
 
+def _architecture_flops(bundle: ModelBundle) -> tuple[float, float, int]:
+    cfg = {k: v for k, v in bundle.model_cfg.items() if k != "preprocess_cfg"}
+    return _flops(json.dumps(cfg, sort_keys=True))
+
+
+def image_flops(bundle: ModelBundle) -> float:
+    """Floating-point operations of one image's forward pass through ``bundle``'s image
+    encoder, counted on its architecture (not timed: the same on every machine)."""
+    return _architecture_flops(bundle)[0]
+
+
 def text_image_equivalents(bundle: ModelBundle, prompts: int, tokens: int) -> float:
     """The image-encoder images whose compute equals that of ``prompts`` prompts of
     ``tokens`` tokens through the text encoder (both forward, or both with backward): the
     ratio of their floating-point operations for this architecture (linear in the tokens,
     which the prompt encoder cuts after the last end-of-text token)."""
-    cfg = {k: v for k, v in bundle.model_cfg.items() if k != "preprocess_cfg"}
-    image, text, length = _flops(json.dumps(cfg, sort_keys=True))
+    image, text, length = _architecture_flops(bundle)
     if image <= 0:
         return 0.0
     return prompts * text * min(tokens, length) / length / image

@@ -6,17 +6,22 @@ from __future__ import annotations
 import json
 import time
 
+import open_clip
 import pytest
 
 from clipguard import api
 from clipguard.components import RunContext
+from clipguard.cost import _flops, image_flops
 from clipguard.defaults import DEFAULT_MAX_MINUTES
+from clipguard.lab.train import lab_model_config
+from clipguard.model import load_model
 from clipguard.render import render
 from clipguard.report import UnitCosts
 from clipguard_cbpt.budget import (
     ADVISED_DRAWS,
     Budget,
     budget_in_force,
+    compute_images,
     needed_budget,
     next_steps,
     scan_plan,
@@ -46,6 +51,12 @@ CLEAN = {
     "additive_threshold": 1,
     "warp_threshold": 1,
 }
+
+
+def _flops_of(model_cfg: dict) -> float:
+    return _flops(json.dumps(model_cfg, sort_keys=True))[0]
+
+
 UNITS = UnitCosts(
     device="cpu",
     batch_size=8,
@@ -129,9 +140,10 @@ def test_max_minutes_must_not_be_negative(tiny_model_path, tiny_data) -> None:
 
 
 @pytest.mark.parametrize(
-    ("given", "in_force"), [([], DEFAULT_MAX_MINUTES), (["--max-minutes", "0"], None)]
+    ("given", "in_force"),
+    [([], DEFAULT_MAX_MINUTES), (["--max-minutes", "0"], None), (["--max-minutes", "2"], 2.0)],
 )
-def test_a_scan_has_a_time_budget_by_default_and_0_lifts_it(
+def test_the_time_budget_is_the_default_unless_given_and_0_lifts_it(
     tiny_model_path, tiny_data, given: list[str], in_force: float | None
 ) -> None:
     result = run_cli(
@@ -142,13 +154,45 @@ def test_a_scan_has_a_time_budget_by_default_and_0_lifts_it(
     assert json.loads(result.stdout)["max_minutes"] == in_force
 
 
-def test_the_budget_in_force_is_the_option_or_what_the_time_allows() -> None:
+def test_the_budget_in_force_is_the_option_the_compute_or_what_the_time_allows(bundle) -> None:
     config = ScanConfig(budget=1000)
-    assert budget_in_force(config, RunContext()) == Budget(1000, "option")
+    assert budget_in_force(config, RunContext(), bundle) == Budget(1000, "option")
     soon = RunContext(unit_costs=UNITS, deadline=time.perf_counter() + 1)
-    assert budget_in_force(config, soon).source == "max-minutes"
+    assert budget_in_force(config, soon, bundle).source == "max-minutes"
     late = RunContext(unit_costs=UNITS, deadline=time.perf_counter() + 3600)
-    assert budget_in_force(config, late) == Budget(1000, "option")
+    assert budget_in_force(config, late, bundle) == Budget(1000, "option")
+    per_image = image_flops(bundle)
+    cheap = config.model_copy(update={"compute_budget": 500 * per_image / 1e9})
+    assert budget_in_force(cheap, late, bundle) == Budget(compute_images(cheap, bundle), "compute")
+    assert 499 <= compute_images(cheap, bundle) <= 500
+
+
+def test_the_default_compute_budget_buys_the_whole_budget_on_lab_models_only() -> None:
+    config = ScanConfig()
+    lab = [lab_model_config(), lab_model_config(vision_layers=3, patch_size=4)]
+    assert all(config.compute_budget * 1e9 / _flops_of(cfg) >= config.budget for cfg in lab)
+    vit_b_32 = config.compute_budget * 1e9 / _flops_of(open_clip.get_model_config("ViT-B-32"))
+    assert 100 < vit_b_32 < 2_000
+
+
+def test_a_compute_cut_scan_is_inconclusive_and_advised_more_compute(
+    tiny_model_path, tiny_data
+) -> None:
+    bundle = load_model(tiny_model_path)
+    gflops = 50 * image_flops(bundle) / 1e9
+    report = api.scan(
+        tiny_model_path,
+        tiny_data,
+        shots=4,
+        draws=1,
+        threads=1,
+        options={**CHEAP, "compute_budget": gflops},
+    )
+    finding = report.findings[0]
+    assert finding.statistics["budget_source"] == "compute"
+    assert finding.verdict == "inconclusive"
+    (step,) = finding.next_steps
+    assert any(arg.startswith("compute_budget=") for arg in step.args)
 
 
 def test_the_plan_is_cut_to_the_budget_and_names_the_uncut_budget(bundle, shots) -> None:
@@ -176,9 +220,9 @@ def test_inconclusive_evidence_is_advised_more_draws(bundle, shots) -> None:
         assert next_steps(verdict, [], small, bundle, shots, config, RunContext()) == []
 
 
-@pytest.mark.parametrize("verdict", ["backdoor", "inconclusive"])
-def test_only_a_clean_verdict_becomes_inconclusive_when_cut(verdict) -> None:
-    assert budget_verdict("clean", "fine", ["x"])[0] == "inconclusive"
-    assert budget_verdict("clean", "fine", []) == ("clean", "fine")
-    kept, text = budget_verdict(verdict, "why", ["warp reach probe skipped"])
-    assert kept == verdict and "warp reach probe skipped" in text
+@pytest.mark.parametrize("verdict", ["clean", "backdoor", "inconclusive"])
+def test_every_verdict_the_budget_cut_short_is_inconclusive(verdict) -> None:
+    assert budget_verdict(verdict, "why", []) == (verdict, "why")
+    judged, text = budget_verdict(verdict, "why", ["warp reach probe skipped"])
+    assert judged == "inconclusive"
+    assert "warp reach probe skipped" in text and text.endswith("so far why")

@@ -17,6 +17,7 @@ from clipguard.components import RunContext, ShotSet
 from clipguard.model import ModelBundle
 from clipguard.prompts import PromptClassifier
 from clipguard.triggers import MaskPatternTrigger
+from clipguard_cbpt.budget import budget_in_force
 from clipguard_cbpt.config import ClassInversionOptions, ScanConfig
 from clipguard_cbpt.evidence import (
     Screening,
@@ -69,6 +70,11 @@ def located(bundle: ModelBundle, shots: ShotSet, config: ScanConfig) -> Any:
     classifier = PromptClassifier(bundle, shots.classnames)
     _, _, kept, refined = locate_trigger(bundle, shots, config, RunContext(seed=0), classifier)
     return (kept.pl1, refined is None, bundle.image_encoder_images - start)
+
+
+def budget_of(bundle: ModelBundle, _shots: ShotSet, config: ScanConfig) -> Any:
+    """The budget a scan of ``bundle`` has in force, and where it comes from."""
+    return budget_in_force(config, RunContext(seed=0), bundle)
 
 
 def judged(_bundle: ModelBundle, _shots: ShotSet, config: ScanConfig) -> Any:
@@ -183,6 +189,7 @@ PROBING = {"additive_steps": 2, "warp_steps": 2}
 #: option -> (the unit that reads it, the base options, the other value)
 SCAN_CASES: dict[str, tuple[Unit, dict[str, Any], Any]] = {
     "budget": (located, LOCATING, 30),
+    "compute_budget": (budget_of, {}, 1e-6),
     "class_steps": (per_class, PER_CLASS, 6),
     "class_batch_size": (per_class, PER_CLASS, 3),
     "class_success": (per_class, PER_CLASS, 0.9),

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import torch
 
 from clipguard.components import RunContext, ShotSet
-from clipguard.cost import ScanPlan, StagePlan, affordable_images, minutes, stage_seconds
+from clipguard.cost import (
+    ScanPlan,
+    StagePlan,
+    affordable_images,
+    image_flops,
+    minutes,
+    stage_seconds,
+)
 from clipguard.model import ModelBundle
 from clipguard.report import NextStep
 from clipguard_cbpt.config import ScanConfig
@@ -42,8 +49,9 @@ ADVISED_DRAWS = 5
 
 @dataclass(frozen=True)
 class Budget:
-    """The budget in force: ``images`` budget units, from the ``budget`` option or, where
-    less, from the time left before the run's deadline (``source`` "max-minutes")."""
+    """The budget in force: ``images`` budget units, from the ``budget`` option (``source``
+    "option") or, where less, what the ``compute_budget`` option buys on this model
+    ("compute") or the time left before the run's deadline affords ("max-minutes")."""
 
     images: int
     source: str
@@ -53,13 +61,24 @@ class Budget:
         return int(self.images * PROMPT_SHARE)
 
 
-def budget_in_force(config: ScanConfig, context: RunContext) -> Budget:
-    """``config.budget``, or the images the time left affords
-    (:func:`~clipguard.cost.affordable_images`) where fewer."""
+def compute_images(config: ScanConfig, bundle: ModelBundle) -> int:
+    """The image-encoder images ``config.compute_budget`` buys on ``bundle``
+    (:func:`~clipguard.cost.image_flops`)."""
+    return int(config.compute_budget * 1e9 / max(image_flops(bundle), 1.0))
+
+
+def budget_in_force(config: ScanConfig, context: RunContext, bundle: ModelBundle) -> Budget:
+    """``config.budget``, or where fewer the images ``config.compute_budget`` buys on this
+    model (:func:`compute_images`: deterministic, the same on every machine), or where fewer
+    still the images the time left affords (:func:`~clipguard.cost.affordable_images`)."""
+    budget = Budget(config.budget, "option")
+    bought = compute_images(config, bundle)
+    if bought < budget.images:
+        budget = Budget(bought, "compute")
     affordable = affordable_images(context)
-    if affordable is not None and affordable < config.budget:
+    if affordable is not None and affordable < budget.images:
         return Budget(affordable, "max-minutes")
-    return Budget(config.budget, "option")
+    return budget
 
 
 @dataclass(frozen=True)
@@ -89,7 +108,7 @@ def locate_within_budget(
     images), then :func:`~clipguard_cbpt.screening.locate_trigger` with what is left (at
     least one image). The scanner and the purifier's own inversion both run exactly this."""
     start_images = bundle.image_encoder_images
-    budget = budget_in_force(config, context)
+    budget = budget_in_force(config, context, bundle)
     reading = scan_classifier(bundle, shots, config, context, budget.prompt_allowance())
     spent = bundle.image_encoder_images - start_images
     text_spent = reading.budget_images - min(reading.budget_images, spent)
@@ -247,13 +266,18 @@ def scan_plan(
     offers): per stage, at most how many passes, within the budget in force
     (:func:`budget_in_force`); the budget at which none is cut (:func:`needed_budget`)."""
     draws = _draws_on_offer(context) if draws is None else draws
-    budget = budget_in_force(config, context)
+    budget = budget_in_force(config, context, bundle)
     stages = _stages(bundle, shots, config, context, draws, budget)
     needed = needed_budget(bundle, shots, config, context, draws)
     notes = []
     if budget.source == "max-minutes":
         notes.append(
             f"--max-minutes lowers the budget from {config.budget:,} to {budget.images:,} images"
+        )
+    elif budget.source == "compute":
+        notes.append(
+            f"compute_budget ({config.compute_budget:,.0f} GFLOPs) buys {budget.images:,} of "
+            f"the {config.budget:,} images on this model"
         )
     if needed > budget.images:
         notes.append(
@@ -326,7 +350,8 @@ def next_steps(
     """What to run to settle an inconclusive scan (none for another verdict): with more
     shot draws (at least :data:`ADVISED_DRAWS`, two more than offered) where the evidence
     itself lies in the inconclusive band, and a budget that cuts no stage of that scan
-    (``-o budget=`` or, where a time budget set it, ``--max-minutes``) where the budget cut
+    (``-o budget=`` and ``-o compute_budget=`` as needed or, where a time budget set it,
+    ``--max-minutes``) where the budget cut
     one short (``cut``) or would cut the scan with more draws."""
     if verdict != "inconclusive":
         return []
@@ -348,7 +373,11 @@ def next_steps(
             args += ["--max-minutes", str(math.ceil(1.25 * seconds / 60))]
             why.append(f"give the scan time for its whole budget of {needed:,} images{took}")
         else:
-            args += ["-o", f"budget={needed}"]
+            if budget.source == "option" or needed > config.budget:
+                args += ["-o", f"budget={needed}"]
+            if needed > compute_images(config, bundle):
+                gflops = math.ceil(needed * image_flops(bundle) / 1e9)
+                args += ["-o", f"compute_budget={gflops}"]
             why.append(f"raise the budget to {needed:,} images so no stage is cut short{took}")
     if cut:
         why.insert(0, f"the budget cut the scan short ({'; '.join(cut)})")

@@ -119,8 +119,18 @@ class ScanConfig(ClassInversionOptions):
             "maximum images through the image encoder for the whole scan: the prompt check "
             "(its text-encoder steps counted as the images of equal compute; at most a tenth "
             "of the budget), per-class inversion on every shot draw, reach probes, "
-            "refinement; clipguard scan --max-minutes lowers it to what the time allows. A "
-            "clean scan whose budget cut a stage short is inconclusive"
+            "refinement; compute_budget and clipguard scan --max-minutes lower it. A scan "
+            "whose budget cut a stage short is inconclusive"
+        ),
+    )
+    compute_budget: float = Field(
+        5_500.0,
+        gt=0,
+        description=(
+            "GFLOPs of image-encoder forward passes the budget may cost: on a dearer model "
+            "the budget is cut to the images this buys, so the work scales with what the "
+            "model costs (the default buys the whole budget on every lab architecture and "
+            "about 620 images of a ViT-B/32)"
         ),
     )
 

@@ -108,17 +108,15 @@ def decide(
 
 
 def budget_verdict(verdict: str, explanation: str, cut: list[str]) -> tuple[str, str]:
-    """The verdict and explanation once the budget is judged: a ``clean`` verdict whose
-    budget cut stages that bear on it short (``cut``,
-    :func:`~clipguard_cbpt.budget.shortfalls`) is ``inconclusive`` (the evidence never
-    settled), never a silent clean; another verdict stays, the cut named in its
-    explanation."""
+    """The verdict and explanation once the budget is judged: a verdict whose budget cut
+    stages that bear on it short (``cut``, :func:`~clipguard_cbpt.budget.shortfalls`) is
+    ``inconclusive``, what was found so far named in its explanation: the evidence never
+    settled, so neither a silent ``clean`` nor a ``backdoor`` read off unfinished
+    inversions (a class still searching when the budget ended looks like a small trigger)."""
     if not cut:
         return verdict, explanation
     stages = "; ".join(cut)
-    if verdict == "clean":
-        return (
-            "inconclusive",
-            f"the budget ran out before the evidence settled ({stages}); so far {explanation}",
-        )
-    return verdict, f"{explanation} (the budget cut stages short: {stages})"
+    return (
+        "inconclusive",
+        f"the budget ran out before the evidence settled ({stages}); so far {explanation}",
+    )
