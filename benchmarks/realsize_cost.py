@@ -7,9 +7,9 @@ A ViT-B-32 (open_clip architecture, random weights from ``--seed``: cost only, i
 means nothing) is written once to ``--model`` and scanned on the first ``--classes`` classes
 of ``--data`` (an ImageFolder, e.g. CIFAR-10's training images). Two records, one JSON file:
 
-* ``uncut``: ``clipguard scan --estimate --max-minutes 0`` (16 shots, 3 draws, no time
-  budget; the full plan: per stage the image- and text-encoder passes and the seconds they
-  project to on this device);
+* ``uncut``: ``clipguard scan --estimate -o compute_budget=1e9`` (16 shots, 3 draws, the
+  whole image budget; the full plan: per stage the image- and text-encoder passes and the
+  seconds they project to on this device);
 * ``run``: a real scan with ``--shots``, ``--draws``, ``--max-minutes`` and ``--option``
   values (the scan's defaults unless given): its projection when it started and, per
   stage, what it took (seconds and image-encoder images), the verdict, the budget in force
@@ -41,6 +41,8 @@ from clipguard.model import save_model
 from clipguard.report import cpu_model
 
 ARCH = "ViT-B-32"
+#: options of the uncut plan: a compute budget that buys the whole image budget
+UNCUT = {"compute_budget": 1e9}
 
 
 def random_checkpoint(path: Path, seed: int) -> Path:
@@ -100,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = class_subset(args.data, args.classes, args.model.with_suffix(".classes"))
     common = {"device": args.device, "threads": args.threads}
     load_before = os.getloadavg()
-    uncut = api.estimate(model, data, max_minutes=None, **common)
+    uncut = api.estimate(model, data, options=UNCUT, max_minutes=None, **common)
     options = parse_options(args.option)
     started = time.perf_counter()
     report = api.scan(
@@ -123,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--classes {args.classes}",
                 f"--shots {args.shots}",
                 f"--draws {args.draws}",
-                f"--max-minutes {args.max_minutes:g}",
+                *([] if args.max_minutes is None else [f"--max-minutes {args.max_minutes:g}"]),
                 *[f"-o {o}" for o in args.option],
                 f"--device {args.device} --threads {args.threads}",
             ]

@@ -660,8 +660,9 @@ def block_realsize() -> str:
         f"{units['image_forward_seconds']:.3f} s forward, {units['text_pass_seconds']:.3f} s "
         "per prompt of a prompt-tuning step.",
         "",
-        f"With no time budget (`--estimate --max-minutes 0`, draws 3, budget "
-        f"{uncut['budget']:,}): projected {uncut['projected_seconds'] / 3600:.1f} h at most.",
+        f"Uncut (`--estimate -o compute_budget=1e9`: the whole budget of "
+        f"{uncut['budget']:,} images, draws 3): projected "
+        f"{uncut['projected_seconds'] / 3600:.1f} h at most.",
         "",
     ]
     lines += _table(
@@ -680,9 +681,14 @@ def block_realsize() -> str:
     )
     lines += [
         "",
-        f"The scan (options as in the command: "
-        f"{run['shots']} shots per class, draws {run['draws']}, `--max-minutes "
-        f"{run['max_minutes']:g}`): budget "
+        f"The scan as run (options as in the command: "
+        f"{run['shots']} shots per class, draws {run['draws']}, "
+        + (
+            "no time budget"
+            if run["max_minutes"] is None
+            else f"`--max-minutes {run['max_minutes']:g}`"
+        )
+        + "): budget "
         f"{run['budget']:,} images in force, verdict `{run['verdict']}`; projected "
         f"{_seconds(run['projected_seconds'])} s at most, took "
         f"{_seconds(run['actual_seconds'])} s.",
