@@ -667,8 +667,9 @@ def _run_ray(
     """Run each job as a Ray task that reserves ``threads`` CPUs, at most ``limit`` at a time
     (None: as many as the cluster fits). Connects to ``address`` (a running cluster) or
     starts a local Ray, unless Ray is already initialised in this process; shuts down only
-    what it started. Workers get absolute paths (they run in another folder, or on another
-    machine). A task Ray could not run is a row with its error."""
+    what it started; :class:`InputError` when Ray cannot start or connect. Workers get
+    absolute paths (they run in another folder, or on another machine). A task Ray could
+    not run is a row with its error."""
     try:
         import ray
     except ImportError:
@@ -677,12 +678,16 @@ def _run_ray(
 
     started = not ray.is_initialized()
     if started:
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-        )
+        try:
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
+        except Exception as error:  # Ray raises ConnectionError, ValueError, RuntimeError ...
+            where = f"connect to the Ray cluster at {address}" if address else "start Ray"
+            raise InputError(f"cannot {where}: {_one_line(error)}") from None
     try:
         task = ray.remote(run_model).options(num_cpus=threads, max_retries=0)
         pending = deque(enumerate(jobs))
