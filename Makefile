@@ -15,10 +15,11 @@ $(PY):
 # (plugins/cbpt) and clipguard-baselines (plugins/baselines) provide every scanner and purifier.
 PLUGINS := plugins/cbpt plugins/baselines
 
-# torch 2.14.1 / torchvision 0.29.1 are installed from the machine's local wheel cache by pip.
+# torch 2.14.1 / torchvision 0.29.1 are installed from the machine's local wheel cache by pip;
+# the ray extra (fleet scans on Ray, docs/fleet.md) so that its tests run too.
 $(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS)) | $(PY)
 	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PIP) install --quiet -e ".[dev]" $(addprefix -e ,$(PLUGINS))
+	$(PIP) install --quiet -e ".[dev,ray]" $(addprefix -e ,$(PLUGINS))
 	touch $(STAMP)
 
 install: $(STAMP)

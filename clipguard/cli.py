@@ -35,10 +35,12 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
+from clipguard import fleet
 from clipguard.cli_errors import (
     EXIT_BACKDOOR,
     EXIT_CLEAN,
     EXIT_INCONCLUSIVE,
+    EXIT_INTERRUPTED,
     EXIT_LOST_CLASS,
     handle_errors,
 )
@@ -291,15 +293,18 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f} %"
 
 
+#: how the summaries colour each verdict
+VERDICT_COLOURS = {"backdoor": "bold red", "clean": "green", "inconclusive": "yellow"}
+
+
 def _print_scan_summary(report: Report, out: Path | None) -> None:
     table = Table(title=f"clipguard scan: {report.model.path}", show_header=True)
     for column in ("scanner", "verdict", "score", "target class", "explanation"):
         table.add_column(column)
-    colours = {"backdoor": "bold red", "clean": "green", "inconclusive": "yellow"}
     for finding in report.findings:
         table.add_row(
             finding.scanner,
-            f"[{colours[finding.verdict]}]{finding.verdict}[/]",
+            f"[{VERDICT_COLOURS[finding.verdict]}]{finding.verdict}[/]",
             f"{finding.score:.3f}",
             finding.target_class or "-",
             finding.explanation,
@@ -404,20 +409,37 @@ SCAN_EXAMPLES = """Examples:
   clipguard scan model.safetensors --data clean/ --out audit/ --format html,sarif
 
   clipguard scan model.safetensors --data clean/ --fail-on backdoor -q
+
+  clipguard scan models/ --data clean/ --out audits/ --jobs 2
+
+  clipguard scan models/ --data clean/ --out audits/ --executor ray --ray-address HEAD:6379
 """
 
 
 @app.command(epilog=SCAN_EXAMPLES)
 @handle_errors
 def scan(
-    model: ModelArg,
+    models: Annotated[
+        list[Path],
+        typer.Argument(
+            help="CLIP checkpoint (.safetensors, .pt/.pth/.bin); several, or folders searched "
+            "for them, make a fleet scan (docs/fleet.md)",
+            metavar="MODEL",
+            show_default=False,
+        ),
+    ],
     data: DataOpt,
     plugin: Annotated[
         str, typer.Option("--plugin", help="scanner name (see `clipguard plugins`)")
     ] = "cbpt",
     shots: ShotsOpt = DEFAULT_SHOTS,
     out: Annotated[
-        Path | None, typer.Option("--out", help="folder for report.json and artefacts")
+        Path | None,
+        typer.Option(
+            "--out",
+            help="folder for report.json and artefacts (a fleet: a folder per model and "
+            "summary.jsonl; required)",
+        ),
     ] = None,
     option: OptionOpt = None,
     config: ConfigOpt = None,
@@ -458,16 +480,69 @@ def scan(
             show_default=False,
         ),
     ] = DEFAULT_MAX_MINUTES,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs",
+            min=1,
+            help="fleet: models scanned at a time; above 1, each in its own process "
+            "(default: 1; with --executor ray: as many as the cluster fits)",
+            show_default=False,
+        ),
+    ] = None,
+    executor: Annotated[
+        str,
+        typer.Option(
+            "--executor", help="fleet: local (processes here) or ray (a Ray task per model)"
+        ),
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="fleet: the Ray cluster to run on, HEAD:6379 (default: a local Ray)",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Scan MODEL for a backdoor.
+    """Scan MODEL for a backdoor; several models, or folders of them, make a fleet scan.
 
     Exit 0: clean, 1: backdoor found, 2: error, 3: inconclusive (with the default --fail-on).
     Every scan prints its projected cost when it starts (not with -q); --estimate prints it
     alone, exit 0.
+
+    Fleet scan: several MODELs, or folders searched for checkpoints (--out
+    required). Writes OUT/<model>/report.json (and the --format files) per
+    model and OUT/summary.jsonl, a JSON line per model (--json prints them).
+    A rerun skips the models already scanned with the same options.
+    Exit 2 if any model failed, else 1 if any is a backdoor, else 3 if any
+    is inconclusive (each as --fail-on chooses), else 0 (docs/fleet.md).
     """
     failing = _fail_on(fail_on)
+    arguments: dict[str, Any] = {
+        "scanner": plugin,
+        "shots": shots,
+        "seed": seed,
+        "device": device,
+        "options": parse_options(option or []),
+        "config_file": config,
+        "classnames_file": classnames,
+        "arch": arch,
+        "allow_torchscript": allow_torchscript,
+        "draws": draws,
+        "threads": threads,
+        "max_minutes": _time_budget(max_minutes),
+        "command": command_line(),
+    }
+    if fleet.is_fleet(models):
+        if estimate:
+            raise InputError("--estimate takes one model file, not a fleet")
+        fleet_args = {"jobs": jobs, "executor": executor, "ray_address": ray_address}
+        code = _scan_fleet(models, data, out, arguments, fleet_args, output_format, json_output,
+                           sarif_base, failing, quiet)  # fmt: skip
+        raise typer.Exit(code)
+    (model,) = models
     plan = _plan(output_format, json_output, out, sarif_base)
-    options = parse_options(option or [])
     _check_model(model)
     _check_file(config, "config file")
     _check_data(data, classnames)
@@ -476,21 +551,7 @@ def scan(
     from clipguard import api
     from clipguard.runtime import cli_threads
 
-    arguments: dict[str, Any] = {
-        "scanner": plugin,
-        "shots": shots,
-        "seed": seed,
-        "device": device,
-        "options": options,
-        "config_file": config,
-        "classnames_file": classnames,
-        "arch": arch,
-        "allow_torchscript": allow_torchscript,
-        "draws": draws,
-        "threads": cli_threads(threads),
-        "max_minutes": _time_budget(max_minutes),
-        "command": command_line(),
-    }
+    arguments["threads"] = cli_threads(threads)
     if estimate:
         with display("clipguard scan --estimate", quiet):
             cost = api.estimate(model, data, **arguments)
@@ -513,6 +574,79 @@ def scan(
     if plan.stdout is None and not quiet:
         _print_scan_summary(report, out)
     raise typer.Exit(scan_exit_code(report.verdict or "clean", failing))
+
+
+def _scan_fleet(
+    models: list[Path],
+    data: Path,
+    out: Path | None,
+    arguments: dict[str, Any],
+    fleet_args: dict[str, Any],
+    output_format: list[str] | None,
+    json_output: bool,
+    sarif_base: Path | None,
+    failing: list[str],
+    quiet: bool,
+) -> int:
+    """``clipguard scan`` of a fleet (:mod:`clipguard.fleet`): checked first, then run under
+    one progress display (a bar of models done); the summary table on stderr (not with
+    ``quiet``), the rows as JSON lines on stdout with ``--json``; returns the exit code."""
+    from clipguard import fleet
+
+    if out is None:
+        raise InputError("a fleet scan (several models or a folder) needs --out")
+    plan = fleet.plan_fleet(
+        models,
+        data,
+        out,
+        fleet.ScanSettings(**arguments),
+        formats=parse_formats(output_format),
+        sarif_base=sarif_base,
+        **fleet_args,
+    )
+    finished: list[fleet.FleetRow] = []
+    try:
+        with display(f"clipguard scan: {len(plan.models)} models", quiet):
+            rows = fleet.run_fleet(plan, quiet=quiet, on_row=finished.append)
+    except KeyboardInterrupt:
+        stderr.print(
+            f"interrupted: {len(finished)} of {len(plan.models)} models finished "
+            f"({out / fleet.SUMMARY_FILE}); run the command again to resume",
+            style="yellow",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if json_output:
+        for row in rows:
+            typer.echo(row.model_dump_json())
+    if not quiet:
+        _print_fleet_summary(rows, out)
+    return fleet.fleet_exit_code(rows, failing)
+
+
+def _print_fleet_summary(rows: Sequence[fleet.FleetRow], out: Path) -> None:
+    counts = {verdict: sum(row.verdict == verdict for row in rows) for verdict in VERDICT_COLOURS}
+    failed = sum(row.error is not None for row in rows)
+    title = f"clipguard scan: {len(rows)} models, " + ", ".join(
+        [f"{count} {verdict}" for verdict, count in counts.items()] + [f"{failed} failed"]
+    )
+    table = Table(title=title)
+    for column in ("model", "verdict", "score", "target class", "seconds", "error"):
+        table.add_column(column)
+    for row in rows:
+        verdict = "error" if row.verdict is None else row.verdict
+        seconds = f"{row.seconds:.1f}" + (" (reused)" if row.reused else "")
+        table.add_row(
+            Text(row.name),
+            f"[{VERDICT_COLOURS.get(verdict, 'bold red')}]{verdict}[/]",
+            "-" if row.score is None else f"{row.score:.3f}",
+            Text(row.target or "-"),
+            seconds,
+            Text(row.error or ""),
+        )
+    stderr.print(table)
+    stderr.print(f"summary: {out / fleet.SUMMARY_FILE}", highlight=False, soft_wrap=True)
 
 
 PURIFY_EXAMPLES = """Examples:

@@ -338,6 +338,37 @@ class ModelFileMetadata(_Model):
     open_clip_config: str = Field(description='JSON {"model_cfg": open_clip model config}')
 
 
+class FleetRow(_Model):
+    """One model of a fleet scan (``clipguard scan MODEL... --out OUT``): a line of
+    ``OUT/summary.jsonl``."""
+
+    path: str = Field(description="the checkpoint, as given or found")
+    name: str = Field(description="its folder under the output folder")
+    sha256: str | None = Field(description="sha256 of the checkpoint; null if unreadable")
+    verdict: Literal["backdoor", "clean", "inconclusive"] | None = Field(
+        description="the scan's verdict; null when the scan failed"
+    )
+    target: str | None = Field(description="suspected target class (report target_class)")
+    score: float | None = Field(description="score of the finding that decided the verdict")
+    seconds: float = Field(description="wall-clock seconds the model's scan took")
+    error: str | None = Field(description="the one-line error of a failed scan, else null")
+    report: str | None = Field(description="report.json, relative to the output folder")
+    reused: bool = Field(False, description="true when a rerun re-used an earlier scan")
+
+
+class FleetRecord(_Model):
+    """``OUT/<model>/fleet.json`` of a fleet scan: the model and the options its report.json
+    was made with; a rerun with the same sha256 and fingerprint re-uses the row."""
+
+    format: Literal["clipguard.fleet/1"]
+    sha256: str = Field(description="sha256 of the checkpoint scanned")
+    fingerprint: str = Field(description="sha256 of the canonical JSON of options")
+    options: dict[str, Any] = Field(
+        description="versions, scan options, config and class-name file hashes, data folder"
+    )
+    row: FleetRow
+
+
 #: file name in schemas/ -> model
 SCHEMAS: dict[str, type[BaseModel]] = {
     "report.schema.json": Report,
@@ -345,6 +376,8 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "trigger-file.schema.json": TriggerFileMetadata,
     "prompt-file.schema.json": PromptFileMetadata,
     "model-file.schema.json": ModelFileMetadata,
+    "fleet-summary-line.schema.json": FleetRow,
+    "fleet-record.schema.json": FleetRecord,
 }
 
 
