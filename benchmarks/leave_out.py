@@ -253,7 +253,10 @@ def main(
     ] = 0.5,
 ) -> None:
     """Fit the scanner's thresholds leaving one trigger family out at a time; report on it."""
-    outcome = dict(joined_scans(joined, min_asr) for joined in results)
+    outcome = {
+        name: leave_out(scans)
+        for name, scans in (joined_scans(joined, min_asr) for joined in results)
+    }
     typer.echo(markdown(outcome))
     if out is not None:
         atomic_write_json(out, outcome)

@@ -625,8 +625,11 @@ def block_prompt_reading() -> str:
 
 LEAVE_OUT = "leave-one-family-out.json"
 LEAVE_OUT_COMMAND = (
-    "python -m benchmarks.leave_out benchmarks/results/synthetic-defaults.json "
-    "benchmarks/results/cifar10-natural-defaults.json "
+    "python -m benchmarks.leave_out "
+    "benchmarks/results/synthetic-defaults.json+"
+    "benchmarks/results/synthetic-extended-defaults.json "
+    "benchmarks/results/cifar10-natural-defaults.json+"
+    "benchmarks/results/cifar10-natural-extended-defaults.json "
     "--out benchmarks/results/leave-one-family-out.json"
 )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -57,3 +58,19 @@ def test_files_joined_with_a_plus_are_one_zoo(tmp_path) -> None:
     assert [s["model"] for s in scans] == ["clean-s0", "badnets-s0", "ftrojan-s0", "clean-s1"]
     with pytest.raises(ValueError, match="more than one file"):
         joined_scans(f"{first}+{first}", min_asr=0.5)
+
+
+def test_the_command_writes_every_zoos_folds_from_stored_scans(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from benchmarks.leave_out import app
+
+    stored = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    joined = f"{stored / 'synthetic-defaults.json'}+{stored / 'synthetic-extended-defaults.json'}"
+    out = tmp_path / "leave-out.json"
+    result = CliRunner().invoke(app, [joined, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    written = json.loads(out.read_text())
+    families = written["synthetic-defaults"]["families"]
+    assert {"badnets", "ftrojan", "color-filter"} <= set(families)
+    assert "| synthetic-defaults | ftrojan |" in result.output
