@@ -641,6 +641,40 @@ def block_leave_out() -> str:
     return "\n".join(_source([LEAVE_OUT], [LEAVE_OUT_COMMAND])) + "\n" + markdown(results).rstrip()
 
 
+#: zoos of the further trigger families: scans and CBPT purifications with the defaults
+EXTENDED = {
+    "synthetic": "synthetic-extended-defaults.json",
+    "CIFAR-10 `natural`": "cifar10-natural-extended-defaults.json",
+}
+EXTENDED_COMMAND = (
+    "python -m benchmarks.run --zoo XZOO --defences zeroshot,cbpt --clean-defences "
+    "zeroshot,cbpt --eval-limit 1000 --results benchmarks/results/<zoo>-extended-defaults.json"
+)
+
+
+def block_purify_extended() -> str:
+    """CBPT with each scan's trigger on the further families' models, one row per model."""
+    lines = _source(list(EXTENDED.values()), [EXTENDED_COMMAND])
+    header = ["zoo", "model", "scan", "CA before -> after", "ASR before -> after",
+              "target recall before -> after"]  # fmt: skip
+    rows = []
+    for label, name in EXTENDED.items():
+        results = json.loads((ROOT / RESULTS / name).read_text())
+        verdicts = {scan["model"]: scan["verdict"] for scan in results["scans"]}
+        for run in sorted(runs_of(results, "cbpt", backdoored=True), key=lambda r: r["model"]):
+            rows.append(
+                [
+                    label,
+                    run["model"],
+                    verdicts[run["model"]],
+                    f"{_pct(run['ca_before'])} -> {_pct(run['ca_after'])}",
+                    f"{_pct(run['asr_before'])} -> {_pct(run['asr_after'])}",
+                    f"{_pct(run['target_recall_before'])} -> {_pct(run['target_recall_after'])}",
+                ]
+            )
+    return "\n".join([*lines, *_table(header, rows)])
+
+
 REALSIZE = "realsize-cost-cpu.json"
 
 
@@ -727,6 +761,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "prompt-reading": block_prompt_reading,
     "leave-out": block_leave_out,
     "realsize-cost": block_realsize,
+    "purify-extended": block_purify_extended,
 }
 _MARKER = re.compile(
     r"(<!-- tables:(?P<name>[a-z0-9-]+):begin -->\n).*?(<!-- tables:(?P=name):end -->)", re.S
