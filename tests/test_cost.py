@@ -16,19 +16,9 @@ from clipguard.model import load_model
 from clipguard.report import Report, UnitCosts
 from tests.core.cli_helpers import run_cli
 from tests.core.fixed_verdict import FixedVerdictScanner
+from tests.core.scan_options import CHEAP_CBPT
 
-#: a cbpt scan of the tiny model that takes a second or two
-CHEAP = {
-    "class_steps": 3,
-    "class_batch_size": 2,
-    "refine_steps": 2,
-    "refine_batch_size": 4,
-    "prompt_steps": 5,
-    "additive_steps": 2,
-    "additive_refits": 0,
-    "warp_steps": 2,
-    "probe_held_out": 2,
-}
+CHEAP = CHEAP_CBPT
 UNITS = UnitCosts(
     device="cpu",
     batch_size=8,

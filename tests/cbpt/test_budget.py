@@ -30,19 +30,9 @@ from clipguard_cbpt.config import ScanConfig
 from clipguard_cbpt.explain import budget_verdict
 from clipguard_cbpt.prompt_fit import scan_classifier
 from tests.core.cli_helpers import assert_one_line_error, run_cli
+from tests.core.scan_options import CHEAP_CBPT
 
-#: a cbpt scan of the tiny model that takes a second or two when uncut
-CHEAP = {
-    "class_steps": 3,
-    "class_batch_size": 2,
-    "refine_steps": 2,
-    "refine_batch_size": 4,
-    "prompt_steps": 5,
-    "additive_steps": 2,
-    "additive_refits": 0,
-    "warp_steps": 2,
-    "probe_held_out": 2,
-}
+CHEAP = CHEAP_CBPT
 #: the same scan, whose verdict is clean on the tiny model whatever it finds
 CLEAN = {
     **CHEAP,
