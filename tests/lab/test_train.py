@@ -308,10 +308,10 @@ def test_the_unseen_prompt_profile_never_trains_on_the_hand_crafted_prompt():
     assert replace(unseen, name="natural", templates=TEMPLATES) == natural
     assert PROFILES["synthetic"].templates == natural.templates == TEMPLATES
     options = {"attack": "badnets", "target": "cat", "poison_rate": 0.01, "seed": 0}
-    # the keys these recipes had before profiles carried their templates (synthetic: since
-    # the profile gained the settings of the seven further families)
+    # the keys these recipes had before profiles carried their templates (synthetic and
+    # natural: since each profile gained the settings of the seven further families)
     assert recipe_key("synthetic", **options) == "a60856fa22f8"
-    assert recipe_key("natural", **options) == "8b0a900cb76c"
+    assert recipe_key("natural", **options) == "342a78d93482"
     assert recipe_key("natural-unseen-prompt", **options) != recipe_key("natural", **options)
 
 
