@@ -115,14 +115,8 @@ class CBPTScanner(Scanner):
         start_images = bundle.image_encoder_images
         names = list(shots.classnames)
         found = locate_within_budget(bundle, shots, config, context, self.ablations)
-        budget, reading = found.budget, found.reading
-        screening, suspected, kept, refined = (
-            found.screening,
-            found.suspected,
-            found.kept,
-            found.refined,
-        )
-        classifier = reading.classifier
+        budget, reading, classifier = found.budget, found.reading, found.reading.classifier
+        screening, suspected, kept = found.screening, found.suspected, found.kept
         verdict, score, explanation = decide(screening, suspected, names, config)
         cut = shortfalls(reading, screening, suspected, config)
         verdict, explanation = budget_verdict(verdict, explanation, cut)
@@ -152,7 +146,15 @@ class CBPTScanner(Scanner):
         )
         statistics = {
             **scan_statistics(
-                reading, screening, suspected, kept, refined, distribution, collapse, names, config
+                reading,
+                screening,
+                suspected,
+                kept,
+                found.refined,
+                distribution,
+                collapse,
+                names,
+                config,
             ),
             "image_encoder_images": bundle.image_encoder_images - start_images,
             "budget": budget.images,
