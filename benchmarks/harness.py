@@ -40,6 +40,8 @@ DEFENCES: dict[str, tuple[str, dict[str, Any], bool]] = {
     "cbpt-random-mask": ("cbpt", {"random_mask": True}, True),
     # besides the mask trigger, a smooth warp of at most 8 pixels fitted towards the target
     "cbpt-warp-trigger": ("cbpt", {"warp_trigger_pixels": 8.0}, True),
+    # where a reach probe decided the scan, also that probe's transformation towards the target
+    "cbpt-probe-trigger": ("cbpt", {"probe_trigger": True}, True),
     # held to the hand-crafted prompts whatever the scan (the default holds a trigger of a scan
     # through fitted prompts to prompts fitted by plain CoOp)
     "cbpt-handcrafted-reference": ("cbpt", {"reference_prompts": "handcrafted"}, True),

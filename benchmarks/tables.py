@@ -629,7 +629,8 @@ LEAVE_OUT_COMMAND = (
     "benchmarks/results/synthetic-defaults.json+"
     "benchmarks/results/synthetic-extended-defaults.json "
     "benchmarks/results/cifar10-natural-defaults.json+"
-    "benchmarks/results/cifar10-natural-extended-defaults.json "
+    "benchmarks/results/cifar10-natural-extended-defaults.json+"
+    "benchmarks/results/cifar10-natural-clean-s10-s19-defaults.json "
     "--out benchmarks/results/leave-one-family-out.json"
 )
 
@@ -672,6 +673,46 @@ def block_purify_extended() -> str:
                     f"{_pct(run['target_recall_before'])} -> {_pct(run['target_recall_after'])}",
                 ]
             )
+    return "\n".join([*lines, *_table(header, rows)])
+
+
+#: the purifier's probe trigger against the mask trigger alone, synthetic further families
+PROBE_TRIGGER = "synthetic-extended-probe-trigger.json"
+PROBE_TRIGGER_COMMAND = (
+    "python -m benchmarks.run --zoo SXZOO --defences cbpt,cbpt-probe-trigger --clean-defences "
+    "zeroshot --eval-limit 1000 --results benchmarks/results/" + PROBE_TRIGGER
+)
+
+
+def block_probe_trigger() -> str:
+    """Per backdoored model whose scan a reach probe decided: CBPT with the mask trigger alone
+    (the default) against ``probe_trigger`` (the probe's transformation too)."""
+    results = json.loads((ROOT / RESULTS / PROBE_TRIGGER).read_text())
+    lines = _source([PROBE_TRIGGER], [PROBE_TRIGGER_COMMAND])
+    decided = {s["model"]: s["statistics"]["decided_by"] for s in results["scans"]}
+    by_model: dict[str, dict[str, dict[str, Any]]] = {}
+    for defence in ("cbpt", "cbpt-probe-trigger"):
+        for run in runs_of(results, defence, backdoored=True):
+            by_model.setdefault(run["model"], {})[defence] = run
+    rows = []
+    for model, runs in sorted(by_model.items()):
+        if decided.get(model, "rule") == "rule" or len(runs) < 2:
+            continue
+        mask, both = runs["cbpt"], runs["cbpt-probe-trigger"]
+        rows.append(
+            [
+                model,
+                decided[model],
+                f"{_pct(mask['asr_before'])}",
+                f"{_pct(mask['asr_after'])} / {_pct(both['asr_after'])}",
+                f"{_pct(mask['ca_before'])} -> {_pct(mask['ca_after'])} / {_pct(both['ca_after'])}",
+                f"{_pct(mask['target_recall_before'])} -> {_pct(mask['target_recall_after'])} / "
+                f"{_pct(both['target_recall_after'])}",
+            ]
+        )
+    header = ["model", "decided by", "ASR before", "ASR after: mask only / probe trigger",
+              "CA: before -> mask only / probe trigger",
+              "target recall: before -> mask only / probe trigger"]  # fmt: skip
     return "\n".join([*lines, *_table(header, rows)])
 
 
@@ -762,6 +803,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "leave-out": block_leave_out,
     "realsize-cost": block_realsize,
     "purify-extended": block_purify_extended,
+    "probe-trigger": block_probe_trigger,
 }
 _MARKER = re.compile(
     r"(<!-- tables:(?P<name>[a-z0-9-]+):begin -->\n).*?(<!-- tables:(?P=name):end -->)", re.S

@@ -161,6 +161,40 @@ def test_the_warp_trigger_adds_its_views_and_follows_the_gate(bundle, shots) -> 
     assert outcome.statistics["warp_trigger_encoder_images"] == 0
 
 
+def test_the_deciding_probe_becomes_a_further_trigger(bundle, shots) -> None:
+    """When a reach probe decided the trigger's scan (``deciding_probe`` in its settings),
+    the purifier fits that probe's family, at the recorded bound, towards the target and
+    tunes against it too; the default (off), a rule-decided scan and the gate skip it."""
+    config = PurifyConfig(steps=2, augmentations=1, probe_trigger=True, probe_trigger_steps=5)
+    settings = {"verdict": "backdoor", "deciding_probe": {"name": "additive", "epsilon": 0.05}}
+    trigger = TriggerFile(_patch_trigger(), bundle.sha256, list(shots.classnames), settings)
+    followed = CBPTPurifier().purify(bundle, shots, config, RunContext(seed=0), trigger=trigger)
+    assert followed.statistics["probe_trigger"] == {"name": "additive", "epsilon": 0.05}
+    # 5 steps on the 8 shots of the two other classes; 2 views x 3 triggers (clean, mask,
+    # additive) x 12 shots
+    assert followed.statistics["probe_trigger_encoder_images"] == 5 * 8
+    assert followed.statistics["feature_encoder_images"] == 72
+    off = CBPTPurifier().purify(
+        bundle,
+        shots,
+        PurifyConfig(steps=2, augmentations=1, probe_trigger_steps=5),
+        RunContext(seed=0),
+        trigger=trigger,
+    )
+    by_rule = TriggerFile(
+        _patch_trigger(), bundle.sha256, list(shots.classnames), {"deciding_probe": None}
+    )
+    gated = TriggerFile(
+        _patch_trigger(), bundle.sha256, list(shots.classnames), {**settings, "verdict": "clean"}
+    )
+    for trigger_file, options in ((trigger, off), (by_rule, None), (gated, None)):
+        outcome = options or CBPTPurifier().purify(
+            bundle, shots, config, RunContext(seed=0), trigger=trigger_file
+        )
+        assert outcome.statistics["probe_trigger"] is None
+        assert outcome.statistics["probe_trigger_encoder_images"] == 0
+
+
 def test_purifier_inverts_its_own_trigger_and_is_deterministic(bundle, shots) -> None:
     config = PurifyConfig(
         steps=3,
@@ -193,7 +227,13 @@ def test_purifier_inverts_with_the_scan_procedure(bundle, shots) -> None:
     assert outcome.trigger.settings["verdict"] in ("backdoor", "clean", "inconclusive")
     # its trigger records both signals, so the gate judges it as the scan did
     settings = outcome.trigger.settings
-    assert {"evidence", "additive_evidence", "warp_evidence", "decided_by"} <= set(settings)
+    assert {
+        "evidence",
+        "additive_evidence",
+        "warp_evidence",
+        "decided_by",
+        "deciding_probe",
+    } <= set(settings)
     assert says_clean(settings) is (settings["verdict"] == "clean")
     assert outcome.statistics["trigger_loss_gated"] is says_clean(settings)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +137,20 @@ class SmoothWarp(ProbeFamily):
 
     def rescaled(self, factor: float) -> SmoothWarp:
         return replace(self, max_pixels=self.max_pixels * factor)
+
+
+def family_from_settings(name: str, settings: dict[str, Any]) -> ProbeFamily | None:
+    """The probe family ``name`` ("additive", "warp") with the bounds of ``settings`` (as
+    :meth:`ProbeFamily.settings` wrote them), or None for an unknown name or incomplete
+    settings (a trigger file written by another version)."""
+    try:
+        if name == AdditivePerturbation.name:
+            return AdditivePerturbation(float(settings["epsilon"]))
+        if name == SmoothWarp.name:
+            return SmoothWarp(int(settings["grid"]), float(settings["max_pixels"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None
 
 
 def spread_rows(rows: torch.Tensor, limit: int) -> torch.Tensor:

@@ -16,8 +16,17 @@ from clipguard_cbpt.config import DEFAULT_THRESHOLDS, PROBES, ScanConfig
 from clipguard_cbpt.contrastive import ContrastiveConfig, run_inversion
 from clipguard_cbpt.evidence import deciding_ratio, verdict_of
 from clipguard_cbpt.inversion import InversionConfig, invert_targeted
-from clipguard_cbpt.probe_families import SmoothWarp, transform_towards
-from clipguard_cbpt.statistics import prediction_distribution, probe_evidence_settings
+from clipguard_cbpt.probe_families import (
+    ProbeFamily,
+    SmoothWarp,
+    family_from_settings,
+    transform_towards,
+)
+from clipguard_cbpt.statistics import (
+    deciding_probe_settings,
+    prediction_distribution,
+    probe_evidence_settings,
+)
 from clipguard_cbpt.tuning import (
     CoOpConfig,
     FeatureCache,
@@ -74,6 +83,19 @@ class PurifyConfig(TuningConfig):
         ),
     )
     warp_trigger_steps: int = Field(30, ge=1, description="Adam steps fitting the warp trigger")
+    probe_trigger: bool = Field(
+        False,
+        description=(
+            "when a reach probe decided the trigger's scan (a full-image change or a warp "
+            "reached the target, not the mask), also tune against that probe's transformation "
+            "at the scan's bound, fitted to send the other classes' shots to the target: the "
+            "purification follows the kind of trigger the scan found; off by default until "
+            "measured on every lab zoo (docs/method.md)"
+        ),
+    )
+    probe_trigger_steps: int = Field(
+        30, ge=1, description="Adam steps fitting the probe trigger (probe_trigger)"
+    )
     gate_on_verdict: bool = Field(
         True,
         description=(
@@ -143,6 +165,7 @@ class CBPTPurifier(Purifier):
                     "verdict": verdict_of(suspected.ratio, scan_config),
                     "evidence": screening.top_evidence,
                     **probe_evidence_settings(suspected),
+                    **deciding_probe_settings(suspected),
                     "decided_by": suspected.decided_by,
                 }
                 statistics["inversion_evidence"] = screening.top_evidence
@@ -209,6 +232,29 @@ class CBPTPurifier(Purifier):
                     )
                 )
         statistics["warp_trigger_encoder_images"] = bundle.image_encoder_images - warp_start
+        probe_start = bundle.image_encoder_images
+        family = (
+            None
+            if config.random_mask or config.no_trigger_loss
+            else probe_trigger_family(trigger, config)
+        )
+        if family is not None:
+            with context.stage(f"{family.name} trigger"):
+                used.append(
+                    transform_towards(
+                        bundle,
+                        shots.pixels,
+                        shots.labels,
+                        baseline.class_features,
+                        family,
+                        target,
+                        config.probe_trigger_steps,
+                    )
+                )
+        statistics["probe_trigger"] = (
+            None if family is None else {"name": family.name, **family.settings()}
+        )
+        statistics["probe_trigger_encoder_images"] = bundle.image_encoder_images - probe_start
         cache = shot_features(bundle, shots, used, config, context)
         outcome = _tune(bundle, shots, cache, target, config, context, self)
         outcome.statistics.update(statistics)
@@ -224,6 +270,17 @@ class CBPTPurifier(Purifier):
         outcome.trigger = trigger
         outcome.trigger_target = shots.classnames[target]
         return outcome
+
+
+def probe_trigger_family(trigger: TriggerFile, config: PurifyConfig) -> ProbeFamily | None:
+    """The reach probe family, at the scan's bound, that the purifier also tunes against
+    (``probe_trigger``): the one recorded as ``deciding_probe`` in ``trigger``'s settings when
+    a probe decided its scan; None when the option is off, the rule decided, or the file
+    records no usable probe (written by another version)."""
+    recorded = trigger.settings.get("deciding_probe")
+    if not config.probe_trigger or not isinstance(recorded, dict):
+        return None
+    return family_from_settings(str(recorded.get("name")), recorded)
 
 
 def shot_features(

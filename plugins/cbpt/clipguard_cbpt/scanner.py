@@ -74,6 +74,7 @@ from clipguard_cbpt.explain import budget_verdict, decide
 from clipguard_cbpt.render import picture_bytes
 from clipguard_cbpt.screening import ScanAblations
 from clipguard_cbpt.statistics import (
+    deciding_probe_settings,
     prediction_distribution,
     probe_evidence_settings,
     scan_statistics,
@@ -137,6 +138,7 @@ class CBPTScanner(Scanner):
                 "verdict": verdict,
                 "evidence": screening.top_evidence,
                 **probe_evidence_settings(suspected),
+                **deciding_probe_settings(suspected),
                 "decided_by": suspected.decided_by,
                 "dominant_class": distribution["dominant_class"],
                 "prompts": reading.name,

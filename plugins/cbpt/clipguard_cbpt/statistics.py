@@ -71,6 +71,17 @@ def probe_evidence_settings(suspected: Suspicion) -> dict[str, float | None]:
     return {f"{name}_evidence": tops.get(name) for name in PROBES}
 
 
+def deciding_probe_settings(suspected: Suspicion) -> dict[str, Any]:
+    """``{"deciding_probe": {"name": ..., <bounds>}}``: the reach probe that decided the scan
+    and the bounds it settled on (:meth:`ProbeFamily.settings`), which the purifier fits
+    towards the target as a further trigger (``probe_trigger``); the value is None when the
+    rule decided."""
+    probe = suspected.probes.get(suspected.decided_by)
+    if probe is None:
+        return {"deciding_probe": None}
+    return {"deciding_probe": {"name": probe.family.name, **probe.family.settings()}}
+
+
 def probe_statistics(suspected: Suspicion, names: list[str], config: ScanConfig) -> dict[str, Any]:
     """The reach probes' part of the report, per probe ``P`` in :data:`PROBES`: the suspect's
     evidence (``P_evidence``), every class's reach and evidence (``class_P_reach``,
