@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal, TypeVar
 
+import torch
 from pydantic import BaseModel, Field
 
 from clipguard.components import Purifier, PurifyOutcome, RunContext, ShotSet
@@ -215,46 +216,11 @@ class CBPTPurifier(Purifier):
             masks = [
                 random_mask_like(each, context.generator(7 + i)) for i, each in enumerate(masks)
             ]
-        used: list[Trigger] = list(masks)
-        warp_start = bundle.image_encoder_images
-        # the random-mask ablation tests a trigger without content, so it gets no fitted warp
-        if config.warp_trigger_pixels > 0 and not (config.no_trigger_loss or config.random_mask):
-            with context.stage("warp trigger"):
-                used.append(
-                    transform_towards(
-                        bundle,
-                        shots.pixels,
-                        shots.labels,
-                        baseline.class_features,
-                        SmoothWarp(WARP_TRIGGER_GRID, config.warp_trigger_pixels),
-                        target,
-                        config.warp_trigger_steps,
-                    )
-                )
-        statistics["warp_trigger_encoder_images"] = bundle.image_encoder_images - warp_start
-        probe_start = bundle.image_encoder_images
-        family = (
-            None
-            if config.random_mask or config.no_trigger_loss
-            else probe_trigger_family(trigger, config)
+        fitted, fitted_statistics = transform_triggers(
+            bundle, shots, baseline.class_features, target, trigger, config, context
         )
-        if family is not None:
-            with context.stage(f"{family.name} trigger"):
-                used.append(
-                    transform_towards(
-                        bundle,
-                        shots.pixels,
-                        shots.labels,
-                        baseline.class_features,
-                        family,
-                        target,
-                        config.probe_trigger_steps,
-                    )
-                )
-        statistics["probe_trigger"] = (
-            None if family is None else {"name": family.name, **family.settings()}
-        )
-        statistics["probe_trigger_encoder_images"] = bundle.image_encoder_images - probe_start
+        statistics.update(fitted_statistics)
+        used: list[Trigger] = [*masks, *fitted]
         cache = shot_features(bundle, shots, used, config, context)
         outcome = _tune(bundle, shots, cache, target, config, context, self)
         outcome.statistics.update(statistics)
@@ -270,6 +236,48 @@ class CBPTPurifier(Purifier):
         outcome.trigger = trigger
         outcome.trigger_target = shots.classnames[target]
         return outcome
+
+
+def transform_triggers(
+    bundle: ModelBundle,
+    shots: ShotSet,
+    class_features: torch.Tensor,
+    target: int,
+    trigger: TriggerFile,
+    config: PurifyConfig,
+    context: RunContext,
+) -> tuple[list[Trigger], dict[str, Any]]:
+    """The fitted transformations the purifier tunes against besides its mask triggers, each
+    sending the other classes' shots to ``target`` (:func:`transform_towards`): the warp of
+    ``warp_trigger_pixels`` (stage "warp trigger") and the probe trigger
+    (:func:`probe_trigger_family`, stage "probe trigger"). None without ``L_trigger`` or for
+    the random-mask ablation (a trigger without content gets no fitted one). Returns them
+    and their statistics: ``probe_trigger`` (its family's name and bounds, or None) and each
+    one's encoder images (``warp_trigger_encoder_images``, ``probe_trigger_encoder_images``)."""
+    warp = SmoothWarp(WARP_TRIGGER_GRID, config.warp_trigger_pixels)
+    wanted = {
+        "warp": (warp if config.warp_trigger_pixels > 0 else None, config.warp_trigger_steps),
+        "probe": (probe_trigger_family(trigger, config), config.probe_trigger_steps),
+    }
+    if config.no_trigger_loss or config.random_mask:
+        wanted = {key: (None, steps) for key, (_, steps) in wanted.items()}
+    fitted: list[Trigger] = []
+    statistics: dict[str, Any] = {}
+    for key, (family, steps) in wanted.items():
+        start = bundle.image_encoder_images
+        if family is not None:
+            with context.stage(f"{key} trigger"):
+                fitted.append(
+                    transform_towards(
+                        bundle, shots.pixels, shots.labels, class_features, family, target, steps
+                    )
+                )
+        statistics[f"{key}_trigger_encoder_images"] = bundle.image_encoder_images - start
+    probe = wanted["probe"][0]
+    statistics["probe_trigger"] = (
+        None if probe is None else {"name": probe.name, **probe.settings()}
+    )
+    return fitted, statistics
 
 
 def probe_trigger_family(trigger: TriggerFile, config: PurifyConfig) -> ProbeFamily | None:
