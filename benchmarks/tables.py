@@ -676,42 +676,50 @@ def block_purify_extended() -> str:
     return "\n".join([*lines, *_table(header, rows)])
 
 
-#: the purifier's probe trigger against the mask trigger alone, synthetic further families
-PROBE_TRIGGER = "synthetic-extended-probe-trigger.json"
-PROBE_TRIGGER_COMMAND = (
+#: the purifier's probe trigger against the mask trigger alone, on synthetic zoos: the
+#: further families, and the four of the first seven whose models a probe decides
+PROBE_TRIGGER = {
+    "further families": "synthetic-extended-probe-trigger.json",
+    "first seven": "synthetic-seven-probe-trigger.json",
+}
+PROBE_TRIGGER_COMMANDS = [
     "python -m benchmarks.run --zoo SXZOO --defences cbpt,cbpt-probe-trigger --clean-defences "
-    "zeroshot --eval-limit 1000 --results benchmarks/results/" + PROBE_TRIGGER
-)
+    f"zeroshot --eval-limit 1000 --results benchmarks/results/{name}"
+    for name in PROBE_TRIGGER.values()
+]
 
 
 def block_probe_trigger() -> str:
     """Per backdoored model whose scan a reach probe decided: CBPT with the mask trigger alone
     (the default) against ``probe_trigger`` (the probe's transformation too)."""
-    results = json.loads((ROOT / RESULTS / PROBE_TRIGGER).read_text())
-    lines = _source([PROBE_TRIGGER], [PROBE_TRIGGER_COMMAND])
-    decided = {s["model"]: s["statistics"]["decided_by"] for s in results["scans"]}
-    by_model: dict[str, dict[str, dict[str, Any]]] = {}
-    for defence in ("cbpt", "cbpt-probe-trigger"):
-        for run in runs_of(results, defence, backdoored=True):
-            by_model.setdefault(run["model"], {})[defence] = run
+    lines = _source(list(PROBE_TRIGGER.values()), PROBE_TRIGGER_COMMANDS)
     rows = []
-    for model, runs in sorted(by_model.items()):
-        if decided.get(model, "rule") == "rule" or len(runs) < 2:
-            continue
-        mask, both = runs["cbpt"], runs["cbpt-probe-trigger"]
-        rows.append(
-            [
-                model,
-                decided[model],
-                f"{_pct(mask['asr_before'])}",
-                f"{_pct(mask['asr_after'])} / {_pct(both['asr_after'])}",
-                f"{_pct(mask['ca_before'])} -> {_pct(mask['ca_after'])} / {_pct(both['ca_after'])}",
-                f"{_pct(mask['target_recall_before'])} -> {_pct(mask['target_recall_after'])} / "
-                f"{_pct(both['target_recall_after'])}",
-            ]
-        )
-    header = ["model", "decided by", "ASR before", "ASR after: mask only / probe trigger",
-              "CA: before -> mask only / probe trigger",
+    for label, name in PROBE_TRIGGER.items():
+        results = json.loads((ROOT / RESULTS / name).read_text())
+        decided = {s["model"]: s["statistics"]["decided_by"] for s in results["scans"]}
+        by_model: dict[str, dict[str, dict[str, Any]]] = {}
+        for defence in ("cbpt", "cbpt-probe-trigger"):
+            for run in runs_of(results, defence, backdoored=True):
+                by_model.setdefault(run["model"], {})[defence] = run
+        for model, runs in sorted(by_model.items()):
+            if decided.get(model, "rule") == "rule" or len(runs) < 2:
+                continue
+            mask, both = runs["cbpt"], runs["cbpt-probe-trigger"]
+            rows.append(
+                [
+                    label,
+                    model,
+                    decided[model],
+                    f"{_pct(mask['asr_before'])}",
+                    f"{_pct(mask['asr_after'])} / {_pct(both['asr_after'])}",
+                    f"{_pct(mask['ca_before'])} -> {_pct(mask['ca_after'])} / "
+                    f"{_pct(both['ca_after'])}",
+                    f"{_pct(mask['target_recall_before'])} -> "
+                    f"{_pct(mask['target_recall_after'])} / {_pct(both['target_recall_after'])}",
+                ]
+            )
+    header = ["families", "model", "decided by", "ASR before",
+              "ASR after: mask only / probe trigger", "CA: before -> mask only / probe trigger",
               "target recall: before -> mask only / probe trigger"]  # fmt: skip
     return "\n".join([*lines, *_table(header, rows)])
 
