@@ -17,6 +17,7 @@ BOUNDS = st.floats(min_value=1e-4, max_value=16, allow_nan=False)
 def test_a_family_is_rebuilt_from_its_settings(epsilon: float, grid: int, pixels: float) -> None:
     for family in (AdditivePerturbation(epsilon), SmoothWarp(grid, pixels)):
         assert family_from_settings(family.name, family.settings()) == family
+        assert family_from_settings(family.name, family.record()) == family
 
 
 def test_unknown_or_incomplete_settings_give_no_family() -> None:

@@ -49,6 +49,11 @@ class ProbeFamily(ABC):
     def settings(self) -> dict[str, float]:
         """The family's bounds, for reports."""
 
+    def record(self) -> dict[str, Any]:
+        """Its name and bounds, as trigger files and reports keep it (the inverse of
+        :func:`family_from_settings`)."""
+        return {"name": self.name, **self.settings()}
+
     @abstractmethod
     def describe(self) -> str:
         """One transformation of the family in words, for explanations."""

@@ -274,9 +274,7 @@ def transform_triggers(
                 )
         statistics[f"{key}_trigger_encoder_images"] = bundle.image_encoder_images - start
     probe = wanted["probe"][0]
-    statistics["probe_trigger"] = (
-        None if probe is None else {"name": probe.name, **probe.settings()}
-    )
+    statistics["probe_trigger"] = None if probe is None else probe.record()
     return fitted, statistics
 
 

@@ -79,7 +79,7 @@ def deciding_probe_settings(suspected: Suspicion) -> dict[str, Any]:
     probe = suspected.probes.get(suspected.decided_by)
     if probe is None:
         return {"deciding_probe": None}
-    return {"deciding_probe": {"name": probe.family.name, **probe.family.settings()}}
+    return {"deciding_probe": probe.family.record()}
 
 
 def probe_statistics(suspected: Suspicion, names: list[str], config: ScanConfig) -> dict[str, Any]:
