@@ -15,7 +15,8 @@ one :class:`FleetRow` per model.
   rewritten atomically after every finished model, so an interrupted run leaves a valid one.
 * A model whose ``fleet.json`` records the same sha256 and the same options fingerprint
   (:func:`options_record`) beside an intact ``report.json`` is not scanned again: its row is
-  re-used (``reused`` true). Failed models are always scanned again.
+  re-used (``reused`` true), before any worker process or Ray is started, so a rerun with
+  nothing left to scan starts neither. Failed models are always scanned again.
 * :func:`fleet_exit_code`: 2 if any model failed, else 1 if any backdoor, else 3 if any
   inconclusive (each only when ``fail_on`` names it), else 0.
 
@@ -30,6 +31,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -55,6 +57,9 @@ RECORD_FILE = "fleet.json"
 Executor = Literal["local", "ray"]
 EXECUTORS: tuple[str, ...] = ("local", "ray")
 RAY_MISSING = "--executor ray needs Ray, which is not installed: pip install clipguard[ray]"
+#: seconds a Ray cluster address gets to accept a connection before the fleet gives up on it
+#: (Ray itself retries a wrong address for minutes)
+RAY_CONNECT_TIMEOUT = 10.0
 #: torch threads a model's scan gets unless told otherwise: at most this many (the command
 #: line's default, :data:`clipguard.runtime.CLI_DEFAULT_MAX_THREADS`) and at most the cores
 #: divided by the models scanned at a time
@@ -479,6 +484,18 @@ def _reused_row(job: ModelJob, sha256: str) -> FleetRow | None:
     return row.model_copy(update={"path": job.path, "name": job.name, "reused": True})
 
 
+def earlier_row(job: ModelJob) -> FleetRow | None:
+    """The re-used row of ``job`` (:func:`_reused_row`) when its ``fleet.json`` is there, read
+    in the calling process so that a finished model needs no worker; None when the model must
+    be scanned (no record, an unreadable model or record: the worker reports what is wrong)."""
+    if not (job.out_dir / RECORD_FILE).is_file():
+        return None
+    try:
+        return _reused_row(job, sha256_file(job.model))
+    except OSError:
+        return None
+
+
 def run_model(job: ModelJob) -> FleetRow:
     """Scan one model of a fleet (what every worker runs) and return its row; never raises
     an :class:`Exception`: a :class:`ClipguardError` is a row with its one-line message,
@@ -605,16 +622,20 @@ def _init_worker() -> None:
 Finished = Callable[[int, FleetRow], None]
 
 
-def _run_in_process(jobs: Sequence[ModelJob], progress: Progress, finished: Finished) -> None:
+#: jobs to run, each with its index in the plan (what ``Finished`` is called with)
+Indexed = Sequence[tuple[int, ModelJob]]
+
+
+def _run_in_process(jobs: Indexed, progress: Progress, finished: Finished) -> None:
     """Run ``jobs`` one after another in this process, each under a stage of ``progress``
     named after its model (the display counts models, not each scan's stages)."""
-    for index, job in enumerate(jobs):
+    for index, job in jobs:
         with progress.stage(job.name):
             row = run_model(job)
         finished(index, row)
 
 
-def _run_processes(jobs: Sequence[ModelJob], workers: int, finished: Finished) -> None:
+def _run_processes(jobs: Indexed, workers: int, finished: Finished) -> None:
     """Run ``jobs`` in ``workers`` spawned processes, at most ``workers`` at a time. A worker
     that dies fails the models in flight (rows with :data:`WORKER_DIED`) and a fresh pool
     takes the rest. On an interruption the workers are ended."""
@@ -623,7 +644,7 @@ def _run_processes(jobs: Sequence[ModelJob], workers: int, finished: Finished) -
     from concurrent.futures.process import BrokenProcessPool
 
     context = multiprocessing.get_context("spawn")
-    pending = deque(enumerate(jobs))
+    pending = deque(jobs)
     running: dict[Future[FleetRow], tuple[int, ModelJob]] = {}
     pool: ProcessPoolExecutor | None = None
     try:
@@ -658,7 +679,7 @@ def _run_processes(jobs: Sequence[ModelJob], workers: int, finished: Finished) -
 
 
 def _run_ray(
-    jobs: Sequence[ModelJob],
+    jobs: Indexed,
     threads: int,
     limit: int | None,
     address: str | None,
@@ -667,7 +688,8 @@ def _run_ray(
     """Run each job as a Ray task that reserves ``threads`` CPUs, at most ``limit`` at a time
     (None: as many as the cluster fits). Connects to ``address`` (a running cluster) or
     starts a local Ray, unless Ray is already initialised in this process; shuts down only
-    what it started; :class:`InputError` when Ray cannot start or connect. Workers get
+    what it started; :class:`InputError` when Ray cannot start or connect, at once when
+    nothing answers at ``address`` (:func:`ray_unreachable`). Workers get
     absolute paths (they run in another folder, or on another machine). A task Ray could
     not run is a row with its error."""
     try:
@@ -678,6 +700,8 @@ def _run_ray(
 
     started = not ray.is_initialized()
     if started:
+        if address is not None and (why := ray_unreachable(address)) is not None:
+            raise InputError(f"cannot connect to the Ray cluster at {address}: {why}")
         try:
             ray.init(
                 address=address,
@@ -690,7 +714,7 @@ def _run_ray(
             raise InputError(f"cannot {where}: {_one_line(error)}") from None
     try:
         task = ray.remote(run_model).options(num_cpus=threads, max_retries=0)
-        pending = deque(enumerate(jobs))
+        pending = deque(jobs)
         running: dict[Any, tuple[int, ModelJob]] = {}
         while pending or running:
             while pending and (limit is None or len(running) < limit):
@@ -708,6 +732,23 @@ def _run_ray(
             ray.shutdown()
 
 
+def ray_unreachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT) -> str | None:
+    """Why nothing answers at the Ray cluster ``address`` when it names a host and port
+    (``HOST:PORT`` or ``ray://HOST:PORT``): a TCP connection there fails or takes longer than
+    ``timeout`` seconds. None when one is accepted, or for an address Ray resolves itself
+    (``auto``, ``local``)."""
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not host or not port.isdigit():
+        return None
+    host = host.removeprefix("[").removesuffix("]")  # an IPv6 address in brackets
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return None
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        return f"nothing answers at {host}:{port} ({reason})"
+
+
 def run_fleet(
     plan: FleetPlan,
     quiet: bool = True,
@@ -718,7 +759,9 @@ def run_fleet(
 
     ``plan.executor`` "local" with ``jobs`` 1 (or None) scans in this process, its progress
     shown unless ``quiet``; with ``jobs`` N in N spawned processes, each scan quiet. "ray"
-    runs each model as a Ray task (:func:`_run_ray`). Each scan gets
+    runs each model as a Ray task (:func:`_run_ray`). Models a rerun re-uses
+    (:func:`earlier_row`) are finished first, in this process; workers or Ray start only
+    for the rest, and not at all when none is left. Each scan gets
     :func:`threads_per_model` torch threads. A bar counts the models done (unless
     ``quiet``); ``on_row`` is called with each row as it finishes."""
     threads = threads_per_model(plan)
@@ -735,12 +778,19 @@ def run_fleet(
                 on_row(row)
             advance(1)
 
-        if plan.executor == "ray":
-            _run_ray(jobs, threads, plan.jobs, plan.ray_address, finished)
-        elif in_process:
-            _run_in_process(jobs, progress, finished)
-        else:
-            _run_processes(jobs, plan.jobs or 1, finished)
+        to_scan = []
+        for index, job in enumerate(jobs):
+            reused = earlier_row(job)
+            if reused is None:
+                to_scan.append((index, job))
+            else:
+                finished(index, reused)
+        if to_scan and plan.executor == "ray":
+            _run_ray(to_scan, threads, plan.jobs, plan.ray_address, finished)
+        elif to_scan and in_process:
+            _run_in_process(to_scan, progress, finished)
+        elif to_scan:
+            _run_processes(to_scan, plan.jobs or 1, finished)
     return [rows[index] for index in range(len(jobs))]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -174,6 +175,32 @@ def test_a_rerun_reuses_finished_models_and_rescans_what_changed(two_models, tin
     assert changed[1].sha256 == changed[0].sha256
 
 
+def test_a_rerun_starts_workers_only_for_what_is_left(two_models, tiny_data, tmp_path, monkeypatch):
+    models = tmp_path / "models"
+    models.mkdir()
+    for path in two_models:
+        shutil.copy(path, models / path.name)
+    out = tmp_path / "audits"
+    first = scan_fleet([models], tiny_data, out, **SMALL_KWARGS)
+    sent: list[list[str]] = []
+
+    def no_worker(jobs, *args):
+        sent.append([job.name for _, job in jobs])
+        return fleet._run_in_process(jobs, fleet.Progress(quiet=True), args[-1])
+
+    monkeypatch.setattr(fleet, "_run_processes", no_worker)
+    monkeypatch.setattr(fleet, "_run_ray", no_worker)
+    for executor in ("local", "ray"):
+        again = scan_fleet([models], tiny_data, out, jobs=2, executor=executor, **SMALL_KWARGS)
+        assert [row.reused for row in again] == [True, True]
+        assert [row.verdict for row in again] == [row.verdict for row in first]
+    assert sent == []  # nothing left to scan: neither processes nor Ray were started
+    shutil.copy(two_models[0], models / "tiny1.safetensors")
+    changed = scan_fleet([models], tiny_data, out, jobs=2, **SMALL_KWARGS)
+    assert sent == [["tiny1"]] and [row.reused for row in changed] == [True, False]
+    assert [row["name"] for row in _summary(out)] == ["tiny0", "tiny1"]
+
+
 def test_an_interrupted_run_leaves_a_valid_summary(two_models, tiny_data, tmp_path, monkeypatch):
     real = fleet.run_model
 
@@ -211,6 +238,31 @@ def test_local_processes_give_the_verdicts_of_one_process(two_models, tiny_data,
     ]
     assert [r.score for r in two] == pytest.approx([r.score for r in one])
     assert all(row.error is None for row in two)
+
+
+def test_a_ray_address_where_nothing_answers_is_one_line_at_once(two_models, tiny_data, tmp_path):
+    pytest.importorskip("ray", reason="ray is not installed (pip install clipguard[ray])")
+    with socket.socket() as probe:  # a port nothing listens on once it is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_cli(
+        "scan", *two_models, "--data", tiny_data, "--out", tmp_path / "o", "--executor", "ray",
+        "--ray-address", f"127.0.0.1:{port}", *SMALL_ARGS,
+    )  # fmt: skip
+    assert_one_line_error(result, f"Ray cluster at 127.0.0.1:{port}", "nothing answers")
+
+
+def test_ray_unreachable_tells_a_listening_address_from_a_dead_one():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert fleet.ray_unreachable(f"127.0.0.1:{port}") is None
+        assert fleet.ray_unreachable(f"ray://127.0.0.1:{port}") is None
+    dead = fleet.ray_unreachable(f"127.0.0.1:{port}", timeout=2)
+    assert dead is not None and dead.startswith(f"nothing answers at 127.0.0.1:{port} (")
+    for resolved_by_ray in ("auto", "local", "localhost"):
+        assert fleet.ray_unreachable(resolved_by_ray) is None
 
 
 @pytest.fixture
