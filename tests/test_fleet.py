@@ -149,13 +149,22 @@ def test_the_exit_code_is_the_worst_row(rows, fail_on, code):
     assert fleet_exit_code(rows, fail_on) == code
 
 
-def test_a_rerun_reuses_finished_models_and_rescans_what_changed(two_models, tiny_data, tmp_path):
+@pytest.fixture
+def scanned_folder(two_models, tiny_data, tmp_path) -> tuple[Path, Path, list[FleetRow]]:
+    """A folder with copies of the two models, scanned once as a fleet into ``audits``: the
+    folder, the output folder and the rows."""
     models = tmp_path / "models"
     models.mkdir()
     for path in two_models:
         shutil.copy(path, models / path.name)
     out = tmp_path / "audits"
-    first = scan_fleet([models], tiny_data, out, **SMALL_KWARGS)
+    return models, out, scan_fleet([models], tiny_data, out, **SMALL_KWARGS)
+
+
+def test_a_rerun_reuses_finished_models_and_rescans_what_changed(
+    scanned_folder, two_models, tiny_data
+):
+    models, out, first = scanned_folder
     report = out / "tiny0" / "report.json"
     written = report.stat().st_mtime_ns
     again = scan_fleet([models], tiny_data, out, formats=["html"], **SMALL_KWARGS)
@@ -175,13 +184,10 @@ def test_a_rerun_reuses_finished_models_and_rescans_what_changed(two_models, tin
     assert changed[1].sha256 == changed[0].sha256
 
 
-def test_a_rerun_starts_workers_only_for_what_is_left(two_models, tiny_data, tmp_path, monkeypatch):
-    models = tmp_path / "models"
-    models.mkdir()
-    for path in two_models:
-        shutil.copy(path, models / path.name)
-    out = tmp_path / "audits"
-    first = scan_fleet([models], tiny_data, out, **SMALL_KWARGS)
+def test_a_rerun_starts_workers_only_for_what_is_left(
+    scanned_folder, two_models, tiny_data, monkeypatch
+):
+    models, out, first = scanned_folder
     sent: list[list[str]] = []
 
     def no_worker(jobs, *args):
