@@ -630,6 +630,7 @@ LEAVE_OUT_COMMAND = (
     "benchmarks/results/synthetic-extended-defaults.json "
     "benchmarks/results/cifar10-natural-defaults.json+"
     "benchmarks/results/cifar10-natural-extended-defaults.json+"
+    "benchmarks/results/cifar10-natural-extended-s1-s2-defaults.json+"
     "benchmarks/results/cifar10-natural-clean-s10-s19-defaults.json "
     "--out benchmarks/results/leave-one-family-out.json"
 )
@@ -644,25 +645,31 @@ def block_leave_out() -> str:
 
 #: zoos of the further trigger families: scans and CBPT purifications with the defaults
 EXTENDED = {
-    "synthetic": "synthetic-extended-defaults.json",
-    "CIFAR-10 `natural`": "cifar10-natural-extended-defaults.json",
+    "synthetic": ("synthetic-extended-defaults.json",),
+    "CIFAR-10 `natural`": (
+        "cifar10-natural-extended-defaults.json",
+        "cifar10-natural-extended-s1-s2-defaults.json",
+    ),
 }
 EXTENDED_COMMAND = (
     "python -m benchmarks.run --zoo XZOO --defences zeroshot,cbpt --clean-defences "
-    "zeroshot,cbpt --eval-limit 1000 --results benchmarks/results/<zoo>-extended-defaults.json"
+    "zeroshot,cbpt --eval-limit 1000 --results benchmarks/results/<the zoo's results file>"
 )
 
 
 def block_purify_extended() -> str:
     """CBPT with each scan's trigger on the further families' models, one row per model."""
-    lines = _source(list(EXTENDED.values()), [EXTENDED_COMMAND])
+    lines = _source([name for names in EXTENDED.values() for name in names], [EXTENDED_COMMAND])
     header = ["zoo", "model", "scan", "CA before -> after", "ASR before -> after",
               "target recall before -> after"]  # fmt: skip
     rows = []
-    for label, name in EXTENDED.items():
-        results = json.loads((ROOT / RESULTS / name).read_text())
-        verdicts = {scan["model"]: scan["verdict"] for scan in results["scans"]}
-        for run in sorted(runs_of(results, "cbpt", backdoored=True), key=lambda r: r["model"]):
+    for label, names in EXTENDED.items():
+        runs, verdicts = [], {}
+        for name in names:
+            results = json.loads((ROOT / RESULTS / name).read_text())
+            verdicts.update({scan["model"]: scan["verdict"] for scan in results["scans"]})
+            runs += runs_of(results, "cbpt", backdoored=True)
+        for run in sorted(runs, key=lambda r: r["model"]):
             rows.append(
                 [
                     label,
