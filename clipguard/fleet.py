@@ -460,40 +460,34 @@ def _one_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _reused_row(job: ModelJob, sha256: str) -> FleetRow | None:
-    """The row of an earlier scan of this model with these options, when its record and an
-    intact report.json (of a model with this sha256) are there; report files of
-    ``job.formats`` that are missing are rendered from it. None when it must be scanned."""
+def earlier_row(job: ModelJob) -> FleetRow | None:
+    """The row of an earlier scan of this model with these options, read in the calling
+    process so that a finished model needs no worker: when its ``fleet.json`` records the
+    model's sha256 and the options fingerprint beside an intact report.json (of a model with
+    this sha256); report files of ``job.formats`` that are missing are rendered from it.
+    None when the model must be scanned (no record, or an unreadable model, record or
+    report: the scan reports what is wrong)."""
     from clipguard.render import render
     from clipguard.report import read_report
 
+    if not (job.out_dir / RECORD_FILE).is_file():
+        return None
     try:
+        sha256 = sha256_file(job.model)
         record = FleetRecord.model_validate_json((job.out_dir / RECORD_FILE).read_bytes())
         if record.sha256 != sha256 or record.fingerprint != job.fingerprint:
             return None
         report = read_report(job.out_dir / "report.json")
+        row = record.row
+        if report.model.sha256 != sha256 or row.error is not None:
+            return None
+        for fmt in job.formats:
+            path = job.out_dir / f"report.{SUFFIXES[fmt]}"
+            if not path.is_file():
+                atomic_write_text(path, render(report, fmt, job.sarif_base))
     except (OSError, ValueError, ClipguardError):
         return None
-    row = record.row
-    if report.model.sha256 != sha256 or row.error is not None:
-        return None
-    for fmt in job.formats:
-        path = job.out_dir / f"report.{SUFFIXES[fmt]}"
-        if not path.is_file():
-            atomic_write_text(path, render(report, fmt, job.sarif_base))
     return row.model_copy(update={"path": job.path, "name": job.name, "reused": True})
-
-
-def earlier_row(job: ModelJob) -> FleetRow | None:
-    """The re-used row of ``job`` (:func:`_reused_row`) when its ``fleet.json`` is there, read
-    in the calling process so that a finished model needs no worker; None when the model must
-    be scanned (no record, an unreadable model or record: the worker reports what is wrong)."""
-    if not (job.out_dir / RECORD_FILE).is_file():
-        return None
-    try:
-        return _reused_row(job, sha256_file(job.model))
-    except OSError:
-        return None
 
 
 def run_model(job: ModelJob) -> FleetRow:
@@ -501,8 +495,8 @@ def run_model(job: ModelJob) -> FleetRow:
     an :class:`Exception`: a :class:`ClipguardError` is a row with its one-line message,
     anything else a row with ``internal error: ...``.
 
-    Re-uses an earlier scan of the same model with the same options (:func:`_reused_row`);
-    otherwise removes the model's old ``fleet.json``, scans it into ``job.out_dir``
+    Removes the model's old ``fleet.json`` (the caller has found no earlier scan to re-use,
+    :func:`earlier_row`), scans it into ``job.out_dir``
     (report.json and the scanner's artefacts), writes the other ``job.formats`` files, then
     ``fleet.json`` last, each atomically."""
     from clipguard import api  # before the clock: a worker's first import is not the model's
@@ -513,9 +507,6 @@ def run_model(job: ModelJob) -> FleetRow:
     except OSError as error:
         return job.row(error=f"{job.model}: cannot read the model ({error.strerror or error})")
     try:
-        reused = _reused_row(job, sha256)
-        if reused is not None:
-            return reused
         (job.out_dir / RECORD_FILE).unlink(missing_ok=True)
         from clipguard.render import render
 

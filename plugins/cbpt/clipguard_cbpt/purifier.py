@@ -24,9 +24,8 @@ from clipguard_cbpt.probe_families import (
     transform_towards,
 )
 from clipguard_cbpt.statistics import (
-    deciding_probe_settings,
+    decision_settings,
     prediction_distribution,
-    probe_evidence_settings,
 )
 from clipguard_cbpt.tuning import (
     CoOpConfig,
@@ -165,9 +164,7 @@ class CBPTPurifier(Purifier):
                 judged = {
                     "verdict": verdict_of(suspected.ratio, scan_config),
                     "evidence": screening.top_evidence,
-                    **probe_evidence_settings(suspected),
-                    **deciding_probe_settings(suspected),
-                    "decided_by": suspected.decided_by,
+                    **decision_settings(suspected),
                 }
                 statistics["inversion_evidence"] = screening.top_evidence
             else:
@@ -254,13 +251,18 @@ def transform_triggers(
     the random-mask ablation (a trigger without content gets no fitted one). Returns them
     and their statistics: ``probe_trigger`` (its family's name and bounds, or None) and each
     one's encoder images (``warp_trigger_encoder_images``, ``probe_trigger_encoder_images``)."""
+    ablated = config.no_trigger_loss or config.random_mask
     warp = SmoothWarp(WARP_TRIGGER_GRID, config.warp_trigger_pixels)
     wanted = {
-        "warp": (warp if config.warp_trigger_pixels > 0 else None, config.warp_trigger_steps),
-        "probe": (probe_trigger_family(trigger, config), config.probe_trigger_steps),
+        "warp": (
+            None if ablated or config.warp_trigger_pixels <= 0 else warp,
+            config.warp_trigger_steps,
+        ),
+        "probe": (
+            None if ablated else probe_trigger_family(trigger, config),
+            config.probe_trigger_steps,
+        ),
     }
-    if config.no_trigger_loss or config.random_mask:
-        wanted = {key: (None, steps) for key, (_, steps) in wanted.items()}
     fitted: list[Trigger] = []
     statistics: dict[str, Any] = {}
     for key, (family, steps) in wanted.items():

@@ -74,9 +74,8 @@ from clipguard_cbpt.explain import budget_verdict, decide
 from clipguard_cbpt.render import picture_bytes
 from clipguard_cbpt.screening import ScanAblations
 from clipguard_cbpt.statistics import (
-    deciding_probe_settings,
+    decision_settings,
     prediction_distribution,
-    probe_evidence_settings,
     scan_statistics,
     trigger_collapse,
 )
@@ -137,9 +136,7 @@ class CBPTScanner(Scanner):
                 "target_class": suspect,
                 "verdict": verdict,
                 "evidence": screening.top_evidence,
-                **probe_evidence_settings(suspected),
-                **deciding_probe_settings(suspected),
-                "decided_by": suspected.decided_by,
+                **decision_settings(suspected),
                 "dominant_class": distribution["dominant_class"],
                 "prompts": reading.name,
                 "options": config.model_dump(mode="json"),

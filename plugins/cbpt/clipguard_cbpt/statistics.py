@@ -82,6 +82,17 @@ def deciding_probe_settings(suspected: Suspicion) -> dict[str, Any]:
     return {"deciding_probe": probe.family.record()}
 
 
+def decision_settings(suspected: Suspicion) -> dict[str, Any]:
+    """How the scan was decided, as trigger-file settings: each probe's top evidence
+    (:func:`probe_evidence_settings`), the deciding probe (:func:`deciding_probe_settings`)
+    and ``decided_by``; the scanner and the purifier's own inversion record the same."""
+    return {
+        **probe_evidence_settings(suspected),
+        **deciding_probe_settings(suspected),
+        "decided_by": suspected.decided_by,
+    }
+
+
 def probe_statistics(suspected: Suspicion, names: list[str], config: ScanConfig) -> dict[str, Any]:
     """The reach probes' part of the report, per probe ``P`` in :data:`PROBES`: the suspect's
     evidence (``P_evidence``), every class's reach and evidence (``class_P_reach``,
