@@ -776,11 +776,13 @@ def run_fleet(
                 to_scan.append((index, job))
             else:
                 finished(index, reused)
-        if to_scan and plan.executor == "ray":
+        if not to_scan:
+            pass  # every model re-used: no worker, no Ray
+        elif plan.executor == "ray":
             _run_ray(to_scan, threads, plan.jobs, plan.ray_address, finished)
-        elif to_scan and in_process:
+        elif in_process:
             _run_in_process(to_scan, progress, finished)
-        elif to_scan:
+        else:
             _run_processes(to_scan, plan.jobs or 1, finished)
     return [rows[index] for index in range(len(jobs))]
 
