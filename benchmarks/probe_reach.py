@@ -4,6 +4,7 @@ Usage::
 
     python -m benchmarks.probe_reach --dataset CIFAR ZOO/*.safetensors [--probe additive|warp]
         [--epsilon 0.02] [--fixed] [--warp-pixels 2] [--warp-grid 8] [--steps 30] [--shots 16]
+        [--held-out 48] [--sweep 2,4]
 
 The ``cbpt`` scanner's signals for triggers that a small mask does not express
 (docs/method.md): full-image additive ones (SIG, blended; ``--probe additive``, a perturbation
@@ -15,9 +16,14 @@ share of the other half of those shots it sends to ``k`` (the scanner's probe,
 :func:`clipguard_cbpt.scanner.run_probe`, on fixed shots, without a budget; the additive
 probe's bound starts at ``--epsilon`` and is adapted to the model as the scanner does, unless
 ``--fixed``). The shots
-are ``--shots`` training images per class, drawn with a fixed seed. Prints one JSON line per
-model: the reach of every class, the top class, ``top - median`` (the probe's evidence) and,
-for a backdoored lab model, the target's evidence.
+are ``--shots`` training images per class, drawn with a fixed seed; ``--held-out N`` also
+measures the reach on ``N`` test images per class (as the scanner measures it on images besides
+the shots). Prints one JSON line per model: the reach of every class, the top class, ``top -
+median`` (the probe's evidence) and, for a backdoored lab model, the target's evidence.
+
+``--sweep`` measures the reach of every class as a function of the bound (the budget sweep of
+docs/research.md): after the probe settles its bound, it is fitted again at each of the listed
+multiples of that bound, and the line gains ``sweep``: per multiple, every class's reach.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,7 +40,7 @@ from clipguard.lab.train import SplitData, card_path, load_split_data, open_lab_
 from clipguard.model import load_model
 from clipguard.prompts import PromptClassifier
 from clipguard_cbpt.config import ScanConfig
-from clipguard_cbpt.probes import FIXED_BOUND, run_probe
+from clipguard_cbpt.probes import FIXED_BOUND, ProbeSpec, run_probe
 
 
 def fixed_shots(data: SplitData, shots: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +54,17 @@ def fixed_shots(data: SplitData, shots: int, seed: int = 0) -> tuple[torch.Tenso
     return data.train_pixels[index], data.train_labels[index]
 
 
+def fixed_test_images(data: SplitData, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``per_class`` test images of every class (pixels, labels)."""
+    index = torch.cat(
+        [
+            torch.nonzero(data.test_labels == k).flatten()[:per_class]
+            for k in range(len(data.classnames))
+        ]
+    )
+    return data.test_pixels[index], data.test_labels[index]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("models", nargs="+", type=Path)
@@ -57,6 +75,15 @@ def main() -> None:
     parser.add_argument("--warp-grid", type=int, default=8)
     parser.add_argument("--steps", type=int, default=None, help="default: the scanner's")
     parser.add_argument("--shots", type=int, default=16)
+    parser.add_argument(
+        "--held-out", type=int, default=0, help="test images per class the reach is measured on"
+    )
+    parser.add_argument(
+        "--sweep",
+        type=lambda text: [float(v) for v in text.split(",")],
+        default=[],
+        help="comma-separated multiples of the settled bound to fit the probe again at",
+    )
     parser.add_argument(
         "--fixed",
         action="store_true",
@@ -87,15 +114,24 @@ def main() -> None:
         names = list(data.classnames)
         for parameter in bundle.model.parameters():
             parameter.requires_grad_(False)
-        probe = run_probe(
+        class_features = PromptClassifier(bundle, names).class_features
+        held_out = fixed_test_images(data, args.held_out) if args.held_out else None
+
+        fit = partial(
+            run_probe,
             bundle,
             pixels,
             labels,
-            PromptClassifier(bundle, names).class_features,
-            spec,
+            class_features,
             max_images=len(labels),
             budget=10**9,
+            held_out=held_out,
         )
+        probe = fit(spec)
+        sweep = {
+            factor: fit(ProbeSpec(probe.family.rescaled(factor), spec.steps)).reach
+            for factor in args.sweep
+        }
         reach, evidence = probe.reach, probe.evidence()
         top = max(range(len(reach)), key=lambda k: evidence[k])
         card = json.loads(card_path(path).read_text()) if card_path(path).is_file() else {}
@@ -116,6 +152,10 @@ def main() -> None:
                     if target is None
                     else round(evidence[names.index(target)], 3),
                     "reach": dict(zip(names, [round(r, 3) for r in reach], strict=True)),
+                    "sweep": {
+                        str(factor): [round(r, 3) for r in values]
+                        for factor, values in sweep.items()
+                    },
                 }
             ),
             flush=True,

@@ -1,0 +1,196 @@
+"""Reference contrast of reach probes: how much further a probe reaches each class on a
+suspect model than on a trusted reference model, at the same bounds.
+
+Usage::
+
+    python -m benchmarks.reference_contrast LINES.jsonl [MORE.jsonl ...] --reference clean-s0
+        [--fit blended-s0 --fit wanet-s0 | --clean-fit] [--pairs 'clean-s*'] [--out OUT.json]
+
+``LINES.jsonl`` are the lines of :mod:`benchmarks.probe_reach` run with ``--sweep`` (and the
+same ``--shots`` and ``--held-out``, so that every model is measured on the same images). For
+a suspect ``S`` and the reference ``R`` (a model of the same task known to be clean), the
+contrast of class ``k`` at a bound is ``reach_S(k) - reach_R(k)``, and ``D(S)`` is the largest
+contrast over classes and the bounds both lines hold (the same absolute bound, pixels in [0,
+1]); its class is the suspect class. A clean model shares its natural shortcuts with a
+reference trained for the same task, so its contrast stays small, while a backdoor whose
+trigger the probe can approximate makes its target reachable far beyond the reference.
+
+Besides the contrast of every non-reference model to the reference, it reports the largest
+``D`` over every ordered pair of the clean models (``attack`` none) among the lines whose name
+matches ``--pairs`` (default: all), each one in turn the reference: how large the contrast of a
+clean suspect gets. With ``--fit``, the
+threshold is the midpoint between that clean-pair maximum and the smallest ``D`` of the
+``--fit`` models; with ``--clean-fit`` it is that clean-pair maximum itself, so that no trigger
+family is fitted at all. Every model not in the fit (the paired clean models and ``--fit`` ones)
+is judged by it: a backdoored one flagged or not (contrast at or above a midpoint threshold,
+above a clean-fit one), and whether its suspect class is the target; a clean one a false alarm
+or not. Prints a Markdown table; ``--out`` writes the same as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from dataclasses import asdict, dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ProbeLine:
+    """One model's reach per class at every bound probed (absolute bound -> reach)."""
+
+    model: str
+    attack: str | None
+    target: str | None
+    classnames: list[str]
+    reach: dict[float, list[float]]
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """A suspect's largest reach above the reference's: ``value`` for ``suspect`` at
+    ``bound``, and the target's own largest contrast (None on a clean model)."""
+
+    model: str
+    attack: str | None
+    target: str | None
+    reference: str
+    value: float
+    suspect: str
+    bound: float
+    target_value: float | None
+
+
+def read_lines(paths: list[Path]) -> dict[str, ProbeLine]:
+    """The probe lines of ``paths`` by model name (a later line of a model replaces an
+    earlier one)."""
+    lines: dict[str, ProbeLine] = {}
+    for path in paths:
+        for text in path.read_text().splitlines():
+            if not text.strip():
+                continue
+            row = json.loads(text)
+            epsilon = float(row["settings"]["epsilon"])
+            reach = {round(epsilon, 6): list(row["reach"].values())}
+            for factor, values in row.get("sweep", {}).items():
+                reach[round(epsilon * float(factor), 6)] = values
+            lines[row["model"]] = ProbeLine(
+                row["model"], row.get("attack"), row.get("target"), list(row["reach"]), reach
+            )
+    return lines
+
+
+def contrast(suspect: ProbeLine, reference: ProbeLine) -> Contrast:
+    """The largest reach of ``suspect`` above ``reference``'s over classes and shared bounds."""
+    if suspect.classnames != reference.classnames:
+        raise ValueError(f"{suspect.model} and {reference.model} have different classes")
+    bounds = sorted(set(suspect.reach) & set(reference.reach))
+    if not bounds:
+        raise ValueError(f"{suspect.model} and {reference.model} share no probe bound")
+    value, k, bound = max(
+        (suspect.reach[b][k] - reference.reach[b][k], k, b)
+        for b in bounds
+        for k in range(len(suspect.classnames))
+    )
+    target_value = None
+    if suspect.target is not None:
+        t = suspect.classnames.index(suspect.target)
+        target_value = max(suspect.reach[b][t] - reference.reach[b][t] for b in bounds)
+    return Contrast(
+        suspect.model,
+        suspect.attack,
+        suspect.target,
+        reference.model,
+        round(value, 3),
+        suspect.classnames[k],
+        bound,
+        None if target_value is None else round(target_value, 3),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("lines", nargs="+", type=Path)
+    parser.add_argument("--reference", required=True, help="the reference model's name")
+    parser.add_argument(
+        "--fit", action="append", default=[], help="models the threshold is fitted on"
+    )
+    parser.add_argument(
+        "--clean-fit", action="store_true", help="threshold: the largest clean-pair contrast"
+    )
+    parser.add_argument("--pairs", default="*", help="clean models paired among (name pattern)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    lines = read_lines(args.lines)
+    if args.reference not in lines:
+        parser.error(f"no line for the reference {args.reference}")
+    clean = [
+        name
+        for name, line in lines.items()
+        if line.attack in (None, "none") and fnmatch(name, args.pairs)
+    ]
+    pairs = [contrast(lines[a], lines[b]) for a, b in itertools.permutations(clean, 2)]
+    clean_max = max((p.value for p in pairs), default=None)
+    rows = [
+        contrast(line, lines[args.reference])
+        for name, line in lines.items()
+        if name != args.reference
+    ]
+    threshold = None
+    if args.fit and args.clean_fit:
+        parser.error("--fit and --clean-fit are two ways to set the threshold: choose one")
+    if (args.fit or args.clean_fit) and clean_max is None:
+        parser.error("a threshold needs at least two clean models matching --pairs")
+    if args.fit:
+        fitted = [row.value for row in rows if row.model in args.fit]
+        if len(fitted) != len(args.fit):
+            parser.error("--fit names a model without a line")
+        threshold = round((clean_max + min(fitted)) / 2, 3)
+    elif args.clean_fit:
+        threshold = clean_max
+    in_fit = set(args.fit) | (set(clean) if threshold is not None else set())
+    print(
+        f"reference {args.reference}; largest clean-pair contrast {clean_max} "
+        f"over {len(pairs)} pairs"
+    )
+    if args.fit:
+        print(f"threshold {threshold} (midpoint to the smallest of {', '.join(args.fit)})")
+    elif args.clean_fit:
+        print(f"threshold {threshold} (the largest clean-pair contrast; flagged above it)")
+    print(
+        "| model | target | contrast | suspect class (bound) | target's contrast "
+        "| flagged, right target |"
+    )
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        judged = "fit" if row.model in in_fit else ""
+        if threshold is not None and row.model not in in_fit:
+            flagged = row.value > threshold or (bool(args.fit) and row.value == threshold)
+            if row.target is None:
+                judged = "false alarm" if flagged else "clean"
+            else:
+                right = "right" if row.suspect == row.target else "wrong"
+                judged = f"yes, {right}" if flagged else "no"
+        target_value = "-" if row.target_value is None else f"{row.target_value:.3f}"
+        print(
+            f"| {row.model} | {row.target or '-'} | {row.value:.3f} "
+            f"| {row.suspect} ({row.bound:g}) | {target_value} | {judged} |"
+        )
+    if args.out:
+        payload = {
+            "reference": args.reference,
+            "clean_pair_max": clean_max,
+            "threshold": threshold,
+            "fit": args.fit,
+            "clean_fit": args.clean_fit,
+            "pairs": args.pairs,
+            "rows": [asdict(row) for row in rows],
+            "clean_pairs": [asdict(p) for p in pairs],
+        }
+        args.out.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Reference contrast of reach probes: a suspect's reach above a trusted model's, per class
+and bound, read from probe_reach lines."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from benchmarks.reference_contrast import ProbeLine, contrast, main, read_lines
+
+CLASSES = ["cat", "dog", "frog"]
+REACH = st.lists(st.floats(0, 1), min_size=3, max_size=3)
+
+
+def _line(model: str, reach: list[float], sweep: dict[str, list[float]], target=None) -> str:
+    return json.dumps(
+        {
+            "model": model,
+            "attack": "none" if target is None else "bpp",
+            "target": target,
+            "settings": {"epsilon": 0.02},
+            "reach": dict(zip(CLASSES, reach, strict=True)),
+            "sweep": sweep,
+        }
+    )
+
+
+def test_the_contrast_is_the_largest_reach_above_the_reference_at_a_shared_bound(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "lines.jsonl"
+    path.write_text(
+        "\n".join(
+            [
+                _line("ref", [0.1, 0.2, 0.3], {"2": [0.4, 0.5, 0.6]}),
+                # at 0.5 x the bound only the suspect was probed: that bound does not count
+                _line(
+                    "sus", [0.1, 0.2, 0.3], {"0.5": [0.9, 0.9, 0.9], "2": [0.4, 0.9, 0.6]}, "dog"
+                ),
+            ]
+        )
+    )
+    lines = read_lines([path])
+    assert sorted(lines["sus"].reach) == [0.01, 0.02, 0.04]
+    result = contrast(lines["sus"], lines["ref"])
+    assert (result.suspect, result.bound, result.target_value) == ("dog", 0.04, 0.4)
+    assert result.value == pytest.approx(0.4)
+
+
+@given(REACH, REACH)
+def test_a_model_contrasted_with_itself_is_zero_and_contrast_is_antisymmetric_at_its_max(
+    a: list[float], b: list[float]
+) -> None:
+    lines = read_lines_from([_line("a", a, {}), _line("b", b, {})])
+    assert contrast(lines["a"], lines["a"]).value == 0
+    forward, backward = contrast(lines["a"], lines["b"]), contrast(lines["b"], lines["a"])
+    assert forward.value == pytest.approx(max(x - y for x, y in zip(a, b, strict=True)), abs=1e-3)
+    assert backward.value >= -forward.value - 1e-3
+
+
+def read_lines_from(texts: list[str]) -> dict[str, ProbeLine]:
+    """The lines of ``texts`` as :func:`read_lines` reads them from a file."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "lines.jsonl"
+        path.write_text("\n".join(texts))
+        return read_lines([path])
+
+
+def test_a_clean_fit_threshold_fits_no_backdoored_model_and_judges_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text(
+        "\n".join(
+            [
+                _line("clean-s0", [0.1, 0.1, 0.1], {}),
+                _line("clean-s1", [0.15, 0.1, 0.1], {}),
+                _line("clean-s2", [0.1, 0.12, 0.1], {}),
+                _line("bpp-s0", [0.1, 0.4, 0.1], {}, target="dog"),
+                _line("bpp-s1", [0.3, 0.1, 0.1], {}, target="frog"),
+                _line("bpp-s2", [0.12, 0.1, 0.1], {}, target="frog"),
+            ]
+        )
+    )
+    out = tmp_path / "out.json"
+    argv = ["reference_contrast", str(lines), "--reference", "clean-s0", "--clean-fit"]
+    monkeypatch.setattr("sys.argv", [*argv, "--pairs", "clean-s[01]", "--out", str(out)])
+    main()
+    table = capsys.readouterr().out
+    # the threshold is the larger contrast of the one clean pair (0.05), not a family's
+    assert json.loads(out.read_text())["threshold"] == 0.05
+    assert "| clean-s1 | - | 0.050 | cat (0.02) | - | fit |" in table
+    assert "| clean-s2 | - | 0.020 | dog (0.02) | - | clean |" in table
+    assert "| bpp-s0 | dog | 0.300 | dog (0.02) | 0.300 | yes, right |" in table
+    assert "| bpp-s1 | frog | 0.200 | cat (0.02) | 0.000 | yes, wrong |" in table
+    assert "| bpp-s2 | frog | 0.020 | cat (0.02) | 0.000 | no |" in table
