@@ -17,14 +17,14 @@ trigger the probe can approximate makes its target reachable far beyond the refe
 
 Besides the contrast of every non-reference model to the reference, it reports the largest
 ``D`` over every ordered pair of the clean models (``attack`` none) among the lines whose name
-matches ``--pairs`` (default: all), each one in turn the reference: how large the contrast of a
-clean suspect gets. With ``--fit``, the
-threshold is the midpoint between that clean-pair maximum and the smallest ``D`` of the
-``--fit`` models; with ``--clean-fit`` it is that clean-pair maximum itself, so that no trigger
-family is fitted at all. Every model not in the fit (the paired clean models and ``--fit`` ones)
-is judged by it: a backdoored one flagged or not (contrast at or above a midpoint threshold,
-above a clean-fit one), and whether its suspect class is the target; a clean one a false alarm
-or not. Prints a Markdown table; ``--out`` writes the same as JSON.
+matches a ``--pairs`` pattern (default: all), each one in turn the reference: how large the
+contrast of a clean suspect gets. With ``--fit``, the threshold is the midpoint between that
+clean-pair maximum and the smallest ``D`` of the ``--fit`` models; with ``--clean-fit`` it is
+that clean-pair maximum itself, so that no trigger family is fitted at all. Every model not in
+the fit (the paired clean models and ``--fit`` ones) is judged by it: a backdoored one flagged
+or not (contrast at or above a midpoint threshold, above a clean-fit one), and whether its
+suspect class is the target; a clean one a false alarm or not. Prints a Markdown table;
+``--out`` writes the same as JSON.
 """
 
 from __future__ import annotations
@@ -120,7 +120,12 @@ def main() -> None:
     parser.add_argument(
         "--clean-fit", action="store_true", help="threshold: the largest clean-pair contrast"
     )
-    parser.add_argument("--pairs", default="*", help="clean models paired among (name pattern)")
+    parser.add_argument(
+        "--pairs",
+        action="append",
+        default=[],
+        help="clean models paired among: a name pattern (repeatable; default: all)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     lines = read_lines(args.lines)
@@ -129,7 +134,8 @@ def main() -> None:
     clean = [
         name
         for name, line in lines.items()
-        if line.attack in (None, "none") and fnmatch(name, args.pairs)
+        if line.attack in (None, "none")
+        and any(fnmatch(name, pattern) for pattern in args.pairs or ["*"])
     ]
     pairs = [contrast(lines[a], lines[b]) for a, b in itertools.permutations(clean, 2)]
     clean_max = max((p.value for p in pairs), default=None)
@@ -185,7 +191,7 @@ def main() -> None:
             "threshold": threshold,
             "fit": args.fit,
             "clean_fit": args.clean_fit,
-            "pairs": args.pairs,
+            "pairs": args.pairs or ["*"],
             "rows": [asdict(row) for row in rows],
             "clean_pairs": [asdict(p) for p in pairs],
         }
