@@ -110,6 +110,23 @@ def contrast(suspect: ProbeLine, reference: ProbeLine) -> Contrast:
     )
 
 
+def judgement(row: Contrast, threshold: float | None, inclusive: bool, in_fit: set[str]) -> str:
+    """How ``row`` is judged: ``fit`` for a model the threshold was fitted on, else (with a
+    threshold; flagged at or above it when ``inclusive``, else above it) ``yes, right`` or
+    ``yes, wrong`` (the suspect class is or is not the target) or ``no`` for a backdoored
+    model, ``false alarm`` or ``clean`` for a clean one; empty without a threshold."""
+    if row.model in in_fit:
+        return "fit"
+    if threshold is None:
+        return ""
+    flagged = row.value >= threshold if inclusive else row.value > threshold
+    if row.target is None:
+        return "false alarm" if flagged else "clean"
+    if not flagged:
+        return "no"
+    return "yes, right" if row.suspect == row.target else "yes, wrong"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("lines", nargs="+", type=Path)
@@ -170,19 +187,12 @@ def main() -> None:
         "| flagged, right target |"
     )
     print("|---|---|---|---|---|---|")
-    for row in rows:
-        judged = "fit" if row.model in in_fit else ""
-        if threshold is not None and row.model not in in_fit:
-            flagged = row.value > threshold or (bool(args.fit) and row.value == threshold)
-            if row.target is None:
-                judged = "false alarm" if flagged else "clean"
-            else:
-                right = "right" if row.suspect == row.target else "wrong"
-                judged = f"yes, {right}" if flagged else "no"
+    judged = [judgement(row, threshold, args.fit != [], in_fit) for row in rows]
+    for row, verdict in zip(rows, judged, strict=True):
         target_value = "-" if row.target_value is None else f"{row.target_value:.3f}"
         print(
             f"| {row.model} | {row.target or '-'} | {row.value:.3f} "
-            f"| {row.suspect} ({row.bound:g}) | {target_value} | {judged} |"
+            f"| {row.suspect} ({row.bound:g}) | {target_value} | {verdict} |"
         )
     if args.out:
         payload = {
@@ -192,7 +202,10 @@ def main() -> None:
             "fit": args.fit,
             "clean_fit": args.clean_fit,
             "pairs": args.pairs or ["*"],
-            "rows": [asdict(row) for row in rows],
+            "rows": [
+                {**asdict(row), "judged": verdict}
+                for row, verdict in zip(rows, judged, strict=True)
+            ],
             "clean_pairs": [asdict(p) for p in pairs],
         }
         args.out.write_text(json.dumps(payload, indent=1) + "\n")

@@ -93,7 +93,16 @@ def test_a_clean_fit_threshold_fits_no_backdoored_model_and_judges_the_rest(
     main()
     table = capsys.readouterr().out
     # the threshold is the larger contrast of the one clean pair (0.05), not a family's
-    assert json.loads(out.read_text())["threshold"] == 0.05
+    written = json.loads(out.read_text())
+    assert written["threshold"] == 0.05
+    judged = {row["model"]: row["judged"] for row in written["rows"]}
+    assert judged == {
+        "clean-s1": "fit",
+        "clean-s2": "clean",
+        "bpp-s0": "yes, right",
+        "bpp-s1": "yes, wrong",
+        "bpp-s2": "no",
+    }
     assert "| clean-s1 | - | 0.050 | cat (0.02) | - | fit |" in table
     assert "| clean-s2 | - | 0.020 | dog (0.02) | - | clean |" in table
     assert "| bpp-s0 | dog | 0.300 | dog (0.02) | 0.300 | yes, right |" in table
