@@ -4,7 +4,8 @@ suspect model than on a trusted reference model, at the same bounds.
 Usage::
 
     python -m benchmarks.reference_contrast LINES.jsonl [MORE.jsonl ...] --reference clean-s0
-        [--fit blended-s0 --fit wanet-s0 | --clean-fit] [--pairs 'clean-s*'] [--out OUT.json]
+        [--fit blended-s0 --fit wanet-s0 | --clean-fit | --threshold T] [--pairs 'clean-s*']
+        [--out OUT.json]
 
 ``LINES.jsonl`` are the lines of :mod:`benchmarks.probe_reach` run with ``--sweep`` (and the
 same ``--shots`` and ``--held-out``, so that every model is measured on the same images). For
@@ -20,11 +21,12 @@ Besides the contrast of every non-reference model to the reference, it reports t
 matches a ``--pairs`` pattern (default: all), each one in turn the reference: how large the
 contrast of a clean suspect gets. With ``--fit``, the threshold is the midpoint between that
 clean-pair maximum and the smallest ``D`` of the ``--fit`` models; with ``--clean-fit`` it is
-that clean-pair maximum itself, so that no trigger family is fitted at all. Every model not in
-the fit (the paired clean models and ``--fit`` ones) is judged by it: a backdoored one flagged
-or not (contrast at or above a midpoint threshold, above a clean-fit one), and whether its
-suspect class is the target; a clean one a false alarm or not. Prints a Markdown table;
-``--out`` writes the same as JSON.
+that clean-pair maximum itself, so that no trigger family is fitted at all; ``--threshold T``
+judges by a threshold fixed beforehand (flagged above it), every model then held out. Every
+model not in the fit (the paired clean models and ``--fit`` ones) is judged by it: a
+backdoored one flagged or not (contrast at or above a midpoint threshold, above a clean-fit or
+fixed one), and whether its suspect class is the target; a clean one a false alarm or not.
+Prints a Markdown table; ``--out`` writes the same as JSON.
 """
 
 from __future__ import annotations
@@ -138,6 +140,11 @@ def main() -> None:
         "--clean-fit", action="store_true", help="threshold: the largest clean-pair contrast"
     )
     parser.add_argument(
+        "--threshold",
+        type=float,
+        help="a threshold fixed beforehand (flagged above it); no model is in the fit",
+    )
+    parser.add_argument(
         "--pairs",
         action="append",
         default=[],
@@ -162,8 +169,8 @@ def main() -> None:
         if name != args.reference
     ]
     threshold = None
-    if args.fit and args.clean_fit:
-        parser.error("--fit and --clean-fit are two ways to set the threshold: choose one")
+    if sum([bool(args.fit), args.clean_fit, args.threshold is not None]) > 1:
+        parser.error("--fit, --clean-fit and --threshold set the threshold: choose one")
     if (args.fit or args.clean_fit) and clean_max is None:
         parser.error("a threshold needs at least two clean models matching --pairs")
     if args.fit:
@@ -173,7 +180,10 @@ def main() -> None:
         threshold = round((clean_max + min(fitted)) / 2, 3)
     elif args.clean_fit:
         threshold = clean_max
-    in_fit = set(args.fit) | (set(clean) if threshold is not None else set())
+    elif args.threshold is not None:
+        threshold = args.threshold
+    fitted_here = args.fit or args.clean_fit
+    in_fit = set(args.fit) | (set(clean) if fitted_here else set())
     print(
         f"reference {args.reference}; largest clean-pair contrast {clean_max} "
         f"over {len(pairs)} pairs"
@@ -182,6 +192,8 @@ def main() -> None:
         print(f"threshold {threshold} (midpoint to the smallest of {', '.join(args.fit)})")
     elif args.clean_fit:
         print(f"threshold {threshold} (the largest clean-pair contrast; flagged above it)")
+    elif args.threshold is not None:
+        print(f"threshold {threshold} (fixed beforehand; flagged above it)")
     print(
         "| model | target | contrast | suspect class (bound) | target's contrast "
         "| flagged, right target |"
@@ -201,6 +213,7 @@ def main() -> None:
             "threshold": threshold,
             "fit": args.fit,
             "clean_fit": args.clean_fit,
+            "fixed_threshold": args.threshold,
             "pairs": args.pairs or ["*"],
             "rows": [
                 {**asdict(row), "judged": verdict}

@@ -108,3 +108,30 @@ def test_a_clean_fit_threshold_fits_no_backdoored_model_and_judges_the_rest(
     assert "| bpp-s0 | dog | 0.300 | dog (0.02) | 0.300 | yes, right |" in table
     assert "| bpp-s1 | frog | 0.200 | cat (0.02) | 0.000 | yes, wrong |" in table
     assert "| bpp-s2 | frog | 0.020 | cat (0.02) | 0.000 | no |" in table
+
+
+def test_a_fixed_threshold_holds_every_model_out_of_the_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text(
+        "\n".join(
+            [
+                _line("clean-s0", [0.1, 0.1, 0.1], {}),
+                _line("clean-s1", [0.3, 0.1, 0.1], {}),
+                _line("bpp-s0", [0.1, 0.4, 0.1], {}, target="dog"),
+                _line("bpp-s1", [0.15, 0.1, 0.1], {}, target="cat"),
+            ]
+        )
+    )
+    out = tmp_path / "out.json"
+    argv = ["reference_contrast", str(lines), "--reference", "clean-s0", "--threshold", "0.1"]
+    monkeypatch.setattr("sys.argv", [*argv, "--out", str(out)])
+    main()
+    written = json.loads(out.read_text())
+    assert (written["threshold"], written["fixed_threshold"]) == (0.1, 0.1)
+    judged = {row["model"]: row["judged"] for row in written["rows"]}
+    assert judged == {"clean-s1": "false alarm", "bpp-s0": "yes, right", "bpp-s1": "no"}
+    monkeypatch.setattr("sys.argv", [*argv, "--clean-fit"])
+    with pytest.raises(SystemExit):
+        main()

@@ -8,13 +8,14 @@ A test fails when an option has no case, so an option that does nothing cannot b
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from clipguard.components import RunContext, ShotSet
-from clipguard.model import ModelBundle
+from clipguard.model import ModelBundle, save_model
 from clipguard.prompts import PromptClassifier
 from clipguard.triggers import MaskPatternTrigger
 from clipguard_cbpt.budget import budget_in_force
@@ -32,9 +33,15 @@ from clipguard_cbpt.nc import NCScanConfig, anomaly_verdict
 from clipguard_cbpt.probe_families import AdditivePerturbation, SmoothWarp
 from clipguard_cbpt.probes import ProbeReach, probe_held_out, run_probe
 from clipguard_cbpt.prompt_fit import scan_classifier
+from clipguard_cbpt.reference import ReferenceContrast, measure_reference
 from clipguard_cbpt.screening import locate_trigger
+from tests.cbpt.conftest import TINY
 
 Unit = Callable[[ModelBundle, ShotSet, Any], Any]
+
+#: the ``reference`` option's other value: a file the ``referenced`` unit writes the bundle
+#: to (relative: each case runs in its own temporary folder)
+REFERENCE_FILE = "reference.safetensors"
 
 
 def per_class(bundle: ModelBundle, shots: ShotSet, config: ClassInversionOptions) -> Any:
@@ -151,6 +158,23 @@ def prompt_fitting(bundle: ModelBundle, shots: ShotSet, config: ScanConfig) -> A
     return (reading.steps, reading.budget_images)
 
 
+def contrast_ratio(_bundle: ModelBundle, _shots: ShotSet, config: ScanConfig) -> Any:
+    """The deciding ratio of a scan whose reference contrast is 0.3 on class 1."""
+    screening = Screening(
+        [], torch.zeros(3, 2), [0.1] * 3, [0.0] * 3, [0.8] * 3, [0.0] * 3, [0.0] * 3, 0
+    )
+    contrast = ReferenceContrast("0" * 64, [0.02], [[0.2, 0.5, 0.2]], [[0.2, 0.2, 0.2]], 0)
+    return suspicion(screening, {}, config, contrast).ratio
+
+
+def referenced(bundle: ModelBundle, shots: ShotSet, config: ScanConfig) -> Any:
+    """The reference contrast a scan measures (None without a reference): its reach."""
+    if config.reference is not None:
+        save_model(config.reference, bundle.model, TINY)
+    contrast = measure_reference(bundle, shots, config, RunContext(seed=0))
+    return None if contrast is None else (contrast.suspect_reach, contrast.reference_reach)
+
+
 def nc_verdict(_bundle: ModelBundle, _shots: ShotSet, config: NCScanConfig) -> Any:
     """The cbpt-nc verdict and score of a suspect of anomaly index 3.5."""
     return anomaly_verdict(3.5, config)
@@ -230,6 +254,8 @@ SCAN_CASES: dict[str, tuple[Unit, dict[str, Any], Any]] = {
     "warp_grid": (probes, PROBING, 4),
     "warp_steps": (probes, PROBING, 3),
     "warp_threshold": (ratios, {}, 0.9),
+    "reference": (referenced, PROBING, REFERENCE_FILE),
+    "reference_threshold": (contrast_ratio, {}, 0.25),
 }
 
 NC_CASES: dict[str, tuple[Unit, dict[str, Any], Any]] = {
@@ -257,8 +283,15 @@ def test_every_option_has_a_case(config: type[Any], cases: dict[str, Any]) -> No
 
 @pytest.mark.parametrize(("config", "name", "case"), CASES)
 def test_an_option_changes_what_its_unit_does(
-    bundle: ModelBundle, shots: ShotSet, config: type[Any], name: str, case: tuple[Any, ...]
+    bundle: ModelBundle,
+    shots: ShotSet,
+    config: type[Any],
+    name: str,
+    case: tuple[Any, ...],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # where a unit writes files (REFERENCE_FILE)
     unit, base, other = case
     baseline = config(**base)
     assert getattr(baseline, name) != other, "the other value is the baseline's"

@@ -381,9 +381,9 @@ def test_the_purifiers_own_inversion_refines_whatever_the_verdict(bundle, shots,
     seen: list[ScanConfig] = []
     real = budget_module.locate_trigger
 
-    def spy(bundle, shots, config, context, classifier, ablations):  # type: ignore[no-untyped-def]
+    def spy(bundle, shots, config, context, classifier, *rest):  # type: ignore[no-untyped-def]
         seen.append(config)
-        return real(bundle, shots, config, context, classifier, ablations)
+        return real(bundle, shots, config, context, classifier, *rest)
 
     monkeypatch.setattr(budget_module, "locate_trigger", spy)
     config = purifier_module.PurifyConfig(steps=2, augmentations=1, inversion_budget=400)

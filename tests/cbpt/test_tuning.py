@@ -275,6 +275,9 @@ def test_several_triggers_share_the_views(bundle, shots) -> None:
         # ... and the warp probe's
         ({"verdict": "backdoor", "evidence": 0.0, "warp_evidence": 0.5}, False),
         ({"evidence": 0.0, "additive_evidence": 0.1, "warp_evidence": 0.05}, True),
+        # ... and the reference contrast of a scan with a reference model
+        ({"verdict": "backdoor", "evidence": 0.0, "reference_contrast": 0.25}, False),
+        ({"verdict": "backdoor", "evidence": 0.0, "reference_contrast": 0.1}, True),
     ],
 )
 def test_a_clean_scan_turns_the_trigger_loss_off(bundle, shots, settings, gated) -> None:

@@ -38,6 +38,7 @@ from clipguard_cbpt.prompt_fit import (
     prompt_check_cost,
     scan_classifier,
 )
+from clipguard_cbpt.reference import ReferenceContrast, contrast_cost
 from clipguard_cbpt.screening import ScanAblations, locate_trigger, screening_cost
 
 #: the share of what the prompt check leaves that the screenings get when the trigger is
@@ -101,12 +102,15 @@ def locate_within_budget(
     config: ScanConfig,
     context: RunContext,
     ablations: ScanAblations = ScanAblations(),
+    reference: ReferenceContrast | None = None,
 ) -> Localisation:
     """The scan's localisation, paid from one budget: the budget in force
     (:func:`budget_in_force`), the prompt check within its allowance
     (:func:`~clipguard_cbpt.prompt_fit.scan_classifier`; its text-encoder steps counted as
     images), then :func:`~clipguard_cbpt.screening.locate_trigger` with what is left (at
-    least one image). The scanner and the purifier's own inversion both run exactly this."""
+    least one image), the ``reference`` contrast (measured before, outside the budget) among
+    its signals where the scan has one. The scanner and the purifier's own inversion both run
+    exactly this."""
     start_images = bundle.image_encoder_images
     budget = budget_in_force(config, context, bundle)
     reading = scan_classifier(bundle, shots, config, context, budget.prompt_allowance())
@@ -120,6 +124,7 @@ def locate_within_budget(
         context,
         reading.classifier,
         ablations,
+        reference,
     )
     return Localisation(budget, reading, screening, suspected, kept, refined)
 
@@ -255,6 +260,32 @@ def _stages(
     return stages
 
 
+def _reference_stages(shots: ShotSet, config: ScanConfig, context: RunContext) -> list[StagePlan]:
+    """The reference contrast's most passes (:func:`~clipguard_cbpt.reference.contrast_cost`;
+    none without a reference), counted at the suspect's unit costs."""
+    if config.reference is None:
+        return []
+    spec = config.additive_probe()
+    held_out = probe_held_out(context, config, len(shots.classnames))
+    passes, forwards = contrast_cost(
+        shots.labels,
+        len(shots.classnames),
+        config.probe_shots,
+        spec.steps,
+        spec.band,
+        None if held_out is None else held_out[1],
+        config.probe_held_out_max,
+    )
+    return [
+        StagePlan(
+            "reference contrast",
+            image_passes=passes,
+            image_forwards=forwards,
+            condition="always, outside the budget (both models)",
+        )
+    ]
+
+
 def scan_plan(
     bundle: ModelBundle,
     shots: ShotSet,
@@ -264,10 +295,13 @@ def scan_plan(
 ) -> ScanPlan:
     """The plan of a cbpt scan offered ``draws`` shot draws (None: what ``context``
     offers): per stage, at most how many passes, within the budget in force
-    (:func:`budget_in_force`); the budget at which none is cut (:func:`needed_budget`)."""
+    (:func:`budget_in_force`), the reference contrast first where there is one; the budget at
+    which none is cut (:func:`needed_budget`)."""
     draws = _draws_on_offer(context) if draws is None else draws
     budget = budget_in_force(config, context, bundle)
-    stages = _stages(bundle, shots, config, context, draws, budget)
+    stages = _reference_stages(shots, config, context) + _stages(
+        bundle, shots, config, context, draws, budget
+    )
     needed = needed_budget(bundle, shots, config, context, draws)
     notes = []
     if budget.source == "max-minutes":

@@ -1,7 +1,8 @@
 """The options of the cbpt scanners, in groups: the per-class inversion (``class_*``,
 ``inversion_*``; shared with ``cbpt-nc``), the refinement (``refine*``), the prompts
 (``fit_prompts*``), the shot draws (``screen_again``), the verdict rule (``signals`` and its
-thresholds) and the reach probes (``probe_*``, ``additive_*``, ``warp_*``).
+thresholds), the reach probes (``probe_*``, ``additive_*``, ``warp_*``) and the reference
+contrast (``reference*``).
 
 Every option here changes what a scan does (``tests/cbpt/test_options.py`` proves it per
 option). Switches that only turn a part of the method off for a benchmark are not options:
@@ -33,6 +34,11 @@ DEFAULT_ADDITIVE_THRESHOLD = 0.24
 
 #: the joint rule's default isolation threshold (fitted on the even seeds of both lab zoos)
 DEFAULT_ISOLATION_THRESHOLD = 1.86
+
+#: the reference contrast's default threshold: the largest contrast between two clean
+#: CIFAR-10 lab models of one recipe (182 ordered pairs of 14 models; no trigger family
+#: fitted; docs/research.md)
+DEFAULT_REFERENCE_THRESHOLD = 0.173
 
 #: with fit_prompts=auto, the held-out accuracy fitted prompts must add to the hand-crafted
 #: prompts' to be read through (between the lab zoos' CoOp gains; docs/benchmarks.md)
@@ -330,6 +336,28 @@ class ScanConfig(ClassInversionOptions):
         ),
     )
 
+    # ------------------------------------------------------------------ reference contrast
+    reference: str | None = Field(
+        None,
+        description=(
+            "a trusted model of the same task (best one trained the same way on clean data; "
+            "the checkpoint the suspect was fine-tuned from only for a brief fine-tune), "
+            "loaded safely like the suspect: the scan also measures how much further the "
+            "additive probe reaches each class on the suspect than on it "
+            "(docs/method.md, reference contrast); none by default"
+        ),
+    )
+    reference_threshold: float = Field(
+        DEFAULT_REFERENCE_THRESHOLD,
+        gt=0,
+        le=1,
+        description=(
+            "reference contrast (largest reach of a class on the suspect less its reach on "
+            "the reference, over three bounds) from which the contrast alone makes the "
+            "verdict backdoor"
+        ),
+    )
+
     def inversion(self) -> InversionConfig:
         """The settings of the per-class inversion and of the refinement these options set."""
         return InversionConfig(
@@ -357,6 +385,14 @@ class ScanConfig(ClassInversionOptions):
             probes.append(ProbeSpec(SmoothWarp(self.warp_grid, self.warp_pixels), self.warp_steps))
         return probes
 
+    def additive_probe(self) -> ProbeSpec:
+        """The additive probe as configured (the reference contrast probes with it);
+        ValueError where it is off (``additive_epsilon`` 0, refused with a reference)."""
+        for spec in self.probes():
+            if spec.family.name == "additive":
+                return spec
+        raise ValueError("the additive probe is off (additive_epsilon is 0)")
+
     def probe_threshold(self, probe: str) -> float:
         """The threshold of the reach probe named ``probe``."""
         return {"additive": self.additive_threshold, "warp": self.warp_threshold}[probe]
@@ -367,6 +403,8 @@ class ScanConfig(ClassInversionOptions):
             raise ValueError("additive_median_low must be below additive_median_high")
         if not 0 <= self.screen_again[0] <= self.screen_again[1]:
             raise ValueError("screen_again must be [low, high] with 0 <= low <= high")
+        if self.reference is not None and self.additive_epsilon == 0:
+            raise ValueError("reference needs the additive probe: additive_epsilon above 0")
         if self.evidence_threshold is None:
             self.evidence_threshold = DEFAULT_THRESHOLDS[self.signals]
         return self

@@ -14,6 +14,10 @@ import torch
 from clipguard_cbpt.config import ScanConfig, Signals
 from clipguard_cbpt.inversion import InversionResult
 from clipguard_cbpt.probes import ProbeReach
+from clipguard_cbpt.reference import ReferenceContrast
+
+#: :attr:`Suspicion.decided_by` when the reference contrast decided the scan
+REFERENCE = "reference"
 
 #: why a screening ended before every shot draw on offer (:attr:`Screening.stopped`)
 Stopped = Literal["band", "probe", "moot"]
@@ -73,10 +77,13 @@ class Suspicion:
     suspect: int
     #: the deciding ratio: 1 or more is a backdoor
     ratio: float
-    #: "rule" (the size / joint evidence) or the name of the reach probe that decided
+    #: "rule" (the size / joint evidence), the name of the reach probe that decided, or
+    #: :data:`REFERENCE` (the reference contrast)
     decided_by: str
     #: the reach probes that ran, by name
     probes: dict[str, ProbeReach]
+    #: the reference contrast, where the scan had a reference model
+    reference: ReferenceContrast | None = None
 
     def top_probe_evidence(self) -> dict[str, float]:
         """Each probe's largest class evidence, by probe name (``additive_evidence`` etc. in
@@ -106,13 +113,23 @@ def probe_ratios(probes: dict[str, ProbeReach], config: ScanConfig) -> dict[str,
     return ranked
 
 
-def suspicion(screening: Screening, probes: dict[str, ProbeReach], config: ScanConfig) -> Suspicion:
-    """Combine the rule's evidence with the reach probes (:func:`deciding_ratio`)."""
+def suspicion(
+    screening: Screening,
+    probes: dict[str, ProbeReach],
+    config: ScanConfig,
+    reference: ReferenceContrast | None = None,
+) -> Suspicion:
+    """Combine the rule's evidence with the reach probes and, where the scan had a reference
+    model, the reference contrast (its largest value over ``reference_threshold``, for its
+    class; :func:`deciding_ratio`)."""
     ranked = probe_ratios(probes, config)
+    if reference is not None:
+        value, k, _ = reference.top()
+        ranked[REFERENCE] = (value / config.reference_threshold, k)
     ratios = {name: ratio for name, (ratio, _) in ranked.items()}
     ratio, decided_by = deciding_ratio(screening.top_evidence / config.threshold, ratios)
     suspect = screening.suspect if decided_by == "rule" else ranked[decided_by][1]
-    return Suspicion(suspect, ratio, decided_by, probes)
+    return Suspicion(suspect, ratio, decided_by, probes, reference)
 
 
 def flagging(probes: dict[str, tuple[float, int]]) -> tuple[str, float, int] | None:

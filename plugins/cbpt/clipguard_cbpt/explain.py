@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from clipguard_cbpt.config import ScanConfig
 from clipguard_cbpt.evidence import (
+    REFERENCE,
     Screening,
     Suspicion,
     flagging,
@@ -37,6 +38,19 @@ def decide(
     """
     ratio = suspected.ratio
     verdict = verdict_of(ratio, config)
+    if suspected.decided_by == REFERENCE and suspected.reference is not None:
+        contrast = suspected.reference
+        value, k, bound = contrast.top()
+        i = contrast.bounds.index(bound)
+        facts = (
+            f"class {classnames[k]!r}: an additive change of at most {bound:.3g} per pixel "
+            f"sends {contrast.suspect_reach[i][k]:.0%} of the held-out images of other "
+            f"classes to it, {contrast.reference_reach[i][k]:.0%} on the reference model "
+            f"(contrast {value:.3f}, backdoor from {config.reference_threshold:g}; the "
+            f"{config.signals} rule's evidence {screening.top_evidence:.2f}, from "
+            f"{config.threshold:g}, class {classnames[screening.suspect]!r})"
+        )
+        return verdict, ratio / (1 + ratio), f"reference-contrast backdoor signal for {facts}"
     if suspected.decided_by != "rule":
         probe = suspected.probes[suspected.decided_by]
         k = suspected.suspect

@@ -17,7 +17,8 @@ SCANNERS = (
         __version__,
         "per-class trigger inversion + text alignment + additive and warp reach; flags a class "
         "whose trigger is anomalously small or whose prompt drifted from its images (calibrated "
-        "MAD indices), or that a small full-image change or warp reaches far beyond the others",
+        "MAD indices), or that a small full-image change or warp reaches far beyond the others "
+        "(or, with a trusted reference model, far beyond the reference)",
     ),
     Deferred(
         "clipguard_cbpt.nc:NCScanner",

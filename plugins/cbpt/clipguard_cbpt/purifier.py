@@ -15,7 +15,7 @@ from clipguard_cbpt import __version__
 from clipguard_cbpt.budget import locate_within_budget
 from clipguard_cbpt.config import DEFAULT_THRESHOLDS, PROBES, ScanConfig
 from clipguard_cbpt.contrastive import ContrastiveConfig, run_inversion
-from clipguard_cbpt.evidence import deciding_ratio, verdict_of
+from clipguard_cbpt.evidence import REFERENCE, deciding_ratio, verdict_of
 from clipguard_cbpt.inversion import InversionConfig, invert_targeted
 from clipguard_cbpt.probe_families import (
     ProbeFamily,
@@ -358,10 +358,11 @@ def without_trigger_loss(config: TuningConfigT, distill_weight: float) -> Tuning
 
 
 def says_clean(settings: dict[str, Any]) -> bool:
-    """Whether a trigger file's scan found no backdoor: its recorded evidence (the rule's, and
-    each reach probe's that ran) judged as the ``cbpt`` scanner judges it, under the current
-    default thresholds of the rule the scan used (so files scanned before a recalibration
-    follow the current one), else its recorded verdict; False for a trigger with neither."""
+    """Whether a trigger file's scan found no backdoor: its recorded evidence (the rule's,
+    each reach probe's that ran, and the reference contrast where the scan had a reference)
+    judged as the ``cbpt`` scanner judges it, under the current default thresholds of the rule
+    the scan used (so files scanned before a recalibration follow the current one), else its
+    recorded verdict; False for a trigger with neither."""
     evidence = settings.get("evidence")
     if isinstance(evidence, int | float):
         options = settings.get("options")
@@ -372,6 +373,9 @@ def says_clean(settings: dict[str, Any]) -> bool:
             recorded = settings.get(f"{name}_evidence")
             if isinstance(recorded, int | float):
                 probe_ratios[name] = float(recorded) / rule.probe_threshold(name)
+        contrast = settings.get("reference_contrast")
+        if isinstance(contrast, int | float):
+            probe_ratios[REFERENCE] = float(contrast) / rule.reference_threshold
         ratio, _ = deciding_ratio(float(evidence) / rule.threshold, probe_ratios)
         return verdict_of(ratio, rule) == "clean"
     return settings.get("verdict") == "clean"

@@ -41,6 +41,12 @@ Procedure (see ``docs/method.md``):
    median class reaches its threshold, by a larger ratio than the rule's evidence and the
    other probe's, its class becomes the suspect and the verdict is ``backdoor`` (a probe
    never makes a scan merely ``inconclusive``).
+3c. **Reference contrast** (:mod:`clipguard_cbpt.reference`; only with the ``reference``
+   option, run first and outside the budget): per class, how much further the additive probe
+   reaches it on the suspect than on a trusted model of the same task, at one, two and four
+   times the bound settled on the reference. Its largest value decides like a probe's
+   evidence, from ``reference_threshold``: a probe rich enough to express any full-image
+   trigger also expresses a weak model's natural shortcuts, which a reference shares.
 4. **Refinement** (``refine``, default on): the suspect's trigger is refined towards it with
    augmented shots (:func:`~clipguard_cbpt.inversion.invert_targeted`); that trigger is the
    one written out, drawn, and reused by ``clipguard purify --trigger``. A scan whose
@@ -71,6 +77,7 @@ from clipguard_cbpt import __version__
 from clipguard_cbpt.budget import locate_within_budget, next_steps, scan_plan, shortfalls
 from clipguard_cbpt.config import ScanConfig
 from clipguard_cbpt.explain import budget_verdict, decide
+from clipguard_cbpt.reference import measure_reference
 from clipguard_cbpt.render import picture_bytes
 from clipguard_cbpt.screening import ScanAblations
 from clipguard_cbpt.statistics import (
@@ -92,7 +99,7 @@ class CBPTScanner(Scanner):
         "per-class trigger inversion + text alignment + additive and warp reach; flags a "
         "class whose trigger is anomalously small or whose prompt drifted from its images "
         "(calibrated MAD indices), or that a small full-image change or warp reaches far "
-        "beyond the others"
+        "beyond the others (or, with a trusted reference model, far beyond the reference)"
     )
     Config: ClassVar[type[BaseModel]] = ScanConfig
 
@@ -114,7 +121,8 @@ class CBPTScanner(Scanner):
         assert isinstance(config, ScanConfig)
         start_images = bundle.image_encoder_images
         names = list(shots.classnames)
-        found = locate_within_budget(bundle, shots, config, context, self.ablations)
+        contrast = measure_reference(bundle, shots, config, context)
+        found = locate_within_budget(bundle, shots, config, context, self.ablations, contrast)
         budget, reading, classifier = found.budget, found.reading, found.reading.classifier
         screening, suspected, kept = found.screening, found.suspected, found.kept
         verdict, score, explanation = decide(screening, suspected, names, config)

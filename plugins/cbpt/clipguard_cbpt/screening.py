@@ -32,6 +32,7 @@ from clipguard_cbpt.inversion import (
     invert_targeted,
 )
 from clipguard_cbpt.probes import ProbeReach, probe_cost, probe_held_out, run_probe
+from clipguard_cbpt.reference import ReferenceContrast
 from clipguard_cbpt.signals import low_side_indices, text_alignment
 
 
@@ -135,6 +136,7 @@ def locate_trigger(
     context: RunContext,
     classifier: PromptClassifier,
     ablations: ScanAblations = ScanAblations(),
+    reference: ReferenceContrast | None = None,
 ) -> tuple[Screening, Suspicion, InversionResult, InversionResult | None]:
     """Steps 1-4: screen every class on the first shot draw, run the reach probes on
     ``shots`` (their reach measured on ``probe_held_out`` more images per class too, where
@@ -144,7 +146,9 @@ def locate_trigger(
     of the draws screened so far (:func:`probe_flags_suspect`, unless ``ablations`` switch
     ``probe_settles`` off) or the last is moot (:func:`last_draw_moot`, unless they switch
     ``skip_moot_draw`` off); judge the median screening
-    (:func:`median_screening`), then refine the suspect's trigger within the budget.
+    (:func:`median_screening`), with the ``reference`` contrast where the scan measured one
+    (:func:`~clipguard_cbpt.evidence.suspicion`), then refine the suspect's trigger within
+    the budget.
 
     Returns the screening, the suspicion, the kept trigger (the refined one when its
     refinement met the success share, else the suspect's per-class trigger on ``shots``) and
@@ -232,7 +236,7 @@ def locate_trigger(
             screen_next()
             corroborated.append(corroborate(screenings[-1], probes.get("additive"), config))
     screening = median_screening(corroborated, seeds, on_offer, stopped)
-    suspected = suspicion(screening, probes, config)
+    suspected = suspicion(screening, probes, config, reference)
     kept = screening.inversions[suspected.suspect]
     left = config.budget - (bundle.image_encoder_images - start_images)
     refined: InversionResult | None = None

@@ -1,5 +1,5 @@
 """The statistics a cbpt scan reports: where a trigger sends the shots, how far it collapses
-their features, and the reach probes' part of the report."""
+their features, and the reach probes' and the reference contrast's parts of the report."""
 
 from __future__ import annotations
 
@@ -84,11 +84,13 @@ def deciding_probe_settings(suspected: Suspicion) -> dict[str, Any]:
 
 def decision_settings(suspected: Suspicion) -> dict[str, Any]:
     """How the scan was decided, as trigger-file settings: each probe's top evidence
-    (:func:`probe_evidence_settings`), the deciding probe (:func:`deciding_probe_settings`)
-    and ``decided_by``; the scanner and the purifier's own inversion record the same."""
+    (:func:`probe_evidence_settings`), the deciding probe (:func:`deciding_probe_settings`),
+    the top reference contrast (``reference_contrast``; None without a reference) and
+    ``decided_by``; the scanner and the purifier's own inversion record the same."""
     return {
         **probe_evidence_settings(suspected),
         **deciding_probe_settings(suspected),
+        "reference_contrast": None if suspected.reference is None else suspected.reference.top()[0],
         "decided_by": suspected.decided_by,
     }
 
@@ -131,6 +133,31 @@ def probe_statistics(suspected: Suspicion, names: list[str], config: ScanConfig)
     return report
 
 
+def reference_statistics(
+    suspected: Suspicion, names: list[str], config: ScanConfig
+) -> dict[str, Any] | None:
+    """The reference contrast's part of the report (None without a reference model): the
+    reference's sha256, the bounds probed, every class's largest contrast, the top contrast
+    with its class and bound, the threshold, both models' reach per bound, and the images
+    through both models' encoders."""
+    contrast = suspected.reference
+    if contrast is None:
+        return None
+    value, k, bound = contrast.top()
+    return {
+        "reference_sha256": contrast.reference_sha256,
+        "contrast": value,
+        "contrast_class": names[k],
+        "contrast_bound": bound,
+        "threshold": config.reference_threshold,
+        "bounds": contrast.bounds,
+        "class_contrast": dict(zip(names, contrast.per_class(), strict=True)),
+        "suspect_reach": [dict(zip(names, r, strict=True)) for r in contrast.suspect_reach],
+        "reference_reach": [dict(zip(names, r, strict=True)) for r in contrast.reference_reach],
+        "images": contrast.images,
+    }
+
+
 def trigger_collapse(
     bundle: ModelBundle, shots: ShotSet, screening: Screening, target: int, trigger: Trigger
 ) -> float:
@@ -158,7 +185,8 @@ def scan_statistics(
     through, the suspect's signals, the kept trigger's ``distribution``
     (:func:`prediction_distribution`) and ``collapse`` (:func:`trigger_collapse`), every
     class's signals on the combined screening and on each shot draw, the reach probes
-    (:func:`probe_statistics`), the refinement and the thresholds in force."""
+    (:func:`probe_statistics`), the reference contrast (:func:`reference_statistics`), the
+    refinement and the thresholds in force."""
     return {
         "prompts": reading.name,
         "prompt_accuracy": reading.accuracy,
@@ -199,6 +227,7 @@ def scan_statistics(
             for seed, draw in zip(screening.draw_seeds, screening.draws, strict=True)
         ],
         **probe_statistics(suspected, names, config),
+        "reference_contrast": reference_statistics(suspected, names, config),
         "refined": None
         if refined is None
         else {"pl1": refined.pl1, "reached": refined.reached, "steps": refined.steps},
