@@ -40,7 +40,8 @@ from clipguard_cbpt.probes import (
 if TYPE_CHECKING:
     from clipguard_cbpt.config import ScanConfig
 
-#: the multiples of the settled bound at which both models are probed
+#: the multiples of the settled bound at which both models are probed (the first is 1: the
+#: reference's settling fit is its first)
 CONTRAST_FACTORS: tuple[float, ...] = (1.0, 2.0, 4.0)
 
 
@@ -70,18 +71,19 @@ class ReferenceContrast:
     def top(self) -> tuple[float, int, float]:
         """The largest contrast, its class and the bound it was measured at (the first of
         equals)."""
-        value, k, b = max(
-            (s[k] - r[k], k, -i)
+        cells = [
+            (s[k] - r[k], k, self.bounds[i])
             for i, (s, r) in enumerate(zip(self.suspect_reach, self.reference_reach, strict=True))
             for k in range(len(s))
-        )
-        return value, k, self.bounds[-b]
+        ]
+        return max(cells, key=lambda cell: cell[0])
 
 
 def contrast_fits(band: MedianBand) -> int:
     """The most probe fits of :func:`reach_contrast`: the reference's bound search, its fits
     at the other factors, and the suspect's fit at every factor."""
-    return 1 + band.refits + 2 * len(CONTRAST_FACTORS) - 1
+    reference_fits = (1 + band.refits) + (len(CONTRAST_FACTORS) - 1)
+    return reference_fits + len(CONTRAST_FACTORS)
 
 
 def contrast_cost(
@@ -130,32 +132,30 @@ def reach_contrast(
         )
     unbounded = 10**12
     start = suspect.image_encoder_images + reference.image_encoder_images
-    reach_by_model: dict[str, list[list[float]]] = {}
-    settled: AdditivePerturbation | None = None
-    for name, bundle in (("reference", reference), ("suspect", suspect)):
-        features = PromptClassifier(bundle, classnames).class_features
-        reach_by_model[name] = []
-        for factor in CONTRAST_FACTORS:
-            if settled is None:
-                fit = probe_reach_in_band(
-                    bundle, pixels, labels, features, family, steps, max_images, unbounded,
-                    band, progress=progress, held_out=held_out, max_held_out=max_held_out,
-                )  # fmt: skip
-                assert isinstance(fit.family, AdditivePerturbation)
-                settled = fit.family
-            else:
-                fit = probe_reach(
-                    bundle, pixels, labels, features, settled.rescaled(factor), steps,
-                    max_images, unbounded, progress=progress, held_out=held_out,
-                    max_held_out=max_held_out,
-                )  # fmt: skip
-            reach_by_model[name].append(fit.reach)
-    assert settled is not None
+    reference_features = PromptClassifier(reference, classnames).class_features
+    first = probe_reach_in_band(
+        reference, pixels, labels, reference_features, family, steps, max_images, unbounded,
+        band, progress=progress, held_out=held_out, max_held_out=max_held_out,
+    )  # fmt: skip
+    assert isinstance(first.family, AdditivePerturbation)
+    settled = first.family
+
+    def reach(bundle: ModelBundle, features: torch.Tensor, factor: float) -> list[float]:
+        return probe_reach(
+            bundle, pixels, labels, features, settled.rescaled(factor), steps, max_images,
+            unbounded, progress=progress, held_out=held_out, max_held_out=max_held_out,
+        ).reach  # fmt: skip
+
+    reference_reach = [first.reach] + [
+        reach(reference, reference_features, factor) for factor in CONTRAST_FACTORS[1:]
+    ]
+    suspect_features = PromptClassifier(suspect, classnames).class_features
+    suspect_reach = [reach(suspect, suspect_features, factor) for factor in CONTRAST_FACTORS]
     return ReferenceContrast(
         reference.sha256,
         [settled.epsilon * factor for factor in CONTRAST_FACTORS],
-        reach_by_model["suspect"],
-        reach_by_model["reference"],
+        suspect_reach,
+        reference_reach,
         suspect.image_encoder_images + reference.image_encoder_images - start,
     )
 
