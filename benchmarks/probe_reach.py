@@ -2,15 +2,19 @@
 
 Usage::
 
-    python -m benchmarks.probe_reach --dataset CIFAR ZOO/*.safetensors [--probe additive|warp]
-        [--epsilon 0.02] [--fixed] [--warp-pixels 2] [--warp-grid 8] [--steps 30] [--shots 16]
-        [--held-out 48] [--sweep 2,4]
+    python -m benchmarks.probe_reach --dataset CIFAR ZOO/*.safetensors
+        [--probe additive|warp|colour] [--epsilon 0.02] [--colour-strength 0.1] [--fixed]
+        [--warp-pixels 2] [--warp-grid 8] [--steps 30] [--shots 16] [--held-out 48]
+        [--sweep 2,4]
 
 The ``cbpt`` scanner's signals for triggers that a small mask does not express
 (docs/method.md): full-image additive ones (SIG, blended; ``--probe additive``, a perturbation
 ``d`` with ``|d| <= epsilon`` everywhere, pixels in [0, 1]) and warps (WaNet; ``--probe
 warp``, a smooth displacement field of at most ``--warp-pixels`` pixels from a
-``--warp-grid`` control grid). For every model and every class ``k`` one transformation is
+``--warp-grid`` control grid) and, for the reference contrast (docs/method.md), colour filters
+(``--probe colour``: a change of the 3 x 3 channel mix and a per-channel offset, every entry at
+most ``--colour-strength``, its bound adapted in the additive probe's band with its steps). For
+every model and every class ``k`` one transformation is
 fitted with Adam to send half of the other classes' shots to ``k``, and its *reach* is the
 share of the other half of those shots it sends to ``k`` (the scanner's probe,
 :func:`clipguard_cbpt.scanner.run_probe`, on fixed shots, without a budget; the additive
@@ -30,9 +34,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
@@ -40,7 +45,51 @@ from clipguard.lab.train import SplitData, card_path, load_split_data, open_lab_
 from clipguard.model import load_model
 from clipguard.prompts import PromptClassifier
 from clipguard_cbpt.config import ScanConfig
+from clipguard_cbpt.probe_families import ProbeFamily
 from clipguard_cbpt.probes import FIXED_BOUND, ProbeSpec, run_probe
+
+
+@dataclass(frozen=True)
+class ColourMix(ProbeFamily):
+    """``clamp(x + D x + b, 0, 1)`` at every pixel, with a ``3 x 3`` change ``D`` of the
+    channel mix and a per-channel offset ``b``, every entry at most ``strength``: colour
+    filters (a photo app's filter, a channel swap, a tint), which no small additive change
+    expresses. Not one of the scanner's probes (docs/research.md)."""
+
+    strength: float
+    name: ClassVar[str] = "colour"
+    signal: ClassVar[str] = "colour-filter"
+
+    def initial(self, n_classes: int, image_shape: tuple[int, ...]) -> torch.Tensor:
+        channels = int(image_shape[0])
+        return torch.zeros(n_classes, channels, channels + 1)
+
+    def apply(self, images: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
+        mix, offset = parameters[:, :-1], parameters[:, -1]
+        changed = torch.einsum("oc,bchw->bohw", mix, images) + offset[:, None, None]
+        return (images + changed).clamp(0, 1)
+
+    def bound(self, parameters: torch.Tensor) -> None:
+        parameters.clamp_(-self.strength, self.strength)
+
+    @property
+    def lr(self) -> float:
+        return self.strength / 10
+
+    def settings(self) -> dict[str, float]:
+        return {"strength": self.strength}
+
+    def describe(self) -> str:
+        return f"a colour filter changing each channel-mix entry by at most {self.strength:g}"
+
+    def rescaled(self, factor: float) -> ColourMix:
+        return replace(self, strength=self.strength * factor)
+
+
+def lab_card(path: Path) -> dict[str, Any]:
+    """The lab card beside the model at ``path`` (empty for a model without one)."""
+    card = card_path(path)
+    return json.loads(card.read_text()) if card.is_file() else {}
 
 
 def fixed_shots(data: SplitData, shots: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,8 +118,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("models", nargs="+", type=Path)
     parser.add_argument("--dataset", required=True, help="'synthetic' or a train/ test/ folder")
-    parser.add_argument("--probe", choices=("additive", "warp"), default="additive")
+    parser.add_argument("--probe", choices=("additive", "warp", "colour"), default="additive")
     parser.add_argument("--epsilon", type=float, default=0.02)
+    parser.add_argument(
+        "--colour-strength",
+        type=float,
+        default=0.1,
+        help="bound of every channel-mix entry the colour probe starts from",
+    )
     parser.add_argument("--warp-pixels", type=float, default=2.0)
     parser.add_argument("--warp-grid", type=int, default=8)
     parser.add_argument("--steps", type=int, default=None, help="default: the scanner's")
@@ -97,6 +152,9 @@ def main() -> None:
         additive_epsilon=args.epsilon, warp_pixels=args.warp_pixels, warp_grid=args.warp_grid
     )
     probes = {spec.family.name: spec for spec in scan.probes()}
+    additive = scan.additive_probe()
+    # the colour probe adapts its bound within the additive probe's band, with its steps
+    probes[ColourMix.name] = replace(additive, family=ColourMix(args.colour_strength))
     if args.probe not in probes:
         parser.error(f"the {args.probe} probe is off: its bound must be above 0")
     spec = probes[args.probe]
@@ -134,7 +192,7 @@ def main() -> None:
         }
         reach, evidence = probe.reach, probe.evidence()
         top = max(range(len(reach)), key=lambda k: evidence[k])
-        card = json.loads(card_path(path).read_text()) if card_path(path).is_file() else {}
+        card = lab_card(path)
         target = card.get("target")
         print(
             json.dumps(

@@ -8,7 +8,8 @@ Usage::
         [--out OUT.json]
 
 ``LINES.jsonl`` are the lines of :mod:`benchmarks.probe_reach` run with ``--sweep`` (and the
-same ``--shots`` and ``--held-out``, so that every model is measured on the same images). For
+same ``--probe``, additive or colour, ``--shots`` and ``--held-out``, so that every model is
+measured on the same images). For
 a suspect ``S`` and the reference ``R`` (a model of the same task known to be clean), the
 contrast of class ``k`` at a bound is ``reach_S(k) - reach_R(k)``, and ``D(S)`` is the largest
 contrast over classes and the bounds both lines hold (the same absolute bound, pixels in [0,
@@ -37,6 +38,9 @@ import json
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatch
 from pathlib import Path
+
+#: the setting that holds each probe's bound in a probe line
+BOUND_SETTING: dict[str, str] = {"additive": "epsilon", "colour": "strength"}
 
 
 @dataclass(frozen=True)
@@ -74,10 +78,10 @@ def read_lines(paths: list[Path]) -> dict[str, ProbeLine]:
             if not text.strip():
                 continue
             row = json.loads(text)
-            epsilon = float(row["settings"]["epsilon"])
-            reach = {round(epsilon, 6): list(row["reach"].values())}
+            bound = float(row["settings"][BOUND_SETTING[row.get("probe", "additive")]])
+            reach = {round(bound, 6): list(row["reach"].values())}
             for factor, values in row.get("sweep", {}).items():
-                reach[round(epsilon * float(factor), 6)] = values
+                reach[round(bound * float(factor), 6)] = values
             lines[row["model"]] = ProbeLine(
                 row["model"], row.get("attack"), row.get("target"), list(row["reach"]), reach
             )

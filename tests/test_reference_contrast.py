@@ -52,6 +52,14 @@ def test_the_contrast_is_the_largest_reach_above_the_reference_at_a_shared_bound
     assert result.value == pytest.approx(0.4)
 
 
+def test_colour_lines_are_read_at_their_strength(tmp_path: Path) -> None:
+    path = tmp_path / "lines.jsonl"
+    line = json.loads(_line("c", [0.1, 0.2, 0.3], {"2": [0.4, 0.5, 0.6]}))
+    line.update(probe="colour", settings={"strength": 0.1})
+    path.write_text(json.dumps(line))
+    assert sorted(read_lines([path])["c"].reach) == [0.1, 0.2]
+
+
 @given(REACH, REACH)
 def test_a_model_contrasted_with_itself_is_zero_and_contrast_is_antisymmetric_at_its_max(
     a: list[float], b: list[float]
