@@ -4,8 +4,8 @@ suspect model than on a trusted reference model, at the same bounds.
 Usage::
 
     python -m benchmarks.reference_contrast LINES.jsonl [MORE.jsonl ...] --reference clean-s0
-        [--fit blended-s0 --fit wanet-s0 | --clean-fit | --threshold T] [--pairs 'clean-s*']
-        [--out OUT.json]
+        [--reference clean-s1 ...] [--fit blended-s0 --fit wanet-s0 | --clean-fit | --threshold T]
+        [--pairs 'clean-s*'] [--out OUT.json]
 
 ``LINES.jsonl`` are the lines of :mod:`benchmarks.probe_reach` run with ``--sweep`` (and the
 same ``--probe``, additive or colour, ``--shots`` and ``--held-out``, so that every model is
@@ -16,11 +16,15 @@ contrast over classes and the bounds both lines hold (the same absolute bound, p
 1]); its class is the suspect class. A clean model shares its natural shortcuts with a
 reference trained for the same task, so its contrast stays small, while a backdoor whose
 trigger the probe can approximate makes its target reachable far beyond the reference.
+With ``--reference`` given ``n`` times, ``reach_R`` is the mean reach of those ``n`` models:
+clean models differ from one another by shortcuts of their own, and a mean over several
+trusted models holds fewer of one model's.
 
 Besides the contrast of every non-reference model to the reference, it reports the largest
 ``D`` over every ordered pair of the clean models (``attack`` none) among the lines whose name
-matches a ``--pairs`` pattern (default: all), each one in turn the reference: how large the
-contrast of a clean suspect gets. With ``--fit``, the threshold is the midpoint between that
+matches a ``--pairs`` pattern (default: all), each one in turn the reference (with ``n``
+references: every clean suspect against every set of ``n`` other clean models): how large
+the contrast of a clean suspect gets. With ``--fit``, the threshold is the midpoint between that
 clean-pair maximum and the smallest ``D`` of the ``--fit`` models; with ``--clean-fit`` it is
 that clean-pair maximum itself, so that no trigger family is fitted at all; ``--threshold T``
 judges by a threshold fixed beforehand (flagged above it), every model then held out. Every
@@ -88,6 +92,25 @@ def read_lines(paths: list[Path]) -> dict[str, ProbeLine]:
     return lines
 
 
+def mean_line(references: list[ProbeLine]) -> ProbeLine:
+    """One reference line from several: per class, their mean reach at every bound all of
+    them hold, named by their names joined with ``+`` (the line itself for one)."""
+    if len(references) == 1:
+        return references[0]
+    first = references[0]
+    if any(r.classnames != first.classnames for r in references):
+        raise ValueError("the references have different classes")
+    bounds = sorted(set.intersection(*(set(r.reach) for r in references)))
+    reach = {
+        b: [
+            sum(r.reach[b][k] for r in references) / len(references)
+            for k in range(len(first.classnames))
+        ]
+        for b in bounds
+    }
+    return ProbeLine("+".join(r.model for r in references), None, None, first.classnames, reach)
+
+
 def contrast(suspect: ProbeLine, reference: ProbeLine) -> Contrast:
     """The largest reach of ``suspect`` above ``reference``'s over classes and shared bounds."""
     if suspect.classnames != reference.classnames:
@@ -136,7 +159,12 @@ def judgement(row: Contrast, threshold: float | None, inclusive: bool, in_fit: s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("lines", nargs="+", type=Path)
-    parser.add_argument("--reference", required=True, help="the reference model's name")
+    parser.add_argument(
+        "--reference",
+        action="append",
+        required=True,
+        help="a reference model's name (repeatable: their mean reach is the reference)",
+    )
     parser.add_argument(
         "--fit", action="append", default=[], help="models the threshold is fitted on"
     )
@@ -157,21 +185,25 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     lines = read_lines(args.lines)
-    if args.reference not in lines:
-        parser.error(f"no line for the reference {args.reference}")
+    for name in args.reference:
+        if name not in lines:
+            parser.error(f"no line for the reference {name}")
+    reference = mean_line([lines[name] for name in args.reference])
     clean = [
         name
         for name, line in lines.items()
         if line.attack in (None, "none")
         and any(fnmatch(name, pattern) for pattern in args.pairs or ["*"])
     ]
-    pairs = [contrast(lines[a], lines[b]) for a, b in itertools.permutations(clean, 2)]
-    clean_max = max((p.value for p in pairs), default=None)
-    rows = [
-        contrast(line, lines[args.reference])
-        for name, line in lines.items()
-        if name != args.reference
+    pairs = [
+        contrast(lines[suspect], mean_line([lines[r] for r in references]))
+        for suspect in clean
+        for references in itertools.combinations(
+            [name for name in clean if name != suspect], len(args.reference)
+        )
     ]
+    clean_max = max((p.value for p in pairs), default=None)
+    rows = [contrast(line, reference) for name, line in lines.items() if name not in args.reference]
     threshold = None
     if sum([bool(args.fit), args.clean_fit, args.threshold is not None]) > 1:
         parser.error("--fit, --clean-fit and --threshold set the threshold: choose one")
@@ -189,7 +221,7 @@ def main() -> None:
     fitted_here = args.fit or args.clean_fit
     in_fit = set(args.fit) | (set(clean) if fitted_here else set())
     print(
-        f"reference {args.reference}; largest clean-pair contrast {clean_max} "
+        f"reference {reference.model}; largest clean-pair contrast {clean_max} "
         f"over {len(pairs)} pairs"
     )
     if args.fit:
@@ -212,7 +244,7 @@ def main() -> None:
         )
     if args.out:
         payload = {
-            "reference": args.reference,
+            "reference": reference.model,
             "clean_pair_max": clean_max,
             "threshold": threshold,
             "fit": args.fit,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from benchmarks.reference_contrast import ProbeLine, contrast, main, read_lines
+from benchmarks.reference_contrast import ProbeLine, contrast, main, mean_line, read_lines
 
 CLASSES = ["cat", "dog", "frog"]
 REACH = st.lists(st.floats(0, 1), min_size=3, max_size=3)
@@ -143,3 +143,36 @@ def test_a_fixed_threshold_holds_every_model_out_of_the_fit(
     monkeypatch.setattr("sys.argv", [*argv, "--clean-fit"])
     with pytest.raises(SystemExit):
         main()
+
+
+def test_several_references_are_contrasted_through_their_mean_reach(tmp_path: Path) -> None:
+    lines_file = tmp_path / "lines.jsonl"
+    lines_file.write_text(
+        "\n".join(
+            [
+                _line("clean-a", [0.1, 0.2, 0.3], {"2": [0.2, 0.2, 0.2]}),
+                _line("clean-b", [0.3, 0.2, 0.1], {"2": [0.4, 0.4, 0.4]}),
+                _line("clean-c", [0.2, 0.2, 0.2], {"2": [0.3, 0.3, 0.3]}),
+                _line("sus", [0.2, 0.6, 0.2], {"2": [0.3, 0.3, 0.3]}, "dog"),
+            ]
+        )
+    )
+    lines = read_lines([lines_file])
+    mean = mean_line([lines["clean-a"], lines["clean-b"]])
+    assert mean.model == "clean-a+clean-b"
+    assert mean.reach[0.02] == pytest.approx([0.2, 0.2, 0.2])
+    assert mean.reach[0.04] == pytest.approx([0.3, 0.3, 0.3])
+    assert mean_line([lines["clean-c"]]) == lines["clean-c"]
+    out = tmp_path / "out.json"
+    argv = ["reference_contrast", str(lines_file), "--reference", "clean-a"]
+    argv += ["--reference", "clean-b", "--clean-fit", "--out", str(out)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.argv", argv)
+        main()
+    result = json.loads(out.read_text())
+    assert result["reference"] == "clean-a+clean-b"
+    # every clean suspect against every pair of the other clean models: 3 of them
+    assert len(result["clean_pairs"]) == 3
+    (row,) = [r for r in result["rows"] if r["model"] == "sus"]
+    assert (row["suspect"], row["value"]) == ("dog", pytest.approx(0.4))
+    assert {r["model"] for r in result["rows"]} == {"clean-c", "sus"}
