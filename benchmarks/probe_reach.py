@@ -11,10 +11,10 @@ The ``cbpt`` scanner's signals for triggers that a small mask does not express
 (docs/method.md): full-image additive ones (SIG, blended; ``--probe additive``, a perturbation
 ``d`` with ``|d| <= epsilon`` everywhere, pixels in [0, 1]) and warps (WaNet; ``--probe
 warp``, a smooth displacement field of at most ``--warp-pixels`` pixels from a
-``--warp-grid`` control grid) and, for the reference contrast (docs/method.md), colour filters
-(``--probe colour``: a change of the 3 x 3 channel mix and a per-channel offset, every entry at
-most ``--colour-strength``, its bound adapted in the additive probe's band with its steps). For
-every model and every class ``k`` one transformation is
+``--warp-grid`` control grid); for research, also colour filters (``--probe colour``, not a
+scanner probe, docs/research.md: a change of the 3 x 3 channel mix and a per-channel offset,
+every entry at most ``--colour-strength``, its bound adapted in the additive probe's band with
+its steps). For every model and every class ``k`` one transformation is
 fitted with Adam to send half of the other classes' shots to ``k``, and its *reach* is the
 share of the other half of those shots it sends to ``k`` (the scanner's probe,
 :func:`clipguard_cbpt.scanner.run_probe`, on fixed shots, without a budget; the additive
