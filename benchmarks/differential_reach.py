@@ -42,9 +42,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.probe_reach import fixed_shots, fixed_test_images, lab_card
+from benchmarks.probe_reach import fixed_shots, fixed_test_images, frozen, lab_card
 from clipguard.lab.train import load_split_data, open_lab_dataset
-from clipguard.model import ModelBundle, load_model
+from clipguard.model import ModelBundle
 from clipguard.prompts import PromptClassifier
 from clipguard_cbpt.config import ScanConfig
 from clipguard_cbpt.probe_families import AdditivePerturbation
@@ -106,14 +106,6 @@ def measure(
             suspect_reach.append(round(float(to_suspect.float().mean()), 3))
             reference_reach.append(round(float(to_reference.float().mean()), 3))
     return differential, suspect_reach, reference_reach
-
-
-def frozen(path: Path) -> ModelBundle:
-    """The model at ``path``, its parameters without gradients."""
-    bundle = load_model(path)
-    for parameter in bundle.model.parameters():
-        parameter.requires_grad_(False)
-    return bundle
 
 
 def probe(args: argparse.Namespace) -> None:

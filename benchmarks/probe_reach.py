@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 import torch
 
 from clipguard.lab.train import SplitData, card_path, load_split_data, open_lab_dataset
-from clipguard.model import load_model
+from clipguard.model import ModelBundle, load_model
 from clipguard.prompts import PromptClassifier
 from clipguard_cbpt.config import ScanConfig
 from clipguard_cbpt.probe_families import ProbeFamily
@@ -84,6 +84,14 @@ class ColourMix(ProbeFamily):
 
     def rescaled(self, factor: float) -> ColourMix:
         return replace(self, strength=self.strength * factor)
+
+
+def frozen(path: Path) -> ModelBundle:
+    """The model at ``path``, loaded safely, its parameters without gradients."""
+    bundle = load_model(path)
+    for parameter in bundle.model.parameters():
+        parameter.requires_grad_(False)
+    return bundle
 
 
 def lab_card(path: Path) -> dict[str, Any]:
@@ -164,14 +172,12 @@ def main() -> None:
     root = open_lab_dataset(args.dataset)
     data_by_size: dict[int, tuple[SplitData, torch.Tensor, torch.Tensor]] = {}
     for path in args.models:
-        bundle = load_model(path)
+        bundle = frozen(path)
         if bundle.image_size not in data_by_size:
             data = load_split_data(root, bundle.image_size)
             data_by_size[bundle.image_size] = (data, *fixed_shots(data, args.shots))
         data, pixels, labels = data_by_size[bundle.image_size]
         names = list(data.classnames)
-        for parameter in bundle.model.parameters():
-            parameter.requires_grad_(False)
         class_features = PromptClassifier(bundle, names).class_features
         held_out = fixed_test_images(data, args.held_out) if args.held_out else None
 
